@@ -78,7 +78,7 @@ pub fn link_patchlet(p: &Patchlet, ctx: &LinkContext<'_>) -> Result<LinkedPatchl
             out.extend_from_slice(&resume.to_le_bytes());
         }
     }
-    while out.len() % 8 != 0 {
+    while !out.len().is_multiple_of(8) {
         out.push(crate::SITE_PAD);
     }
 
@@ -132,7 +132,7 @@ pub fn link_patchlet(p: &Patchlet, ctx: &LinkContext<'_>) -> Result<LinkedPatchl
                 } else if let Some(&(_, s)) = slots.iter().find(|(v, _)| *v == slot_value) {
                     s
                 } else {
-                    while out.len() % 8 != 0 {
+                    while !out.len().is_multiple_of(8) {
                         out.push(crate::SITE_PAD);
                     }
                     let s = ctx.addr + out.len() as u64;
@@ -183,7 +183,7 @@ fn import_thunk(
         .flatten()
         .ok_or(X86Error::UnresolvedImport { index, import: i })?;
     // Align the 8-byte address inside the thunk.
-    while (out.len() + JMP_ABS64.len()) % 8 != 0 {
+    while !(out.len() + JMP_ABS64.len()).is_multiple_of(8) {
         out.push(crate::SITE_PAD);
     }
     let thunk = ctx.addr + out.len() as u64;

@@ -1,0 +1,72 @@
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// In-memory micropatching for Linux: build, sign, verify and inspect micropatches.
+#[derive(Debug, Parser)]
+#[command(name = "stitch", version, about, long_about = None, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Assemble a patch source against its real target file into an unsigned bundle.
+    Build {
+        /// The patch source (TOML).
+        patch: PathBuf,
+        /// The exact target module file the patch is for.
+        #[arg(long)]
+        target: PathBuf,
+        /// Output bundle [default: <id>-r<revision>.stitch in the current directory].
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Generate an Ed25519 signing key (KEY, mode 0600) and its public key (KEY.pub).
+    Keygen {
+        /// Where to write the secret key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Add a signature to a bundle.
+    Sign {
+        bundle: PathBuf,
+        /// Secret key file from `stitch keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Output [default: sign in place].
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Verify a bundle's format and signatures against trusted public keys.
+    Verify {
+        bundle: PathBuf,
+        /// File of trusted public keys (one per line).
+        #[arg(long)]
+        trusted_keys: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a bundle: metadata, target identity, each patchlet disassembled.
+    Inspect {
+        bundle: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for stitch and every subcommand into a directory.
+    Man {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}

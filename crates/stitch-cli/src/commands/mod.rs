@@ -1,0 +1,95 @@
+mod build;
+mod docs;
+mod inspect;
+mod keys;
+mod verify;
+
+use std::path::Path;
+
+use anyhow::Context as _;
+
+use crate::cli::{Cli, Command};
+
+/// Errors the CLI itself raises (files, arguments), with stable codes.
+#[derive(Debug)]
+pub(crate) enum CliError {
+    /// A file that should not be overwritten exists.
+    Exists(String),
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Exists(p) => write!(f, "{p} exists (use --force to overwrite)"),
+        }
+    }
+}
+impl std::error::Error for CliError {}
+
+impl CliError {
+    pub(crate) fn code(&self) -> &'static str {
+        match self {
+            CliError::Exists(_) => "cli.file_exists",
+        }
+    }
+}
+
+pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Build {
+            patch,
+            target,
+            output,
+        } => build::run(&patch, &target, output.as_deref()),
+        Command::Keygen { out, force } => keys::keygen(&out, force),
+        Command::Sign {
+            bundle,
+            key,
+            output,
+        } => keys::sign(&bundle, &key, output.as_deref()),
+        Command::Verify {
+            bundle,
+            trusted_keys,
+            json,
+        } => verify::run(&bundle, &trusted_keys, json),
+        Command::Inspect { bundle, json } => inspect::run(&bundle, json),
+        Command::Completions { shell } => docs::completions(shell),
+        Command::Man { out } => docs::man(&out),
+    }
+}
+
+/// Reads a whole file, saying which one failed.
+pub(crate) fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Writes through a temporary file in the same directory and renames it over `path`, so a
+/// crash or full disk never leaves a half-written bundle or key behind.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().context("output path has no file name")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("cannot write {}", path.display()))
+}

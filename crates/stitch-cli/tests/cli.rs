@@ -1,0 +1,251 @@
+//! The `stitch` binary end to end: build -> keygen -> sign -> verify -> inspect, on a real
+//! shared library compiled here, plus the rejections a user sees on the command line.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use proptest::prelude::*;
+
+const LIB_C: &str = r#"
+int check_len(int n) {
+    int r = n + 1;
+    if (n > 1000) r = -1;
+    return r;
+}
+"#;
+
+fn stitch(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stitch"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "stitch failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    assert!(!o.status.success(), "stitch should have failed");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new(code: &str, displaced: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("demo.c"), LIB_C).unwrap();
+        let st = Command::new("gcc")
+            .args([
+                "-O0",
+                "-fcf-protection=none",
+                "-shared",
+                "-fPIC",
+                "-Wl,--build-id=sha1",
+            ])
+            .args(["-o", "libdemo.so.1", "demo.c"])
+            .current_dir(d)
+            .status()
+            .expect("gcc is required");
+        assert!(st.success());
+        let bytes = std::fs::read(d.join("libdemo.so.1")).unwrap();
+        let elf = stitch_elf::ElfFile::parse(&bytes).unwrap();
+        let at = elf.symbol("check_len").unwrap().vaddr;
+        let code_bytes = elf.bytes_at(at, 16).unwrap();
+        let mut original = Vec::new();
+        for l in stitch_x86::disassemble(code_bytes, at) {
+            original.extend(l.bytes);
+            if original.len() >= 5 {
+                break;
+            }
+        }
+        let toml = format!(
+            r#"id = "ST-2026-0042"
+revision = 2
+title = "Reject oversized lengths in check_len"
+description = "Example patch used by the CLI tests."
+cve = ["CVE-2026-4242"]
+severity = "critical"
+tier = "pro"
+author = "Stitch tests"
+
+[target]
+module = "libdemo.so.1"
+sha256 = "{}"
+build_id = "{}"
+arch = "x86_64"
+package = {{ ecosystem = "deb", name = "libdemo1", version = "1.0-1" }}
+
+[[patchlet]]
+name = "entry"
+at = "check_len"
+original = "{}"
+displaced = "{displaced}"
+code_file = "entry.s"
+"#,
+            hex::encode(stitch_elf::sha256(&bytes)),
+            hex::encode(elf.build_id().unwrap()),
+            stitch_build::hex_spaced(&original)
+        );
+        std::fs::write(d.join("patch.toml"), toml).unwrap();
+        std::fs::write(d.join("entry.s"), code).unwrap();
+        Setup { dir }
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        stitch(self.path(), args)
+    }
+    fn built_and_keys(&self) {
+        ok(&self.run(&[
+            "build",
+            "patch.toml",
+            "--target",
+            "libdemo.so.1",
+            "-o",
+            "p.stitch",
+        ]));
+        ok(&self.run(&["keygen", "--out", "author.key"]));
+    }
+}
+
+#[test]
+fn build_sign_verify_inspect_round_trip() {
+    let s = Setup::new(
+        "cmp edi, 1000\njle __stitch_resume\nstitch_hit\nmov eax, -1\nret\n",
+        "before",
+    );
+    s.built_and_keys();
+    // Unsigned: verify refuses with the stable code.
+    std::fs::copy(
+        s.path().join("author.key.pub"),
+        s.path().join("trusted.pub"),
+    )
+    .unwrap();
+    let e = err(&s.run(&["verify", "p.stitch", "--trusted-keys", "trusted.pub"]));
+    assert!(e.contains("error[bundle.missing_signature]"), "{e}");
+
+    let out = ok(&s.run(&["sign", "p.stitch", "--key", "author.key"]));
+    assert!(out.contains("1 signature"), "{out}");
+    let out = ok(&s.run(&["verify", "p.stitch", "--trusted-keys", "trusted.pub"]));
+    assert!(out.starts_with("OK: ST-2026-0042 r2"), "{out}");
+
+    let text = ok(&s.run(&["inspect", "p.stitch"]));
+    for needle in [
+        "ST-2026-0042 r2",
+        "CVE-2026-4242",
+        "libdemo.so.1 (deb libdemo1 1.0-1, x86_64)",
+        "push rbp",
+        "cmp edi, 0x3e8",
+        "continue (fall-through to resume)",
+        "hit counter",
+    ] {
+        assert!(text.contains(needle), "inspect lacks {needle:?}:\n{text}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&s.run(&["inspect", "p.stitch", "--json"]))).unwrap();
+    assert_eq!(json["id"], "ST-2026-0042");
+    assert_eq!(json["patchlets"][0]["displaced"], "before");
+    assert_eq!(json["signatures"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn wrong_key_is_rejected_on_the_command_line() {
+    let s = Setup::new("nop\n", "before");
+    s.built_and_keys();
+    ok(&s.run(&["keygen", "--out", "other.key"]));
+    ok(&s.run(&["sign", "p.stitch", "--key", "other.key"]));
+    let e = err(&s.run(&["verify", "p.stitch", "--trusted-keys", "author.key.pub"]));
+    assert!(e.contains("error[bundle.untrusted_key]"), "{e}");
+    let o = s.run(&[
+        "verify",
+        "p.stitch",
+        "--trusted-keys",
+        "author.key.pub",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(json["code"], "bundle.untrusted_key");
+    assert!(!o.status.success());
+}
+
+#[test]
+fn tampered_bundle_is_rejected_bad_signature() {
+    let s = Setup::new("nop\n", "after");
+    s.built_and_keys();
+    ok(&s.run(&["sign", "p.stitch", "--key", "author.key"]));
+    let p: PathBuf = s.path().join("p.stitch");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let i = bytes.windows(6).position(|w| w == b"Reject").unwrap();
+    bytes[i] = b'r';
+    std::fs::write(&p, bytes).unwrap();
+    let e = err(&s.run(&["verify", "p.stitch", "--trusted-keys", "author.key.pub"]));
+    assert!(e.contains("error[bundle.bad_signature]"), "{e}");
+}
+
+#[test]
+fn build_error_names_patchlet_and_code() {
+    let s = Setup::new("call nowhere\n", "before");
+    let e = err(&s.run(&["build", "patch.toml", "--target", "libdemo.so.1"]));
+    assert!(
+        e.contains("error[build.unknown_symbol]") && e.contains("patchlet entry"),
+        "{e}"
+    );
+}
+
+#[test]
+fn keygen_refuses_to_overwrite_and_protects_the_secret() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = Setup::new("nop\n", "before");
+    ok(&s.run(&["keygen", "--out", "k"]));
+    let mode = std::fs::metadata(s.path().join("k"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let e = err(&s.run(&["keygen", "--out", "k"]));
+    assert!(e.contains("error[cli.file_exists]"), "{e}");
+}
+
+#[test]
+fn completions_and_man_pages_are_generated() {
+    let s = Setup::new("nop\n", "before");
+    let bash = ok(&s.run(&["completions", "bash"]));
+    assert!(bash.contains("stitch") && bash.contains("inspect"));
+    ok(&s.run(&["man", "--out", "man"]));
+    let page = std::fs::read_to_string(s.path().join("man/stitch-build.1")).unwrap();
+    assert!(page.contains(".TH"), "{page}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, .. ProptestConfig::default() })]
+    /// Whatever (valid) code and displacement mode an author picks, build -> sign -> verify
+    /// -> inspect agrees on the bytes.
+    #[test]
+    fn build_sign_verify_inspect_agree(nops in 0usize..40, hit in any::<bool>(), mode in 0usize..3) {
+        let mut code = "nop\n".repeat(nops);
+        if hit { code.push_str("stitch_hit\n"); }
+        let s = Setup::new(&code, ["before", "after", "drop"][mode]);
+        s.built_and_keys();
+        ok(&s.run(&["sign", "p.stitch", "--key", "author.key"]));
+        ok(&s.run(&["verify", "p.stitch", "--trusted-keys", "author.key.pub"]));
+        let json: serde_json::Value =
+            serde_json::from_str(&ok(&s.run(&["inspect", "p.stitch", "--json"]))).unwrap();
+        let code_hex = json["patchlets"][0]["code"].as_str().unwrap().to_string();
+        let expected_len = nops + if hit { 8 } else { 0 };
+        prop_assert_eq!(code_hex.len(), expected_len * 2);
+        prop_assert_eq!(json["patchlets"][0]["relocations"].as_array().unwrap().len(), usize::from(hit));
+    }
+}

@@ -59,6 +59,17 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the instructions at a candidate site and the `at`/`original` lines for patch.toml.
+    Site {
+        /// The target module file.
+        #[arg(long)]
+        target: PathBuf,
+        /// `symbol`, `symbol+offset` or a module-relative address (0x...).
+        location: String,
+        /// Minimum number of bytes to displace (whole instructions are taken).
+        #[arg(long, default_value_t = 5)]
+        len: usize,
+    },
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]

@@ -134,6 +134,7 @@ fn formatter() -> IntelFormatter {
     o.set_uppercase_hex(false);
     o.set_branch_leading_zeros(false);
     o.set_leading_zeros(false);
+    o.set_small_hex_numbers_in_decimal(false);
     f
 }
 

@@ -2,6 +2,7 @@ mod build;
 mod docs;
 mod inspect;
 mod keys;
+mod site;
 mod verify;
 
 use std::path::Path;
@@ -53,6 +54,11 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => verify::run(&bundle, &trusted_keys, json),
         Command::Inspect { bundle, json } => inspect::run(&bundle, json),
+        Command::Site {
+            target,
+            location,
+            len,
+        } => site::run(&target, &location, len),
         Command::Completions { shell } => docs::completions(shell),
         Command::Man { out } => docs::man(&out),
     }

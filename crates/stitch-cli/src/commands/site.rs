@@ -1,0 +1,94 @@
+//! `stitch site`: the author's first step — what is at this address, and is it a valid site?
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use stitch_elf::ElfFile;
+
+use super::read;
+
+fn resolve(elf: &ElfFile<'_>, location: &str) -> anyhow::Result<u64> {
+    if let Some(h) = location.strip_prefix("0x") {
+        return u64::from_str_radix(h, 16).context("bad hex address");
+    }
+    let (name, off) = location.split_once('+').unwrap_or((location, "0"));
+    let off = match off.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => off.parse(),
+    }
+    .with_context(|| format!("bad offset {off:?}"))?;
+    let sym = elf
+        .symbol(name)
+        .with_context(|| format!("symbol {name:?} not found in .symtab or .dynsym"))?;
+    Ok(sym.vaddr + off)
+}
+
+pub(crate) fn run(target: &Path, location: &str, min_len: usize) -> anyhow::Result<()> {
+    let bytes = read(target)?;
+    let elf = ElfFile::parse(&bytes).with_context(|| format!("parsing {}", target.display()))?;
+    let at = resolve(&elf, location)?;
+    if !elf.is_executable_range(at, min_len as u64) {
+        bail!(
+            "{at:#x} is not inside executable code of {}",
+            target.display()
+        );
+    }
+    // Show a little more than the site so the author sees the context.
+    let avail = (0..=64usize)
+        .rev()
+        .find(|&n| elf.bytes_at(at, n).is_ok())
+        .unwrap_or(0);
+    let code = elf.bytes_at(at, avail)?;
+    let lines = stitch_x86::disassemble(code, at);
+    let mut original = Vec::new();
+    let mut n_site = 0;
+    for l in &lines {
+        if original.len() >= min_len {
+            break;
+        }
+        original.extend_from_slice(&l.bytes);
+        n_site += 1;
+    }
+    let where_ = elf
+        .symbol_containing(at)
+        .map(|(s, off)| format!(" ({}+{off:#x})", s.name))
+        .unwrap_or_default();
+    println!("{}{where_}", target.display());
+    for (i, l) in lines.iter().take(n_site + 4).enumerate() {
+        let mark = if i < n_site { ">" } else { " " };
+        println!(
+            "{mark} {:#8x}  {:<24} {}",
+            l.addr,
+            stitch_build::hex_spaced(&l.bytes),
+            l.text
+        );
+    }
+    println!();
+    println!("sha256   = \"{}\"", hex::encode(stitch_elf::sha256(&bytes)));
+    if let Some(id) = elf.build_id() {
+        println!("build_id = \"{}\"", hex::encode(id));
+    }
+    println!("at       = {at:#x}");
+    println!("original = \"{}\"", stitch_build::hex_spaced(&original));
+    match stitch_x86::analyze_site(at, &original) {
+        Err(e) => println!("\nnot a valid site: {e} [{}]", e.code()),
+        Ok(_) => {
+            let end = at + original.len() as u64;
+            let mut interior = Vec::new();
+            for (start, len) in elf.executable_ranges() {
+                if let Ok(c) = elf.bytes_at(start, len as usize) {
+                    interior.extend(stitch_x86::find_interior_branches(c, start, at, end));
+                }
+            }
+            match interior.first() {
+                Some((from, to)) => println!(
+                    "\nnot a valid site: the instruction at {from:#x} branches to {to:#x}, inside the site"
+                ),
+                None => println!(
+                    "\nvalid site: whole instructions, no call before the last, no branch into it"
+                ),
+            }
+        }
+    }
+    Ok(())
+}

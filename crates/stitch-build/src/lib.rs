@@ -259,6 +259,7 @@ pub fn build(
         target: Target {
             module: src.target.module,
             sha256,
+            size: target.len() as u64,
             build_id,
             arch: parse_enum(
                 "target.arch",

@@ -108,6 +108,7 @@ pub(crate) fn encode_patch(p: &Patch) -> Vec<u8> {
     let t = &p.target;
     w.str(&t.module);
     w.raw(&t.sha256);
+    w.u64(t.size);
     match &t.build_id {
         None => w.u8(0),
         Some(id) => {
@@ -176,6 +177,7 @@ pub(crate) fn decode_patch(body: &[u8]) -> Result<Patch, FormatError> {
 
     let module = r.str("target.module", MAX_SHORT_TEXT)?;
     let sha256 = r.array::<32>("target.sha256")?;
+    let size = r.u64("target.size")?;
     let build_id = match r.u8("target.build_id")? {
         0 => None,
         1 => Some(r.bytes("target.build_id", MAX_BUILD_ID)?),
@@ -255,6 +257,7 @@ pub(crate) fn decode_patch(body: &[u8]) -> Result<Patch, FormatError> {
         target: Target {
             module,
             sha256,
+            size,
             build_id,
             arch,
             package: Package {

@@ -128,6 +128,8 @@ pub struct Target {
     pub module: String,
     /// SHA-256 of the whole file: the primary identity.
     pub sha256: [u8; 32],
+    /// Size of the file in bytes: lets an agent skip hashing files that cannot match.
+    pub size: u64,
     /// GNU build-id (NT_GNU_BUILD_ID), when the file has one.
     pub build_id: Option<Vec<u8>>,
     pub arch: Arch,
@@ -272,6 +274,9 @@ impl Patch {
         }
         check_short("author", &self.author)?;
         check_name("target.module", &self.target.module)?;
+        if self.target.size == 0 {
+            return Err(malformed("target.size", "a module file is never empty"));
+        }
         if let Some(id) = &self.target.build_id {
             check_len("target.build_id", id.len(), 1, MAX_BUILD_ID)?;
         }

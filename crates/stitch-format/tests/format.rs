@@ -28,6 +28,7 @@ fn sample_patch() -> Patch {
         target: Target {
             module: "libdemo.so.1".into(),
             sha256: [7; 32],
+            size: 16384,
             build_id: Some(vec![0xab; 20]),
             arch: Arch::X86_64,
             package: Package {

@@ -253,6 +253,7 @@ pub(crate) fn patch(id: &str, revision: u32, tier: Tier, pkg: &str, version: &st
         target: Target {
             module: format!("lib{pkg}.so.1"),
             sha256: [7; 32],
+            size: 4096,
             build_id: Some(vec![0xab; 20]),
             arch: Arch::X86_64,
             package: Package {

@@ -66,17 +66,34 @@ pub(crate) async fn pg_schema_url() -> Option<String> {
 
 impl TestServer {
     pub(crate) async fn start(backend: Backend) -> Option<TestServer> {
+        let url = match backend {
+            Backend::Postgres => Some(pg_schema_url().await?),
+            Backend::Sqlite => None,
+        };
+        Some(Self::start_on(url, None).await)
+    }
+
+    /// A server on `database_url` (None: SQLite in a fresh directory), optionally sharing
+    /// another replica's server key file.
+    pub(crate) async fn start_on(
+        database_url: Option<String>,
+        server_key: Option<std::path::PathBuf>,
+    ) -> TestServer {
+        let backend = if database_url.is_some() {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::new(dir.path().to_path_buf());
         config.listen = "127.0.0.1:0".parse().expect("addr");
         config.long_poll_max = Duration::from_secs(5);
         config.trusted_keys.insert(vendor_key().public());
-        if backend == Backend::Postgres {
-            config.database_url = Some(pg_schema_url().await?);
-        }
+        config.database_url = database_url;
+        config.server_key_file = server_key;
         let server = stitch_server::run(config).await.expect("server starts");
         let url = server.url();
-        Some(TestServer {
+        TestServer {
             server: Some(server),
             url,
             http: Client::builder()
@@ -85,7 +102,12 @@ impl TestServer {
                 .expect("client"),
             backend,
             _dir: dir,
-        })
+        }
+    }
+
+    /// The directory holding this server's data (and `server.key`).
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        self._dir.path()
     }
 
     pub(crate) fn store(&self) -> &stitch_server::store::Store {

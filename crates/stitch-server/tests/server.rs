@@ -1089,3 +1089,55 @@ async fn health_metrics_and_openapi_are_served() {
     .await;
     t.stop().await;
 }
+
+#[tokio::test]
+async fn long_poll_on_one_replica_wakes_for_a_change_made_on_another() {
+    let Some(url) = pg_schema_url().await else {
+        return;
+    };
+    let a = TestServer::start_on(Some(url.clone()), None).await;
+    let b = TestServer::start_on(Some(url), Some(a.dir().join("server.key"))).await;
+    let org = a.org("acme", Plan::Paid).await;
+    let agent = a.agent(&org, "web-1", &[("libdemo1", "1.0-1")]).await;
+    let m = manifest(&b, &agent).await; // replica B serves A's agent with the same key
+    assert!(m.patches.is_empty());
+    let poll = b
+        .http
+        .get(b.u(&format!(
+            "/api/v1/agent/manifest/poll?version={}&timeout_s=5",
+            m.version
+        )))
+        .bearer_auth(&agent.cred)
+        .send();
+    let change = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let bytes = signed_bundle(
+            patch("ST-2026-0001", 1, Tier::Free, "libdemo1", "1.0-1"),
+            &vendor_key(),
+        );
+        assert_eq!(
+            a.upload(&org.api, bytes).await.status(),
+            StatusCode::CREATED
+        );
+    };
+    let started = std::time::Instant::now();
+    let (r, ()) = tokio::join!(poll, change);
+    let r = r.expect("poll");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "woken by NOTIFY, not by the timeout"
+    );
+    let sm: SignedManifest = r.json().await.expect("json");
+    let p = stitch_server::manifest::verify(
+        &sm,
+        &agent.server_key,
+        &agent.id,
+        m.version,
+        stitch_server::now(),
+    )
+    .expect("verifies");
+    assert_eq!(p.patches.len(), 1);
+    a.stop().await;
+    b.stop().await;
+}

@@ -1,1 +1,98 @@
-//! placeholder
+//! # stitch-sys — the OS boundary of Stitch
+//!
+//! The only crate of Stitch with `unsafe` and raw syscalls: ptrace, `/proc/PID/mem`, remote
+//! syscalls, scheduling priority, pidfds. Everything above it (the engine, the agent) is safe
+//! Rust written against the [`Tracer`] trait and the [`StoppedProcess`] token.
+//!
+//! ## Pieces
+//! - [`Tracer`]: the OS operations as a trait, with [`PtraceTracer`] (the kernel) and
+//!   [`FakeTracer`] (an in-memory model that enforces the same preconditions and can fail the
+//!   Nth call of any kind), so the apply/revert protocol is unit-testable step by step.
+//! - [`stop_all`] / [`stop_all_with`]: stop every thread of a process, or refuse with a distinct
+//!   error and change nothing (no such process, zombie, kernel thread, already traced, no
+//!   privilege).
+//! - [`StoppedProcess`]: proof that every thread is held. Memory writes and remote syscalls are
+//!   only available through it. Dropping it lets every thread go.
+//! - Pure parsers for `/proc` ([`procfs`]) and a seccomp filter evaluator ([`seccomp`]).
+//! - Helpers that need no stop: [`read_proc_mem`], [`process_alive`], [`PidFd`],
+//!   [`set_realtime_priority`] / [`RealtimeGuard`], [`run_on_tracer_thread`].
+//!
+//! ## Invariants
+//! 1. **Every thread held before any write.** A [`StoppedProcess`] exists only once every thread
+//!    in `/proc/PID/task` is in a ptrace-stop, and the list was re-read until no new thread
+//!    appeared. After a thread ran ([`StoppedProcess::run_thread_briefly`],
+//!    [`StoppedProcess::single_step`]) threads it created are adopted before returning; if that
+//!    fails, the process is released and the token is dead ([`SysError::Released`]).
+//! 2. **A target is never killed by us.** We never set `PTRACE_O_EXITKILL`, never send a fatal
+//!    signal, refuse a remote syscall that the target's seccomp policy would punish
+//!    ([`SysError::SeccompForbids`]), and refuse to single-step a process that ignores SIGTRAP
+//!    (the forced trap would reset that disposition).
+//! 3. **Nothing is left stopped.** Every error path detaches what it seized; `Drop` detaches.
+//!    A group-stopped (SIGSTOP/Ctrl-Z) process is detached back into its group stop and is never
+//!    made to run its own code ([`SysError::GroupStopped`]).
+//! 4. **The target sees its own signals.** A signal that arrives while we are stopping a thread
+//!    or letting it run is delivered as if we were not there; a remote syscall runs with all
+//!    signals blocked and the thread's own mask is restored afterwards.
+//! 5. **Interrupted syscalls resume correctly.** Registers are only ever restored while the
+//!    thread sits in a `PTRACE_EVENT_STOP`, inside the kernel's signal path: when it resumes, the
+//!    kernel applies its usual restart logic to the thread's *own* `orig_rax`/`rax`, so a
+//!    `read()` keeps waiting for its data, `nanosleep` sleeps its full time
+//!    (`restart_syscall`), and a `SA_RESTART`-less handler still sees EINTR.
+//!
+//! ## Why a SIGKILL of the agent is safe
+//! - The kernel detaches every tracee when its tracer thread exits — including by SIGKILL — and
+//!   we never use `PTRACE_O_EXITKILL`: held threads simply continue; a group-stopped process
+//!   goes back into its stop.
+//! - We never write code to run our own: a remote syscall points RIP at a `syscall`
+//!   instruction that already exists in an executable mapping (`[vdso]` first). So a SIGKILL at
+//!   any moment leaves no foreign instruction behind. The only code changes are the ones the
+//!   engine asks [`StoppedProcess::write`] for, each an intended final state.
+//! - Residual window, stated honestly: during one remote syscall (a handful of ptrace calls,
+//!   microseconds) the executing thread's registers and signal mask are borrowed. If the agent
+//!   dies exactly then, that one thread resumes after the borrowed `syscall` with borrowed
+//!   registers. Every ptrace-based injector has this window; we keep it as short as possible.
+//! - A seized thread that never stops (uninterruptible sleep, a vfork parent) cannot be detached
+//!   until it stops; it is released when the tracing thread exits. Run stop windows through
+//!   [`run_on_tracer_thread`] and this holds even without a SIGKILL.
+//!
+//! ## Threading
+//! ptrace ties tracees to the *thread* that seized them. [`PtraceTracer`] and therefore
+//! `StoppedProcess<PtraceTracer>` are not `Send`.
+//!
+//! ## Measured (this machine kind: 2 vCPU, kernel 6.18)
+//! See `examples/stop_pause.rs`; numbers are in the crate's report and `docs/` of the project.
+
+#![allow(
+    unsafe_code,
+    reason = "stitch-sys is the one crate that talks to the kernel directly: ptrace, waitpid, process_vm_readv, sched_setscheduler, pidfd_open"
+)]
+
+mod error;
+mod fake;
+pub mod procfs;
+mod ptrace;
+pub mod seccomp;
+mod stop;
+mod tracer;
+mod types;
+mod util;
+
+pub use error::{Result, SysError};
+pub use fake::{
+    Call, FAKE_TRACER_TID, FakeProcess, FakeRegion, FakeThread, FakeThreadState, FakeTracer,
+};
+pub use procfs::{ProcStat, process_state, tracer_pid};
+pub use ptrace::PtraceTracer;
+pub use stop::{
+    PR_SET_VMA, PR_SET_VMA_ANON_NAME, Placement, StoppedProcess, StoppedThread, free_gaps_near,
+    stop_all, stop_all_with, validate_anon_name,
+};
+pub use tracer::{CallKind, RemoteSyscall, Tracer};
+pub use types::{
+    ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, Mapping, PF_EXITING,
+    PF_KTHREAD, Perms, Pid, Regs, StopKind, SyscallRestart, TaskInfo, TaskState, Tid,
+};
+pub use util::{
+    PidFd, RealtimeGuard, STOP_WINDOW_RT_PRIORITY, SchedState, gettid, process_alive,
+    read_proc_mem, run_on_tracer_thread, set_realtime_priority,
+};

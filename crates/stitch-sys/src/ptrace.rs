@@ -1,0 +1,957 @@
+//! [`PtraceTracer`]: the [`Tracer`] for the real kernel. All raw syscalls of the crate live in
+//! [`raw`] (and [`crate::util`]), each behind a small safe wrapper.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::marker::PhantomData;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use crate::error::{Result, SysError};
+use crate::procfs;
+use crate::seccomp::{self, AUDIT_ARCH_X86_64, BpfInsn, SeccompData};
+use crate::tracer::{RemoteSyscall, Tracer};
+use crate::types::{Mapping, Pid, Regs, StopKind, TaskInfo, Tid};
+
+/// Thin safe wrappers over the raw calls. Each `unsafe` block's invariant is local: the pointers
+/// passed are to live, correctly sized Rust values owned by the wrapper's frame.
+pub(crate) mod raw {
+    use std::io;
+
+    use libc::{c_int, c_long, c_uint, c_void};
+
+    use crate::types::Regs;
+
+    /// `PTRACE_SECCOMP_GET_FILTER` (not in libc for glibc targets).
+    pub(crate) const PTRACE_SECCOMP_GET_FILTER: c_uint = 0x420c;
+
+    fn check(ret: c_long) -> io::Result<c_long> {
+        if ret == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    }
+
+    /// A ptrace request whose `addr` and `data` are plain integers (no pointers).
+    pub(crate) fn ptrace_int(
+        req: c_uint,
+        tid: i32,
+        addr: usize,
+        data: usize,
+    ) -> io::Result<c_long> {
+        // SAFETY: for the requests used with this wrapper (SEIZE, INTERRUPT, CONT, SYSCALL,
+        // SINGLESTEP, DETACH, POKEDATA) the kernel treats addr/data as integers (an address in
+        // the *tracee*, options, or a signal number); no memory of ours is read or written.
+        check(unsafe { libc::ptrace(req, tid, addr as *mut c_void, data as *mut c_void) })
+    }
+
+    /// `PTRACE_PEEKDATA`: one word of tracee memory.
+    pub(crate) fn peek(tid: i32, addr: u64) -> io::Result<u64> {
+        // SAFETY: __errno_location has no preconditions; it returns this thread's errno slot.
+        let errno = unsafe { libc::__errno_location() };
+        // SAFETY: that slot is valid and thread-local for the thread's whole life. PEEKDATA
+        // returns the word itself, so -1 is ambiguous and errno must be cleared first.
+        unsafe { *errno = 0 };
+        // SAFETY: PEEKDATA reads tracee memory at `addr` (tracee address space, not ours) and
+        // returns it; `data` is ignored.
+        let v = unsafe {
+            libc::ptrace(
+                libc::PTRACE_PEEKDATA,
+                tid,
+                addr as *mut c_void,
+                std::ptr::null_mut::<c_void>(),
+            )
+        };
+        if v == -1 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error().unwrap_or(0) != 0 {
+                return Err(e);
+            }
+        }
+        Ok(v as u64)
+    }
+
+    pub(crate) fn get_regs(tid: i32) -> io::Result<Regs> {
+        // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
+        let mut r: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+        // SAFETY: GETREGS writes exactly one user_regs_struct to `data`, which points to `r`,
+        // a live local of that type.
+        check(unsafe {
+            libc::ptrace(
+                libc::PTRACE_GETREGS,
+                tid,
+                std::ptr::null_mut::<c_void>(),
+                &raw mut r,
+            )
+        })?;
+        Ok(Regs {
+            r15: r.r15,
+            r14: r.r14,
+            r13: r.r13,
+            r12: r.r12,
+            rbp: r.rbp,
+            rbx: r.rbx,
+            r11: r.r11,
+            r10: r.r10,
+            r9: r.r9,
+            r8: r.r8,
+            rax: r.rax,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            orig_rax: r.orig_rax,
+            rip: r.rip,
+            cs: r.cs,
+            eflags: r.eflags,
+            rsp: r.rsp,
+            ss: r.ss,
+            fs_base: r.fs_base,
+            gs_base: r.gs_base,
+            ds: r.ds,
+            es: r.es,
+            fs: r.fs,
+            gs: r.gs,
+        })
+    }
+
+    pub(crate) fn set_regs(tid: i32, g: &Regs) -> io::Result<()> {
+        let r = libc::user_regs_struct {
+            r15: g.r15,
+            r14: g.r14,
+            r13: g.r13,
+            r12: g.r12,
+            rbp: g.rbp,
+            rbx: g.rbx,
+            r11: g.r11,
+            r10: g.r10,
+            r9: g.r9,
+            r8: g.r8,
+            rax: g.rax,
+            rcx: g.rcx,
+            rdx: g.rdx,
+            rsi: g.rsi,
+            rdi: g.rdi,
+            orig_rax: g.orig_rax,
+            rip: g.rip,
+            cs: g.cs,
+            eflags: g.eflags,
+            rsp: g.rsp,
+            ss: g.ss,
+            fs_base: g.fs_base,
+            gs_base: g.gs_base,
+            ds: g.ds,
+            es: g.es,
+            fs: g.fs,
+            gs: g.gs,
+        };
+        // SAFETY: SETREGS reads one user_regs_struct from `data`, which points to `r`, a live
+        // local of that type; the kernel validates segment/flag values itself.
+        check(unsafe {
+            libc::ptrace(
+                libc::PTRACE_SETREGS,
+                tid,
+                std::ptr::null_mut::<c_void>(),
+                &raw const r,
+            )
+        })
+        .map(drop)
+    }
+
+    pub(crate) fn get_sigmask(tid: i32) -> io::Result<u64> {
+        let mut mask: u64 = 0;
+        // SAFETY: GETSIGMASK writes `addr` (= 8) bytes, the kernel sigset size, to `data`, which
+        // points to the live u64 `mask`.
+        check(unsafe {
+            libc::ptrace(
+                libc::PTRACE_GETSIGMASK,
+                tid,
+                8usize as *mut c_void,
+                &raw mut mask,
+            )
+        })?;
+        Ok(mask)
+    }
+
+    pub(crate) fn set_sigmask(tid: i32, mask: u64) -> io::Result<()> {
+        // SAFETY: SETSIGMASK reads `addr` (= 8) bytes from `data`, which points to the live u64
+        // `mask`; the kernel itself drops SIGKILL/SIGSTOP from the set.
+        check(unsafe {
+            libc::ptrace(
+                libc::PTRACE_SETSIGMASK,
+                tid,
+                8usize as *mut c_void,
+                &raw const mask,
+            )
+        })
+        .map(drop)
+    }
+
+    /// `si_code` of the signal a thread is stopped for.
+    pub(crate) fn siginfo_code(tid: i32) -> io::Result<c_int> {
+        // SAFETY: siginfo_t is plain data; all-zero is valid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: GETSIGINFO writes one siginfo_t to `data`, which points to the live `info`.
+        check(unsafe {
+            libc::ptrace(
+                libc::PTRACE_GETSIGINFO,
+                tid,
+                std::ptr::null_mut::<c_void>(),
+                &raw mut info,
+            )
+        })?;
+        Ok(info.si_code)
+    }
+
+    /// One seccomp filter of a stopped tracee (`index` 0 = most recent). `Ok(None)` past the last.
+    pub(crate) fn seccomp_filter(
+        tid: i32,
+        index: usize,
+    ) -> io::Result<Option<Vec<libc::sock_filter>>> {
+        // SAFETY: with data = NULL the kernel only returns the instruction count; nothing is
+        // written to our memory.
+        let n = unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid,
+                index as *mut c_void,
+                std::ptr::null_mut::<c_void>(),
+            )
+        };
+        if n == -1 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENOENT) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        let count = usize::try_from(n).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut buf = vec![
+            libc::sock_filter {
+                code: 0,
+                jt: 0,
+                jf: 0,
+                k: 0
+            };
+            count
+        ];
+        // SAFETY: the kernel writes `count` sock_filter entries (the count it just reported for
+        // this index; filters are immutable once attached) into `buf`, which has exactly that many.
+        let m = check(unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid,
+                index as *mut c_void,
+                buf.as_mut_ptr(),
+            )
+        })?;
+        buf.truncate(usize::try_from(m).unwrap_or(0).min(count));
+        Ok(Some(buf))
+    }
+
+    /// `waitpid(tid, __WALL | WNOHANG)`: `Ok(None)` when nothing happened yet.
+    pub(crate) fn wait_nohang(tid: i32) -> io::Result<Option<c_int>> {
+        let mut status: c_int = 0;
+        // SAFETY: waitpid writes one int to `status`, a live local.
+        let r = unsafe { libc::waitpid(tid, &raw mut status, libc::__WALL | libc::WNOHANG) };
+        match r {
+            -1 => Err(io::Error::last_os_error()),
+            0 => Ok(None),
+            _ => Ok(Some(status)),
+        }
+    }
+
+    /// `process_vm_readv` of one range; returns bytes read.
+    pub(crate) fn vm_read(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let local = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: `local` describes `buf` (live, exclusively borrowed, exactly iov_len bytes);
+        // `remote` is an address in the *other* process, which the kernel checks itself.
+        let n =
+            unsafe { libc::process_vm_readv(pid, &raw const local, 1, &raw const remote, 1, 0) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n.cast_unsigned())
+        }
+    }
+
+    pub(crate) fn tgkill(pid: i32, tid: i32, sig: c_int) -> io::Result<()> {
+        // SAFETY: tgkill takes only integers.
+        let r = unsafe { libc::tgkill(pid, tid, sig) };
+        if r == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn gettid() -> i32 {
+        // SAFETY: gettid has no preconditions.
+        unsafe { libc::gettid() }
+    }
+}
+
+const PTRACE_EVENT_STOP: i32 = 128;
+const PTRACE_EVENT_EXEC: i32 = 4;
+/// Options for every seize. Deliberately without `PTRACE_O_EXITKILL`: if we die, the target
+/// must live on. TRACESYSGOOD tells syscall stops from SIGTRAP; TRACEEXEC makes an exec during a
+/// brief run visible instead of silently changing the address space under us.
+const SEIZE_OPTIONS: usize = (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACEEXEC) as usize;
+const TF_FLAG: u64 = 0x100;
+
+fn is_stop_signal(sig: i32) -> bool {
+    matches!(
+        sig,
+        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+    )
+}
+
+fn sigbit(sig: i32) -> u64 {
+    1u64 << (sig - 1)
+}
+
+/// A decoded `waitpid` status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    /// Exited or killed (or already reaped).
+    Gone,
+    /// `PTRACE_EVENT_STOP`: interrupt or group stop.
+    Parked(StopKind),
+    /// `PTRACE_EVENT_EXEC`.
+    Exec,
+    /// Syscall entry or exit stop.
+    Syscall,
+    /// Signal-delivery-stop.
+    Signal(i32),
+    /// Another ptrace event (we enable none, so this means something unexpected).
+    Other(i32),
+    /// Deadline passed.
+    Timeout,
+}
+
+fn decode(status: i32) -> Event {
+    if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+        return Event::Gone;
+    }
+    if !libc::WIFSTOPPED(status) {
+        return Event::Other(status);
+    }
+    let sig = libc::WSTOPSIG(status);
+    match status >> 16 {
+        0 if sig == (libc::SIGTRAP | 0x80) => Event::Syscall,
+        0 => Event::Signal(sig),
+        PTRACE_EVENT_STOP if is_stop_signal(sig) => Event::Parked(StopKind::GroupStopped(sig)),
+        PTRACE_EVENT_STOP => Event::Parked(StopKind::Interrupted),
+        PTRACE_EVENT_EXEC => Event::Exec,
+        ev => Event::Other(ev),
+    }
+}
+
+/// The real tracer. Not `Send`: Linux ties a tracee to the *thread* that seized it, so every
+/// request must come from that thread (see [`crate::run_on_tracer_thread`]).
+#[derive(Debug)]
+pub struct PtraceTracer {
+    mem: HashMap<Pid, File>,
+    _bound_to_thread: PhantomData<*const ()>,
+}
+
+impl Default for PtraceTracer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PtraceTracer {
+    /// A tracer bound to the calling thread.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            mem: HashMap::new(),
+            _bound_to_thread: PhantomData,
+        }
+    }
+
+    fn err(op: &'static str, pid: Pid, tid: Tid, e: io::Error) -> SysError {
+        match e.raw_os_error() {
+            Some(libc::ESRCH) if !thread_exists(pid, tid) => SysError::ThreadGone { pid, tid },
+            Some(libc::EPERM) => SysError::PermissionDenied {
+                op,
+                pid,
+                tid,
+                source: e,
+            },
+            _ => SysError::Ptrace {
+                op,
+                pid,
+                tid,
+                source: e,
+            },
+        }
+    }
+
+    fn req(
+        op: &'static str,
+        pid: Pid,
+        tid: Tid,
+        req: libc::c_uint,
+        addr: usize,
+        data: usize,
+    ) -> Result<()> {
+        raw::ptrace_int(req, tid.0, addr, data)
+            .map(drop)
+            .map_err(|e| Self::err(op, pid, tid, e))
+    }
+
+    /// Waits for the next event of `tid`, polling: spin briefly (stops usually land within
+    /// microseconds), then sleep with a growing interval. Never blocks past `deadline`.
+    fn next_event(pid: Pid, tid: Tid, deadline: Instant) -> Result<Event> {
+        let mut spins = 0u32;
+        let mut nap = Duration::from_micros(5);
+        loop {
+            match raw::wait_nohang(tid.0) {
+                Ok(Some(status)) => return Ok(decode(status)),
+                Ok(None) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // Not (or no longer) our tracee: it exited and was reaped.
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(Event::Gone),
+                Err(e) => {
+                    return Err(SysError::Ptrace {
+                        op: "waitpid",
+                        pid,
+                        tid,
+                        source: e,
+                    });
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(Event::Timeout);
+            }
+            if spins < 100 {
+                spins += 1;
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Waits until `tid` sits in a `PTRACE_EVENT_STOP`, delivering any signal that shows up
+    /// first (so the target sees exactly the signals it would have seen without us).
+    fn wait_event_stop(
+        op: &'static str,
+        pid: Pid,
+        tid: Tid,
+        deadline: Instant,
+    ) -> Result<StopKind> {
+        loop {
+            match Self::next_event(pid, tid, deadline)? {
+                Event::Parked(kind) => return Ok(kind),
+                Event::Signal(sig) => Self::req(op, pid, tid, libc::PTRACE_CONT, 0, sig as usize)?,
+                Event::Gone => return Err(SysError::ThreadGone { pid, tid }),
+                Event::Exec => {
+                    // The address space is new: let this thread go and tell the caller.
+                    let _ = raw::ptrace_int(libc::PTRACE_DETACH, tid.0, 0, 0);
+                    return Err(SysError::Execed { pid, tid });
+                }
+                Event::Timeout => {
+                    return Err(SysError::ThreadDidNotStop {
+                        pid,
+                        tid,
+                        waited: Duration::ZERO,
+                        left_seized: Vec::new(),
+                    });
+                }
+                // A syscall stop can only be a leftover of an interrupted remote syscall: go on.
+                Event::Syscall => Self::req(op, pid, tid, libc::PTRACE_CONT, 0, 0)?,
+                Event::Other(what) => {
+                    return Err(SysError::UnexpectedStop {
+                        op,
+                        pid,
+                        tid,
+                        what: format!("status event {what}"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// From any ptrace-stop, back to a `PTRACE_EVENT_STOP` without running user code: the
+    /// pending interrupt trap is taken in the kernel's signal path before returning to user mode.
+    fn park(op: &'static str, pid: Pid, tid: Tid, deadline: Instant) -> Result<StopKind> {
+        Self::req(op, pid, tid, libc::PTRACE_INTERRUPT, 0, 0)?;
+        Self::req(op, pid, tid, libc::PTRACE_CONT, 0, 0)?;
+        Self::wait_event_stop(op, pid, tid, deadline)
+    }
+
+    fn mem_file(&mut self, pid: Pid) -> io::Result<&File> {
+        match self.mem.entry(pid) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(v) => Ok(v.insert(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(format!("/proc/{pid}/mem"))?,
+            )),
+        }
+    }
+
+    fn poke_range(pid: Pid, via: Tid, addr: u64, data: &[u8]) -> Result<()> {
+        let io_err = |e: io::Error| SysError::MemIo {
+            op: "ptrace pokedata",
+            pid,
+            addr,
+            len: data.len(),
+            source: e,
+        };
+        let end = addr + data.len() as u64;
+        let mut word = addr & !7;
+        while word < end {
+            // Aligned words never straddle a page, so an edge word never touches an unmapped page.
+            let lo = word.max(addr);
+            let hi = (word + 8).min(end);
+            let mut bytes = if lo == word && hi == word + 8 {
+                [0u8; 8]
+            } else {
+                raw::peek(via.0, word).map_err(io_err)?.to_le_bytes()
+            };
+            let from = (lo - addr) as usize;
+            let to = (hi - addr) as usize;
+            bytes[(lo - word) as usize..(hi - word) as usize].copy_from_slice(&data[from..to]);
+            raw::ptrace_int(
+                libc::PTRACE_POKEDATA,
+                via.0,
+                word as usize,
+                u64::from_le_bytes(bytes) as usize,
+            )
+            .map_err(io_err)?;
+            word += 8;
+        }
+        Ok(())
+    }
+
+    fn seccomp_check(&mut self, pid: Pid, tid: Tid, call: &RemoteSyscall) -> Result<()> {
+        let info = procfs::task_info(pid, tid)?;
+        let forbid = |why: String| SysError::SeccompForbids {
+            pid,
+            tid,
+            nr: call.nr,
+            why,
+        };
+        match info.seccomp {
+            0 => Ok(()),
+            1 => Err(forbid("strict mode".into())),
+            _ => {
+                let mut filters = Vec::new();
+                for index in 0.. {
+                    match raw::seccomp_filter(tid.0, index) {
+                        Ok(Some(f)) => filters.push(
+                            f.iter()
+                                .map(|i| BpfInsn {
+                                    code: i.code,
+                                    jt: i.jt,
+                                    jf: i.jf,
+                                    k: i.k,
+                                })
+                                .collect::<Vec<_>>(),
+                        ),
+                        Ok(None) => break,
+                        Err(e) => return Err(forbid(format!("cannot read the filter: {e}"))),
+                    }
+                }
+                let data = SeccompData {
+                    nr: i32::try_from(call.nr)
+                        .map_err(|_| forbid("syscall number out of range".into()))?,
+                    arch: AUDIT_ARCH_X86_64,
+                    instruction_pointer: call.gadget + 2,
+                    args: call.args,
+                };
+                match seccomp::evaluate(&filters, &data) {
+                    Ok(v) if v.is_harmless() => Ok(()),
+                    Ok(v) => Err(forbid(format!("{v:?}"))),
+                    Err(e) => Err(forbid(format!("cannot evaluate the filter: {e}"))),
+                }
+            }
+        }
+    }
+
+    /// The body of a remote syscall, after registers and mask are replaced. Leaves the thread
+    /// parked (or reports why it could not).
+    fn run_hijacked(
+        pid: Pid,
+        tid: Tid,
+        call: &RemoteSyscall,
+        deadline: Instant,
+        deferred: &mut Vec<i32>,
+    ) -> Result<i64> {
+        const OP: &str = "remote syscall";
+        Self::req(OP, pid, tid, libc::PTRACE_SYSCALL, 0, 0)?;
+        let mut entered = false;
+        let result = loop {
+            match Self::next_event(pid, tid, deadline)? {
+                Event::Syscall if !entered => {
+                    let r = raw::get_regs(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
+                    if r.orig_rax != call.nr.cast_unsigned() || r.rip != call.gadget + 2 {
+                        return Err(SysError::UnexpectedStop {
+                            op: OP,
+                            pid,
+                            tid,
+                            what: format!(
+                                "entered syscall {} at {:#x}",
+                                r.orig_rax.cast_signed(),
+                                r.rip
+                            ),
+                        });
+                    }
+                    entered = true;
+                    Self::req(OP, pid, tid, libc::PTRACE_SYSCALL, 0, 0)?;
+                }
+                Event::Syscall => {
+                    let r = raw::get_regs(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
+                    break r.rax.cast_signed();
+                }
+                // Only SIGKILL/SIGSTOP (unblockable) or a forced signal can get here: hold it back
+                // and queue it again once the thread's own state is restored.
+                Event::Signal(sig) => {
+                    deferred.push(sig);
+                    Self::req(OP, pid, tid, libc::PTRACE_SYSCALL, 0, 0)?;
+                }
+                Event::Parked(_) => Self::req(OP, pid, tid, libc::PTRACE_SYSCALL, 0, 0)?,
+                Event::Gone => return Err(SysError::ThreadGone { pid, tid }),
+                Event::Exec => return Err(SysError::Execed { pid, tid }),
+                Event::Timeout => {
+                    return Err(SysError::ThreadDidNotStop {
+                        pid,
+                        tid,
+                        waited: Duration::ZERO,
+                        left_seized: Vec::new(),
+                    });
+                }
+                Event::Other(what) => {
+                    return Err(SysError::UnexpectedStop {
+                        op: OP,
+                        pid,
+                        tid,
+                        what: format!("status event {what}"),
+                    });
+                }
+            }
+        };
+        // Back to an event stop: registers restored there are seen by the kernel's restart logic.
+        Self::park(OP, pid, tid, deadline)?;
+        Ok(result)
+    }
+}
+
+fn thread_exists(pid: Pid, tid: Tid) -> bool {
+    match procfs::task_info(pid, tid) {
+        Ok(info) => !info.state.is_exited(),
+        Err(_) => false,
+    }
+}
+
+impl Tracer for PtraceTracer {
+    fn task_info(&mut self, pid: Pid, tid: Tid) -> Result<TaskInfo> {
+        procfs::task_info(pid, tid)
+    }
+
+    fn list_threads(&mut self, pid: Pid) -> Result<Vec<Tid>> {
+        procfs::list_threads(pid)
+    }
+
+    fn mappings(&mut self, pid: Pid) -> Result<Vec<Mapping>> {
+        procfs::read_maps(pid)
+    }
+
+    fn seize(&mut self, pid: Pid, tid: Tid) -> Result<()> {
+        raw::ptrace_int(libc::PTRACE_SEIZE, tid.0, 0, SEIZE_OPTIONS).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::ESRCH) => SysError::ThreadGone { pid, tid },
+                Some(libc::EPERM) => SysError::PermissionDenied {
+                    op: "ptrace seize",
+                    pid,
+                    tid,
+                    source: e,
+                },
+                _ => SysError::Ptrace {
+                    op: "ptrace seize",
+                    pid,
+                    tid,
+                    source: e,
+                },
+            }
+        })?;
+        raw::ptrace_int(libc::PTRACE_INTERRUPT, tid.0, 0, 0)
+            .map(drop)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ESRCH) => SysError::ThreadGone { pid, tid },
+                _ => SysError::Ptrace {
+                    op: "ptrace interrupt",
+                    pid,
+                    tid,
+                    source: e,
+                },
+            })
+    }
+
+    fn wait_stop(&mut self, pid: Pid, tid: Tid, deadline: Instant) -> Result<StopKind> {
+        Self::wait_event_stop("wait for stop", pid, tid, deadline)
+    }
+
+    fn get_regs(&mut self, pid: Pid, tid: Tid) -> Result<Regs> {
+        raw::get_regs(tid.0).map_err(|e| Self::err("ptrace getregs", pid, tid, e))
+    }
+
+    fn set_regs(&mut self, pid: Pid, tid: Tid, regs: &Regs) -> Result<()> {
+        raw::set_regs(tid.0, regs).map_err(|e| Self::err("ptrace setregs", pid, tid, e))
+    }
+
+    fn read_memory(&mut self, pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        // process_vm_readv is one syscall with no fd; it fails on pages without PROT_READ, where
+        // /proc/PID/mem (FOLL_FORCE) still reads.
+        if matches!(raw::vm_read(pid.0, addr, buf), Ok(n) if n == buf.len()) {
+            return Ok(());
+        }
+        let len = buf.len();
+        let file = self.mem_file(pid).map_err(|e| SysError::MemIo {
+            op: "open /proc/PID/mem",
+            pid,
+            addr,
+            len,
+            source: e,
+        })?;
+        file.read_exact_at(buf, addr).map_err(|e| SysError::MemIo {
+            op: "read /proc/PID/mem",
+            pid,
+            addr,
+            len,
+            source: e,
+        })
+    }
+
+    fn write_memory(&mut self, pid: Pid, via: Tid, addr: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        // /proc/PID/mem writes through read-only text (the kernel breaks COW into a private
+        // copy; the file on disk is untouched). process_vm_writev cannot. Kernels booted with
+        // proc_mem.force_override=never refuse; PTRACE_POKEDATA is then the fallback.
+        let first = match self.mem_file(pid) {
+            Ok(f) => f.write_all_at(data, addr),
+            Err(e) => Err(e),
+        };
+        match first {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::debug!(pid = pid.0, addr, error = %e, "/proc/PID/mem write failed, falling back to POKEDATA");
+                Self::poke_range(pid, via, addr, data)
+            }
+        }
+    }
+
+    fn single_step(&mut self, pid: Pid, tid: Tid, deadline: Instant) -> Result<StopKind> {
+        const OP: &str = "single step";
+        // The step's SIGTRAP is *forced*: were SIGTRAP blocked, the kernel would unblock it and
+        // reset the handler to SIG_DFL. Unblock it ourselves for the step, re-block afterwards.
+        let mask = raw::get_sigmask(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
+        let trap = sigbit(libc::SIGTRAP);
+        if mask & trap != 0 {
+            raw::set_sigmask(tid.0, mask & !trap).map_err(|e| Self::err(OP, pid, tid, e))?;
+        }
+        let stepped = (|| -> Result<()> {
+            Self::req(OP, pid, tid, libc::PTRACE_SINGLESTEP, 0, 0)?;
+            let mut interrupted = false;
+            let mut wait_until = deadline;
+            loop {
+                match Self::next_event(pid, tid, wait_until)? {
+                    Event::Signal(libc::SIGTRAP)
+                        if raw::siginfo_code(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?
+                            > 0 =>
+                    {
+                        return Ok(());
+                    }
+                    // A signal that arrived first: deliver it (the kernel then reports the step
+                    // on entry to the handler).
+                    Event::Signal(sig) => {
+                        Self::req(OP, pid, tid, libc::PTRACE_SINGLESTEP, 0, sig as usize)?
+                    }
+                    Event::Parked(_) if interrupted => return Ok(()),
+                    Event::Parked(_) => Self::req(OP, pid, tid, libc::PTRACE_SINGLESTEP, 0, 0)?,
+                    Event::Syscall => Self::req(OP, pid, tid, libc::PTRACE_SINGLESTEP, 0, 0)?,
+                    Event::Gone => return Err(SysError::ThreadGone { pid, tid }),
+                    Event::Exec => {
+                        let _ = raw::ptrace_int(libc::PTRACE_DETACH, tid.0, 0, 0);
+                        return Err(SysError::Execed { pid, tid });
+                    }
+                    // The instruction was a blocking syscall: interrupt it (it will restart).
+                    Event::Timeout if !interrupted => {
+                        interrupted = true;
+                        Self::req(OP, pid, tid, libc::PTRACE_INTERRUPT, 0, 0)?;
+                        wait_until = Instant::now() + Duration::from_millis(500);
+                    }
+                    Event::Timeout => {
+                        return Err(SysError::ThreadDidNotStop {
+                            pid,
+                            tid,
+                            waited: Duration::ZERO,
+                            left_seized: Vec::new(),
+                        });
+                    }
+                    Event::Other(what) => {
+                        return Err(SysError::UnexpectedStop {
+                            op: OP,
+                            pid,
+                            tid,
+                            what: format!("status event {what}"),
+                        });
+                    }
+                }
+            }
+        })();
+        let parked = stepped.and_then(|()| {
+            Self::park(
+                OP,
+                pid,
+                tid,
+                deadline.max(Instant::now() + Duration::from_millis(500)),
+            )
+        });
+        if mask & trap != 0 {
+            // Re-add only our bit: if a handler was entered, the kernel changed the mask for it.
+            if let Ok(now) = raw::get_sigmask(tid.0) {
+                let _ = raw::set_sigmask(tid.0, now | trap);
+            }
+        }
+        parked
+    }
+
+    fn run_briefly(
+        &mut self,
+        pid: Pid,
+        tid: Tid,
+        run_for: Duration,
+        deadline: Instant,
+    ) -> Result<StopKind> {
+        const OP: &str = "run briefly";
+        Self::req(OP, pid, tid, libc::PTRACE_CONT, 0, 0)?;
+        std::thread::sleep(run_for);
+        match raw::ptrace_int(libc::PTRACE_INTERRUPT, tid.0, 0, 0) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                // Exited meanwhile; reap our notification of it.
+                let _ = Self::next_event(pid, tid, Instant::now() + Duration::from_millis(100));
+                return Err(SysError::ThreadGone { pid, tid });
+            }
+            Err(e) => {
+                return Err(SysError::Ptrace {
+                    op: OP,
+                    pid,
+                    tid,
+                    source: e,
+                });
+            }
+        }
+        Self::wait_event_stop(OP, pid, tid, deadline)
+    }
+
+    fn syscall(
+        &mut self,
+        pid: Pid,
+        tid: Tid,
+        call: &RemoteSyscall,
+        deadline: Instant,
+    ) -> Result<i64> {
+        const OP: &str = "remote syscall";
+        self.seccomp_check(pid, tid, call)?;
+        let saved = raw::get_regs(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
+        let saved_mask = raw::get_sigmask(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
+        // Block every signal while the registers are not the thread's own: no handler may run on
+        // our borrowed context. SIGKILL/SIGSTOP stay unblockable; they are handled in the loop.
+        raw::set_sigmask(tid.0, !0).map_err(|e| Self::err(OP, pid, tid, e))?;
+        let [a0, a1, a2, a3, a4, a5] = call.args;
+        let hijack = Regs {
+            rip: call.gadget,
+            rax: call.nr.cast_unsigned(),
+            // -1: "not in a syscall", so resuming from this stop does not apply the restart
+            // logic of an interrupted syscall to our borrowed registers.
+            orig_rax: u64::MAX,
+            rdi: a0,
+            rsi: a1,
+            rdx: a2,
+            r10: a3,
+            r8: a4,
+            r9: a5,
+            eflags: saved.eflags & !TF_FLAG,
+            ..saved
+        };
+        let mut deferred = Vec::new();
+        let result = raw::set_regs(tid.0, &hijack)
+            .map_err(|e| Self::err(OP, pid, tid, e))
+            .and_then(|()| Self::run_hijacked(pid, tid, call, deadline, &mut deferred));
+        if result.is_err() {
+            // Try to get back to a parked stop so the restore below can work.
+            let _ = Self::park(OP, pid, tid, Instant::now() + Duration::from_millis(200));
+        }
+        // Restore at a PTRACE_EVENT_STOP: when the thread resumes, the kernel sees the original
+        // orig_rax/rax (e.g. read() -> -ERESTARTSYS, nanosleep -> -ERESTART_RESTARTBLOCK) and
+        // restarts the interrupted syscall exactly as if we had never been there.
+        let restored = raw::set_regs(tid.0, &saved)
+            .and_then(|()| raw::set_sigmask(tid.0, saved_mask))
+            .map_err(|e| Self::err("restore after remote syscall", pid, tid, e));
+        for sig in deferred {
+            // Queue it again; it is delivered when the thread next runs with its own state.
+            let _ = raw::tgkill(pid.0, tid.0, sig);
+        }
+        let value = result?;
+        restored?;
+        Ok(value)
+    }
+
+    fn detach(&mut self, pid: Pid, tid: Tid) -> Result<()> {
+        match raw::ptrace_int(libc::PTRACE_DETACH, tid.0, 0, 0) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                if !thread_exists(pid, tid) {
+                    // Exited: reap the notification so it does not linger as our child event.
+                    let _ = raw::wait_nohang(tid.0);
+                    return Ok(());
+                }
+                // Not in a ptrace-stop (should not happen): stop it, then detach.
+                let _ = raw::ptrace_int(libc::PTRACE_INTERRUPT, tid.0, 0, 0);
+                match Self::wait_event_stop(
+                    "detach",
+                    pid,
+                    tid,
+                    Instant::now() + Duration::from_millis(200),
+                ) {
+                    Ok(_) => Self::req("ptrace detach", pid, tid, libc::PTRACE_DETACH, 0, 0),
+                    Err(e) if e.is_gone() => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(SysError::Ptrace {
+                op: "ptrace detach",
+                pid,
+                tid,
+                source: e,
+            }),
+        }
+    }
+
+    fn release_process(&mut self, pid: Pid) {
+        self.mem.remove(&pid);
+    }
+}

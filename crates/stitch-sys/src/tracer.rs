@@ -1,0 +1,197 @@
+//! The OS boundary as a trait, so the stop/patch/revert protocol runs unchanged against the
+//! kernel ([`crate::PtraceTracer`]) or an in-memory model ([`crate::FakeTracer`]).
+//!
+//! Every method states its precondition on the thread's state; both implementations enforce the
+//! same preconditions (the fake returns the same errors the kernel would), so a protocol that
+//! passes against the fake does not rely on anything the kernel would refuse.
+
+use std::time::{Duration, Instant};
+
+use crate::error::Result;
+use crate::types::{Mapping, Pid, Regs, StopKind, TaskInfo, Tid};
+
+/// A syscall to execute in a stopped thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteSyscall {
+    /// Address of an existing `syscall` instruction (0f 05) in an executable mapping.
+    pub gadget: u64,
+    /// Syscall number.
+    pub nr: i64,
+    /// Arguments (rdi, rsi, rdx, r10, r8, r9).
+    pub args: [u64; 6],
+}
+
+/// The kinds of [`Tracer`] calls, for the fake's call log and failure injection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CallKind {
+    /// [`Tracer::task_info`]
+    TaskInfo,
+    /// [`Tracer::list_threads`]
+    ListThreads,
+    /// [`Tracer::mappings`]
+    Mappings,
+    /// [`Tracer::seize`]
+    Seize,
+    /// [`Tracer::wait_stop`]
+    WaitStop,
+    /// [`Tracer::get_regs`]
+    GetRegs,
+    /// [`Tracer::set_regs`]
+    SetRegs,
+    /// [`Tracer::read_memory`]
+    ReadMemory,
+    /// [`Tracer::write_memory`]
+    WriteMemory,
+    /// [`Tracer::single_step`]
+    SingleStep,
+    /// [`Tracer::run_briefly`]
+    RunBriefly,
+    /// [`Tracer::syscall`]
+    Syscall,
+    /// [`Tracer::detach`]
+    Detach,
+}
+
+impl CallKind {
+    /// Every kind, for tests that inject a failure at every step.
+    pub const ALL: [Self; 13] = [
+        Self::TaskInfo,
+        Self::ListThreads,
+        Self::Mappings,
+        Self::Seize,
+        Self::WaitStop,
+        Self::GetRegs,
+        Self::SetRegs,
+        Self::ReadMemory,
+        Self::WriteMemory,
+        Self::SingleStep,
+        Self::RunBriefly,
+        Self::Syscall,
+        Self::Detach,
+    ];
+}
+
+/// The OS operations the stop-the-world protocol is built from.
+///
+/// Thread states: *running* (not ours), *seized* (ours, stop requested, maybe still running),
+/// *held* (ours and stopped in a `PTRACE_EVENT_STOP`, i.e. parked inside the kernel's signal
+/// code, where restoring registers lets the kernel's own syscall-restart logic run).
+/// Every operation that executes target code returns the thread to *held*.
+pub trait Tracer {
+    /// Facts about one task from `/proc` (state, flags, tracer, ignored signals, seccomp mode).
+    /// Needs nothing. Gone: [`crate::SysError::ThreadGone`] (or `NoSuchProcess` for the leader).
+    fn task_info(&mut self, pid: Pid, tid: Tid) -> Result<TaskInfo>;
+
+    /// The process's current threads. Needs nothing.
+    fn list_threads(&mut self, pid: Pid) -> Result<Vec<Tid>>;
+
+    /// The process's mappings. Needs nothing.
+    fn mappings(&mut self, pid: Pid) -> Result<Vec<Mapping>>;
+
+    /// Running → seized: `PTRACE_SEIZE` (no `PTRACE_O_EXITKILL`, ever) then `PTRACE_INTERRUPT`.
+    /// EPERM comes back as `PermissionDenied`; the caller decides whether it means "already
+    /// traced" by looking at `TracerPid`.
+    fn seize(&mut self, pid: Pid, tid: Tid) -> Result<()>;
+
+    /// Seized → held, waiting at most until `deadline`. Signals that arrive meanwhile are
+    /// delivered to the target as if we were not there.
+    fn wait_stop(&mut self, pid: Pid, tid: Tid, deadline: Instant) -> Result<StopKind>;
+
+    /// Reads the registers of a held thread.
+    fn get_regs(&mut self, pid: Pid, tid: Tid) -> Result<Regs>;
+
+    /// Writes the registers of a held thread.
+    fn set_regs(&mut self, pid: Pid, tid: Tid, regs: &Regs) -> Result<()>;
+
+    /// Reads target memory; all of `buf` or an error.
+    fn read_memory(&mut self, pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Writes target memory, also read-only text; all of `data` or an error. `via` is a held
+    /// thread (the `PTRACE_POKEDATA` fallback needs one).
+    fn write_memory(&mut self, pid: Pid, via: Tid, addr: u64, data: &[u8]) -> Result<()>;
+
+    /// Held → executes one instruction → held.
+    fn single_step(&mut self, pid: Pid, tid: Tid, deadline: Instant) -> Result<StopKind>;
+
+    /// Held → runs its own code for about `run_for` → held (signals delivered normally).
+    fn run_briefly(
+        &mut self,
+        pid: Pid,
+        tid: Tid,
+        run_for: Duration,
+        deadline: Instant,
+    ) -> Result<StopKind>;
+
+    /// Held → executes `call` at `call.gadget` → held, with registers, signal mask and any
+    /// interrupted syscall exactly as before. Returns the raw kernel result (`-errno` on failure).
+    fn syscall(
+        &mut self,
+        pid: Pid,
+        tid: Tid,
+        call: &RemoteSyscall,
+        deadline: Instant,
+    ) -> Result<i64>;
+
+    /// Held → running and no longer ours. A thread that is already gone is not an error.
+    fn detach(&mut self, pid: Pid, tid: Tid) -> Result<()>;
+
+    /// Called once when the caller is done with `pid` (drop cached file descriptors).
+    fn release_process(&mut self, _pid: Pid) {}
+}
+
+impl<T: Tracer + ?Sized> Tracer for &mut T {
+    fn task_info(&mut self, pid: Pid, tid: Tid) -> Result<TaskInfo> {
+        (**self).task_info(pid, tid)
+    }
+    fn list_threads(&mut self, pid: Pid) -> Result<Vec<Tid>> {
+        (**self).list_threads(pid)
+    }
+    fn mappings(&mut self, pid: Pid) -> Result<Vec<Mapping>> {
+        (**self).mappings(pid)
+    }
+    fn seize(&mut self, pid: Pid, tid: Tid) -> Result<()> {
+        (**self).seize(pid, tid)
+    }
+    fn wait_stop(&mut self, pid: Pid, tid: Tid, deadline: Instant) -> Result<StopKind> {
+        (**self).wait_stop(pid, tid, deadline)
+    }
+    fn get_regs(&mut self, pid: Pid, tid: Tid) -> Result<Regs> {
+        (**self).get_regs(pid, tid)
+    }
+    fn set_regs(&mut self, pid: Pid, tid: Tid, regs: &Regs) -> Result<()> {
+        (**self).set_regs(pid, tid, regs)
+    }
+    fn read_memory(&mut self, pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
+        (**self).read_memory(pid, addr, buf)
+    }
+    fn write_memory(&mut self, pid: Pid, via: Tid, addr: u64, data: &[u8]) -> Result<()> {
+        (**self).write_memory(pid, via, addr, data)
+    }
+    fn single_step(&mut self, pid: Pid, tid: Tid, deadline: Instant) -> Result<StopKind> {
+        (**self).single_step(pid, tid, deadline)
+    }
+    fn run_briefly(
+        &mut self,
+        pid: Pid,
+        tid: Tid,
+        run_for: Duration,
+        deadline: Instant,
+    ) -> Result<StopKind> {
+        (**self).run_briefly(pid, tid, run_for, deadline)
+    }
+    fn syscall(
+        &mut self,
+        pid: Pid,
+        tid: Tid,
+        call: &RemoteSyscall,
+        deadline: Instant,
+    ) -> Result<i64> {
+        (**self).syscall(pid, tid, call, deadline)
+    }
+    fn detach(&mut self, pid: Pid, tid: Tid) -> Result<()> {
+        (**self).detach(pid, tid)
+    }
+    fn release_process(&mut self, pid: Pid) {
+        (**self).release_process(pid);
+    }
+}

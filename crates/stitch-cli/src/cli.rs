@@ -70,6 +70,46 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 5)]
         len: usize,
     },
+    /// Apply a signed patch to running processes.
+    Apply {
+        /// The signed bundle.
+        bundle: PathBuf,
+        /// Process to patch (repeatable).
+        #[arg(long = "pid", required_unless_present = "all", conflicts_with = "all")]
+        pids: Vec<i32>,
+        /// Every process that maps the target module.
+        #[arg(long)]
+        all: bool,
+        /// Trusted public keys.
+        #[arg(long, default_value = "/etc/stitch/trusted-keys")]
+        trusted_keys: PathBuf,
+        /// Print the plan (sites, bytes, trampolines) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a patch out of running processes.
+    Revert {
+        /// Patch id, e.g. ST-2026-0001.
+        id: String,
+        /// Process (repeatable).
+        #[arg(long = "pid", required_unless_present = "all", conflicts_with = "all")]
+        pids: Vec<i32>,
+        /// Every process that carries the patch.
+        #[arg(long)]
+        all: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which processes carry which patches, with hit counts (read without stopping them).
+    Ps {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]

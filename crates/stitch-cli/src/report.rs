@@ -12,6 +12,9 @@ pub(crate) fn code_of(e: &anyhow::Error) -> &'static str {
         if let Some(b) = cause.downcast_ref::<BuildError>() {
             return b.code();
         }
+        if let Some(e) = cause.downcast_ref::<stitch_engine::EngineError>() {
+            return e.code();
+        }
         if let Some(c) = cause.downcast_ref::<crate::commands::CliError>() {
             return c.code();
         }

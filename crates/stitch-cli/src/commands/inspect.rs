@@ -81,7 +81,12 @@ fn to_text(b: &Bundle) -> String {
         "  target   {} ({} {} {}, {})",
         t.module, t.package.ecosystem, t.package.name, t.package.version, t.arch
     );
-    let _ = writeln!(s, "           sha256   {}", hex::encode(t.sha256));
+    let _ = writeln!(
+        s,
+        "           sha256   {} ({} bytes)",
+        hex::encode(t.sha256),
+        t.size
+    );
     let _ = writeln!(
         s,
         "           build-id {}",
@@ -173,6 +178,7 @@ fn to_json(b: &Bundle) -> serde_json::Value {
         "target": {
             "module": t.module,
             "sha256": hex::encode(t.sha256),
+            "size": t.size,
             "build_id": t.build_id.as_ref().map(hex::encode),
             "arch": t.arch.as_str(),
             "package": {

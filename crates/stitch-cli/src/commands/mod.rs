@@ -1,3 +1,4 @@
+mod apply;
 mod build;
 mod docs;
 mod inspect;
@@ -59,6 +60,21 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
             location,
             len,
         } => site::run(&target, &location, len),
+        Command::Apply {
+            bundle,
+            pids,
+            all,
+            trusted_keys,
+            dry_run,
+            json,
+        } => apply::apply(&bundle, &pids, all, &trusted_keys, dry_run, json),
+        Command::Revert {
+            id,
+            pids,
+            all,
+            json,
+        } => apply::revert(&id, &pids, all, json),
+        Command::Ps { json } => apply::ps(json),
         Command::Completions { shell } => docs::completions(shell),
         Command::Man { out } => docs::man(&out),
     }

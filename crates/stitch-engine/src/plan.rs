@@ -1,0 +1,390 @@
+//! Planning: everything about an apply that can be decided without stopping the process.
+//! A [`Plan`] is plain data — printed by `stitch apply --dry-run`, compared in tests.
+
+use stitch_elf::ElfFile;
+use stitch_format::{Patch, VerifiedBundle};
+use stitch_sys::Pid;
+use stitch_x86::{LinkContext, link_patchlet};
+
+use crate::identify::{MappedModule, file_name, maybe_region, read_mapped, read_maps};
+use crate::region::{self, PatchRecord, RegionHeader};
+use crate::{Engine, EngineError};
+
+/// Where the trampolines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegionPlan {
+    /// The module already has a Stitch region at this address (reused).
+    Existing { addr: u64 },
+    /// A new region, proposed at `addr` (the first free range near the module; apply falls
+    /// back to the next one if it is taken by then).
+    New { addr: u64 },
+}
+
+impl RegionPlan {
+    /// The region address the plan was linked for.
+    pub fn addr(&self) -> u64 {
+        match self {
+            RegionPlan::Existing { addr } | RegionPlan::New { addr } => *addr,
+        }
+    }
+}
+
+/// One site as it will be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedSite {
+    pub patchlet: String,
+    /// Runtime address of the site.
+    pub addr: u64,
+    /// Bytes that must be there now.
+    pub original: Vec<u8>,
+    /// Bytes that will be written there (jump + int3 padding).
+    pub new_bytes: Vec<u8>,
+    /// Runtime address of this patchlet's trampoline.
+    pub tramp_addr: u64,
+    /// Trampoline bytes.
+    pub trampoline: Vec<u8>,
+}
+
+/// Everything `apply` will do to one process, decided in advance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub pid: Pid,
+    pub patch_id: String,
+    pub revision: u32,
+    pub patch_digest: [u8; 32],
+    pub module_path: String,
+    pub module_sha256: [u8; 32],
+    pub module_bias: u64,
+    pub module_start: u64,
+    pub module_end: u64,
+    pub region: RegionPlan,
+    /// Offset in the region where the patch record goes.
+    pub record_offset: u64,
+    /// Offset in the region where the first trampoline goes.
+    pub tramp_offset: u64,
+    /// Resolved import addresses, by import index.
+    pub imports: Vec<u64>,
+    pub sites: Vec<PlannedSite>,
+    /// The record as it will be written (state `Applying`, then `Applied`).
+    pub record: PatchRecord,
+}
+
+/// 2 GiB minus room for the region itself and the module's size: every byte of a region must
+/// be reachable with rel32 from every site and vice versa.
+pub(crate) const REACH: u64 = (1 << 31) - (1 << 20);
+
+impl Engine {
+    /// Finds the target module in `pid` and plans the apply. Reads `/proc` only; the process
+    /// keeps running.
+    pub fn plan(&self, pid: Pid, bundle: &VerifiedBundle) -> Result<Plan, EngineError> {
+        let patch = bundle.patch();
+        let entries = read_maps(pid)?;
+        let module = self.find_target(pid, &entries, patch)?;
+        let bytes = read_mapped(pid, &module.module)?;
+        let elf = ElfFile::parse(&bytes).map_err(|e| EngineError::ModuleLayout {
+            pid: pid.0,
+            path: module.path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let found_bid = elf.build_id().map(<[u8]>::to_vec);
+        if found_bid != patch.target.build_id {
+            return Err(EngineError::BuildIdMismatch {
+                pid: pid.0,
+                path: module.path.display().to_string(),
+                expected: patch
+                    .target
+                    .build_id
+                    .as_ref()
+                    .map_or("none".into(), hex::encode),
+                found: found_bid.as_ref().map_or("none".into(), hex::encode),
+            });
+        }
+        let bias = module
+            .module
+            .load_bias(&elf)
+            .map_err(|e| EngineError::ModuleLayout {
+                pid: pid.0,
+                path: module.path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        // Every site must be mapped executable right now (a library mid-load is not yet).
+        for p in &patch.patchlets {
+            if module
+                .module
+                .runtime_exec_addr(&elf, p.at, p.original.len() as u64)
+                .is_none()
+            {
+                return Err(EngineError::ModuleLayout {
+                    pid: pid.0,
+                    path: module.path.display().to_string(),
+                    reason: format!(
+                        "site {:#x} of patchlet {} is not mapped executable",
+                        p.at, p.name
+                    ),
+                });
+            }
+        }
+        let imports = self.resolve_imports(pid, &entries, patch)?;
+        let existing = find_region(pid, &entries, &module, bias)?;
+        let (region_plan, header) = match existing {
+            Some((addr, header)) => (RegionPlan::Existing { addr }, header),
+            None => {
+                let addr = propose_region(&entries, &module).ok_or(EngineError::NoFreeRange {
+                    pid: pid.0,
+                    near: module.start,
+                })?;
+                (
+                    RegionPlan::New { addr },
+                    RegionHeader::new(module.sha256, bias),
+                )
+            }
+        };
+        if patch.id.len() > region::MAX_ID {
+            return Err(EngineError::IdTooLong {
+                id: patch.id.clone(),
+                max: region::MAX_ID,
+            });
+        }
+        if let Some(r) = header
+            .records
+            .iter()
+            .find(|r| r.id == patch.id && r.state != region::RecordState::Reverted)
+        {
+            return Err(EngineError::AlreadyApplied {
+                pid: pid.0,
+                id: r.id.clone(),
+                revision: r.revision,
+            });
+        }
+        link_plan(
+            pid,
+            patch,
+            bundle.bundle().patch_digest(),
+            &module,
+            bias,
+            region_plan,
+            &header,
+            imports,
+        )
+    }
+
+    /// The module of `pid` whose mapped inode has the patch's SHA-256.
+    fn find_target(
+        &self,
+        pid: Pid,
+        entries: &[stitch_elf::maps::MapEntry],
+        patch: &Patch,
+    ) -> Result<MappedModule, EngineError> {
+        // Only files of the target's exact size are hashed (once per inode, cached), so a
+        // renamed copy (a container image, a vendored library) is still found.
+        let all = self
+            .digests
+            .modules(pid, entries, Some(patch.target.size))?;
+        all.into_iter()
+            .find(|m| m.sha256 == patch.target.sha256)
+            .ok_or_else(|| EngineError::ModuleNotMapped {
+                pid: pid.0,
+                sha256: hex::encode(patch.target.sha256),
+            })
+    }
+
+    fn resolve_imports(
+        &self,
+        pid: Pid,
+        entries: &[stitch_elf::maps::MapEntry],
+        patch: &Patch,
+    ) -> Result<Vec<u64>, EngineError> {
+        let mut out = Vec::with_capacity(patch.imports.len());
+        if patch.imports.is_empty() {
+            return Ok(out);
+        }
+        let modules = stitch_elf::maps::modules(entries);
+        for imp in &patch.imports {
+            let not_found = || EngineError::ImportNotFound {
+                pid: pid.0,
+                module: imp.module.clone(),
+                symbol: imp.symbol.clone(),
+            };
+            let m = modules
+                .iter()
+                .find(|m| file_name(&m.path) == imp.module)
+                .ok_or_else(not_found)?;
+            let bytes = read_mapped(pid, m)?;
+            let elf = ElfFile::parse(&bytes).map_err(|_| not_found())?;
+            let sym = elf.exported_symbol(&imp.symbol).ok_or_else(not_found)?;
+            let bias = m.load_bias(&elf).map_err(|_| not_found())?;
+            out.push(bias.wrapping_add(sym.vaddr));
+        }
+        Ok(out)
+    }
+}
+
+/// The module's existing region, if any: a region-shaped mapping within reach whose header
+/// names this module's digest and bias.
+pub(crate) fn find_region(
+    pid: Pid,
+    entries: &[stitch_elf::maps::MapEntry],
+    module: &MappedModule,
+    bias: u64,
+) -> Result<Option<(u64, RegionHeader)>, EngineError> {
+    for e in entries.iter().filter(|e| maybe_region(e)) {
+        if e.start.abs_diff(module.start) > REACH {
+            continue;
+        }
+        let mut data = vec![0u8; region::TRAMPOLINE_START as usize];
+        if stitch_sys::read_proc_mem(pid, e.start, &mut data).is_err()
+            || !RegionHeader::looks_like_region(&data)
+        {
+            continue;
+        }
+        let header = RegionHeader::decode(&data)?;
+        if header.module_sha256 == module.sha256 && header.module_bias == bias {
+            return Ok(Some((e.start, header)));
+        }
+    }
+    Ok(None)
+}
+
+/// A free, page-aligned range for a new region within reach of the whole module. Avoids the
+/// 64 MiB above `[heap]` so the program's `brk` can still grow.
+pub(crate) fn propose_region(
+    entries: &[stitch_elf::maps::MapEntry],
+    module: &MappedModule,
+) -> Option<u64> {
+    candidates(entries, module).into_iter().next()
+}
+
+pub(crate) fn candidates(
+    entries: &[stitch_elf::maps::MapEntry],
+    module: &MappedModule,
+) -> Vec<u64> {
+    let maps: Vec<stitch_sys::Mapping> = entries.iter().map(to_sys_mapping).collect();
+    let heap_guard = entries
+        .iter()
+        .find(|e| matches!(&e.path, stitch_elf::maps::MapPath::Special(s) if s == "[heap]"))
+        .map(|e| (e.start, e.end + (64 << 20)));
+    let reach = REACH - (module.end - module.start);
+    stitch_sys::free_gaps_near(&maps, module.start, region::REGION_SIZE, reach)
+        .into_iter()
+        .filter(|&a| {
+            let end = a + region::REGION_SIZE;
+            end.abs_diff(module.start) < REACH
+                && a.abs_diff(module.end) < REACH
+                && !heap_guard.is_some_and(|(lo, hi)| a < hi && end > lo)
+        })
+        .collect()
+}
+
+fn to_sys_mapping(e: &stitch_elf::maps::MapEntry) -> stitch_sys::Mapping {
+    stitch_sys::Mapping {
+        start: e.start,
+        end: e.end,
+        perms: stitch_sys::Perms {
+            read: e.read,
+            write: e.write,
+            exec: e.exec,
+            shared: e.shared,
+        },
+        offset: e.offset,
+        dev: (e.dev_major, e.dev_minor),
+        inode: e.inode,
+        name: match &e.path {
+            stitch_elf::maps::MapPath::Anonymous => String::new(),
+            stitch_elf::maps::MapPath::Special(s) => s.clone(),
+            stitch_elf::maps::MapPath::File { path, .. } => path.display().to_string(),
+        },
+    }
+}
+
+/// Lays out record and trampolines in the region at `region.addr()`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename these"
+)]
+pub(crate) fn link_plan(
+    pid: Pid,
+    patch: &Patch,
+    patch_digest: [u8; 32],
+    module: &MappedModule,
+    bias: u64,
+    region_plan: RegionPlan,
+    header: &RegionHeader,
+    imports: Vec<u64>,
+) -> Result<Plan, EngineError> {
+    let base = region_plan.addr();
+    let record_offset = u64::from(header.records_next);
+    let record_len = PatchRecord::encoded_len(patch.patchlets.len()) as u64;
+    if record_offset + record_len > region::TRAMPOLINE_START {
+        return Err(EngineError::RegionFull {
+            reason: "no room for another patch record".into(),
+        });
+    }
+    let hit_counter = base + record_offset + region::HITS_OFFSET;
+    let import_addrs: Vec<Option<u64>> = imports.iter().map(|&a| Some(a)).collect();
+    let tramp_offset = u64::from(header.tramp_next);
+    let mut off = tramp_offset;
+    let mut sites = Vec::with_capacity(patch.patchlets.len());
+    for p in &patch.patchlets {
+        let ctx = LinkContext {
+            bias,
+            addr: base + off,
+            imports: &import_addrs,
+            hit_counter,
+        };
+        let linked = link_patchlet(p, &ctx).map_err(|source| EngineError::Link {
+            patchlet: p.name.clone(),
+            source,
+        })?;
+        let len = linked.trampoline.len() as u64;
+        if off + len > region::REGION_SIZE {
+            return Err(EngineError::RegionFull {
+                reason: "no room for the trampolines".into(),
+            });
+        }
+        sites.push(PlannedSite {
+            patchlet: p.name.clone(),
+            addr: linked.site,
+            original: p.original.clone(),
+            new_bytes: linked.site_bytes,
+            tramp_addr: linked.addr,
+            trampoline: linked.trampoline,
+        });
+        // 16-byte aligned trampolines.
+        off = (off + len).div_ceil(16) * 16;
+    }
+    let record = PatchRecord {
+        offset: record_offset,
+        state: region::RecordState::Applying,
+        id: patch.id.clone(),
+        revision: patch.revision,
+        patch_digest,
+        hits: 0,
+        tramp_offset: tramp_offset as u32,
+        tramp_len: (off - tramp_offset) as u32,
+        sites: sites
+            .iter()
+            .map(|s| region::SiteRecord {
+                addr: s.addr,
+                tramp: s.tramp_addr,
+                original: s.original.clone(),
+            })
+            .collect(),
+    };
+    Ok(Plan {
+        pid,
+        patch_id: patch.id.clone(),
+        revision: patch.revision,
+        patch_digest,
+        module_path: module.path.display().to_string(),
+        module_sha256: module.sha256,
+        module_bias: bias,
+        module_start: module.start,
+        module_end: module.end,
+        region: region_plan,
+        record_offset,
+        tramp_offset,
+        imports,
+        sites,
+        record,
+    })
+}

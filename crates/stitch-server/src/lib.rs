@@ -50,6 +50,9 @@ use tokio::sync::oneshot;
 use crate::model::{Plan, Role};
 use crate::store::Store;
 
+/// How often queued `last_seen` updates are written.
+pub const SEEN_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -125,6 +128,35 @@ pub struct Inner {
     pub config: Config,
     pub server_key: SecretKey,
     pub metrics: metrics::Metrics,
+    /// `last_seen` of heartbeats that changed nothing else, written in batches.
+    pending_seen: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+}
+
+impl Inner {
+    /// Queues `last_seen = now` for an agent (write-behind, see [`Inner::flush_seen`]).
+    pub fn seen_later(&self, agent_id: &str, now: i64) {
+        let mut m = self.pending_seen.lock().unwrap_or_else(|e| e.into_inner());
+        m.insert(agent_id.to_string(), now);
+    }
+
+    /// Writes queued `last_seen` values in one transaction.
+    pub async fn flush_seen(&self) {
+        let batch: Vec<(String, i64)> = {
+            let mut m = self.pending_seen.lock().unwrap_or_else(|e| e.into_inner());
+            m.drain().collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.touch_agents(&batch).await {
+            tracing::warn!(error = %e, agents = batch.len(), "writing last_seen failed; retrying");
+            let mut m = self.pending_seen.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, ts) in batch {
+                let v = m.entry(id).or_insert(ts);
+                *v = (*v).max(ts);
+            }
+        }
+    }
 }
 
 impl std::ops::Deref for AppState {
@@ -244,15 +276,29 @@ pub async fn run_with_store(config: Config, store: Store) -> Result<ServerHandle
         config,
         server_key,
         metrics: metrics::Metrics::default(),
+        pending_seen: Default::default(),
     }));
-    let app = api::router(state);
+    let app = api::router(state.clone());
     let (tx, rx) = oneshot::channel::<()>();
+    let flusher = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SEEN_FLUSH_INTERVAL);
+            loop {
+                tick.tick().await;
+                state.flush_seen().await;
+            }
+        })
+    };
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
+        let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = rx.await;
             })
-            .await
+            .await;
+        flusher.abort();
+        state.flush_seen().await;
+        r
     });
     tracing::info!(%addr, backend = store.backend_name(), "stitch-server listening");
     Ok(ServerHandle {

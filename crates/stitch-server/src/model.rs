@@ -153,6 +153,10 @@ pub struct AgentAuth {
     pub group_id: i64,
     pub credential_hash: String,
     pub revoked: bool,
+    /// What the heartbeat path compares against (read with the credential in one query).
+    pub facts_hash: Option<String>,
+    pub package_set: Option<String>,
+    pub states_hash: Option<String>,
 }
 
 /// One installed package as an agent reports it.

@@ -385,11 +385,12 @@ impl Store {
     /// Authentication record of an agent.
     pub async fn agent_auth(&self, agent_id: &str) -> DbResult<Option<AgentAuth>> {
         rd!(self, p => {
-            let r = sqlx::query("SELECT id, org_id, group_id, credential_hash, revoked FROM agents WHERE id = $1")
+            let r = sqlx::query("SELECT id, org_id, group_id, credential_hash, revoked, facts_hash, package_set, states_hash FROM agents WHERE id = $1")
                 .bind(agent_id).fetch_optional(p).await?;
             r.map(|r| Ok(AgentAuth {
                 id: r.try_get("id")?, org_id: r.try_get("org_id")?, group_id: r.try_get("group_id")?,
                 credential_hash: r.try_get("credential_hash")?, revoked: r.try_get("revoked")?,
+                facts_hash: r.try_get("facts_hash")?, package_set: r.try_get("package_set")?, states_hash: r.try_get("states_hash")?,
             })).transpose()
         })
     }
@@ -414,18 +415,6 @@ impl Store {
             self.notify_org(org_id).await?;
         }
         Ok(moved)
-    }
-
-    /// The hashes the heartbeat path compares against: (facts, package set, states).
-    pub async fn agent_hashes(
-        &self,
-        agent_id: &str,
-    ) -> DbResult<(Option<String>, Option<String>, Option<String>)> {
-        rd!(self, p => {
-            let r = sqlx::query("SELECT facts_hash, package_set, states_hash FROM agents WHERE id = $1")
-                .bind(agent_id).fetch_one(p).await?;
-            Ok((r.try_get("facts_hash")?, r.try_get("package_set")?, r.try_get("states_hash")?))
-        })
     }
 
     /// Does `org_id` already hold the package set with this hash?
@@ -465,25 +454,67 @@ impl Store {
                     }
                 }
             }
-            if let Some((hash, facts)) = &hb.facts {
-                sqlx::query("UPDATE agents SET facts_hash = $1, hostname = $2, os_id = $3, os_name = $4, os_version_id = $5, kernel = $6, ips = $7, agent_version = $8, agent_enabled = $9 WHERE id = $10")
-                    .bind(*hash).bind(&facts.hostname).bind(&facts.os_id).bind(&facts.os_name).bind(&facts.os_version_id)
-                    .bind(&facts.kernel).bind(serde_json::to_string(&facts.ips).unwrap_or_default()).bind(&facts.agent_version).bind(facts.agent_enabled)
-                    .bind(agent_id).execute(&mut *tx).await?;
-            }
-            if let Some((hash, states)) = &hb.states {
+            if let Some((_, states)) = &hb.states {
                 sqlx::query("DELETE FROM agent_patch_states WHERE agent_id = $1").bind(agent_id).execute(&mut *tx).await?;
-                for s in *states {
-                    sqlx::query("INSERT INTO agent_patch_states (agent_id, patch_id, revision, state, processes, error_code, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (agent_id, patch_id) DO UPDATE SET revision = excluded.revision, state = excluded.state, processes = excluded.processes, error_code = excluded.error_code, updated_at = excluded.updated_at")
-                        .bind(agent_id).bind(&s.patch_id).bind(s.revision).bind(&s.state).bind(s.processes).bind(&s.error_code).bind(hb.now)
-                        .execute(&mut *tx).await?;
+                if !states.is_empty() {
+                    let mut q = String::from("INSERT INTO agent_patch_states (agent_id, patch_id, revision, state, processes, error_code, updated_at) VALUES ");
+                    for i in 0..states.len() {
+                        if i > 0 { q.push(','); }
+                        let b = i * 5 + 3;
+                        q.push_str(&format!("($1, ${}, ${}, ${}, ${}, ${}, $2)", b, b + 1, b + 2, b + 3, b + 4));
+                    }
+                    let mut qq = sqlx::query(&q).bind(agent_id).bind(hb.now);
+                    for st in *states {
+                        qq = qq.bind(&st.patch_id).bind(st.revision).bind(&st.state).bind(st.processes).bind(&st.error_code);
+                    }
+                    qq.execute(&mut *tx).await?;
                 }
-                sqlx::query("UPDATE agents SET states_hash = $1 WHERE id = $2").bind(*hash).bind(agent_id).execute(&mut *tx).await?;
             }
-            if let Some(set) = hb.package_set {
-                sqlx::query("UPDATE agents SET package_set = $1 WHERE id = $2").bind(set).bind(agent_id).execute(&mut *tx).await?;
+            // One UPDATE for everything else; NULL parameters keep the current value.
+            let (facts_hash, facts) = match &hb.facts {
+                Some((h, f)) => (Some(*h), Some(*f)),
+                None => (None, None),
+            };
+            sqlx::query("UPDATE agents SET last_seen = $1, \
+                facts_hash = COALESCE($2, facts_hash), hostname = COALESCE($3, hostname), os_id = COALESCE($4, os_id), \
+                os_name = COALESCE($5, os_name), os_version_id = COALESCE($6, os_version_id), kernel = COALESCE($7, kernel), \
+                ips = COALESCE($8, ips), agent_version = COALESCE($9, agent_version), agent_enabled = COALESCE($10, agent_enabled), \
+                states_hash = COALESCE($11, states_hash), package_set = COALESCE($12, package_set) WHERE id = $13")
+                .bind(hb.now).bind(facts_hash).bind(facts.map(|f| f.hostname.as_str())).bind(facts.map(|f| f.os_id.as_str()))
+                .bind(facts.map(|f| f.os_name.as_str())).bind(facts.map(|f| f.os_version_id.as_str())).bind(facts.map(|f| f.kernel.as_str()))
+                .bind(facts.map(|f| serde_json::to_string(&f.ips).unwrap_or_default())).bind(facts.map(|f| f.agent_version.as_str()))
+                .bind(facts.map(|f| f.agent_enabled)).bind(hb.states.as_ref().map(|(h, _)| *h)).bind(hb.package_set)
+                .bind(agent_id).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Sets `last_seen` of many agents at once (the write-behind path of unchanged
+    /// heartbeats): one statement per chunk of 500 agents with the same timestamp.
+    pub async fn touch_agents(&self, seen: &[(String, i64)]) -> DbResult<()> {
+        let mut by_ts: std::collections::BTreeMap<i64, Vec<&str>> =
+            std::collections::BTreeMap::new();
+        for (id, ts) in seen {
+            by_ts.entry(*ts).or_default().push(id);
+        }
+        wr!(self, p => {
+            let mut tx = p.begin().await?;
+            for (ts, ids) in &by_ts {
+                for chunk in ids.chunks(500) {
+                    let mut q = String::from("UPDATE agents SET last_seen = $1 WHERE (last_seen IS NULL OR last_seen < $1) AND id IN (");
+                    for i in 0..chunk.len() {
+                        if i > 0 { q.push(','); }
+                        q.push_str(&format!("${}", i + 2));
+                    }
+                    q.push(')');
+                    let mut qq = sqlx::query(&q).bind(*ts);
+                    for id in chunk {
+                        qq = qq.bind(*id);
+                    }
+                    qq.execute(&mut *tx).await?;
+                }
             }
-            sqlx::query("UPDATE agents SET last_seen = $1 WHERE id = $2").bind(hb.now).bind(agent_id).execute(&mut *tx).await?;
             tx.commit().await?;
             Ok(())
         })

@@ -481,3 +481,75 @@ fn cve_2026_44660_ujson_dump_leaks_payload_on_write_error() {
     );
     assert_eq!(before, after);
 }
+
+/// Pillow 11.2.1 BCn (DDS) encoder: blocks are written past the 64 KiB encoder buffer.
+/// Vulnerable: a 1024x1024 DXT5 texture (1 MiB encoded) kills the service (SIGSEGV).
+/// Patched (live): the same request is answered with the correct 1 MiB file, encoded
+/// in buffer-sized chunks (one counted stop per chunk); small textures are unchanged.
+#[test]
+fn cve_2025_48379_pillow_bcn_encoder_buffer_overflow() {
+    const CVE: &str = "CVE-2025-48379";
+    let Some(env) = prerequisites() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let site = work.path().join("site-packages");
+    if pip_install(&env, "pillow==11.2.1", &site).is_none() {
+        return;
+    }
+    let target = site.join("PIL/_imaging.cpython-311-x86_64-linux-gnu.so");
+    let before = sha256_file(&target);
+    assert_eq!(
+        before,
+        pinned_sha256(&env.root.join("patches").join(CVE).join("patch.toml")),
+        "not the pinned build"
+    );
+    let (normal, exploit) = (request(&env, CVE, "normal"), request(&env, CVE, "exploit"));
+    let expected_pixel = serde_json::json!([8, 20, 24, 255]); // (10, 20, 30) in RGB565
+
+    println!("== unpatched service: a small texture, then a 1024x1024 DXT5 one");
+    let mut victim = Service::start(&env, CVE, &site);
+    let reply = victim.ask(&normal);
+    show("normal (64x64)", &reply);
+    assert_eq!(reply.unwrap()["bytes"], 4224);
+    let reply = victim.ask(&exploit);
+    show("exploit (1024x1024)", &reply);
+    let status = victim
+        .exited(Duration::from_secs(10))
+        .expect("the unpatched service survived the exploit");
+    println!("  unpatched service died: {status:?}");
+    assert!(
+        status.signal().is_some(),
+        "expected a crash, got {status:?}"
+    );
+
+    println!("== a running service, patched live");
+    let patch = build_and_sign(&env, CVE, &target, work.path());
+    let mut service = Service::start(&env, CVE, &site);
+    show("normal, before the patch", &service.ask(&normal));
+    apply_live(&env, &patch, service.pid());
+    let reply = service.ask(&exploit);
+    show("exploit, patched", &reply);
+    let reply = reply.expect("the patched service must answer");
+    assert_eq!(reply["bytes"], 1024 * 1024 + 128, "{reply}");
+    assert_eq!(reply["pixel"], expected_pixel);
+    let reply = service.ask(&normal);
+    show("normal, patched", &reply);
+    let reply = reply.unwrap();
+    assert_eq!(
+        (reply["bytes"].clone(), reply["pixel"].clone()),
+        (serde_json::json!(4224), expected_pixel)
+    );
+    assert!(
+        service.exited(Duration::from_millis(200)).is_none(),
+        "patched service died"
+    );
+    let hits = hits(&env, service.pid(), "ST-2026-0103");
+    println!("  buffer-end stops counted: {hits}");
+    assert_eq!(hits, 16, "1 MiB in 64 KiB buffers");
+
+    let after = sha256_file(&target);
+    println!(
+        "== {} sha256 {after} (unchanged)",
+        target.file_name().unwrap().to_string_lossy()
+    );
+    assert_eq!(before, after);
+}

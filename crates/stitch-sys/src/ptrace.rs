@@ -362,6 +362,11 @@ fn decode(status: i32) -> Event {
 #[derive(Debug)]
 pub struct PtraceTracer {
     mem: HashMap<Pid, File>,
+    /// Seccomp filters per held thread (`None`: no filter). Only the thread itself (or a sibling,
+    /// with TSYNC) can add a filter, and all of them are held: valid until `release_process`.
+    filters: HashMap<(Pid, Tid), Option<Vec<Vec<BpfInsn>>>>,
+    /// Whether to try `/proc/PID/mem` for writes (else only PTRACE_POKEDATA).
+    proc_mem_writes: bool,
     _bound_to_thread: PhantomData<*const ()>,
 }
 
@@ -377,8 +382,18 @@ impl PtraceTracer {
     pub fn new() -> Self {
         Self {
             mem: HashMap::new(),
+            filters: HashMap::new(),
+            proc_mem_writes: true,
             _bound_to_thread: PhantomData,
         }
+    }
+
+    /// Writes only through `PTRACE_POKEDATA`, as on kernels booted with
+    /// `proc_mem.force_override=never` (where `/proc/PID/mem` refuses to write read-only text).
+    #[must_use]
+    pub fn without_proc_mem_writes(mut self) -> Self {
+        self.proc_mem_writes = false;
+        self
     }
 
     fn err(op: &'static str, pid: Pid, tid: Tid, e: io::Error) -> SysError {
@@ -441,7 +456,7 @@ impl PtraceTracer {
                 std::thread::yield_now();
             } else {
                 std::thread::sleep(nap);
-                nap = (nap * 2).min(Duration::from_millis(1));
+                nap = (nap * 2).min(Duration::from_micros(200));
             }
         }
     }
@@ -540,48 +555,63 @@ impl PtraceTracer {
         Ok(())
     }
 
+    fn seccomp_filters(
+        &mut self,
+        pid: Pid,
+        tid: Tid,
+        nr: i64,
+    ) -> Result<Option<&Vec<Vec<BpfInsn>>>> {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.filters.entry((pid, tid)) {
+            let forbid = |why: String| SysError::SeccompForbids { pid, tid, nr, why };
+            let loaded = match procfs::task_info(pid, tid)?.seccomp {
+                0 => None,
+                1 => return Err(forbid("strict mode".into())),
+                _ => {
+                    let mut filters = Vec::new();
+                    for index in 0.. {
+                        match raw::seccomp_filter(tid.0, index) {
+                            Ok(Some(f)) => filters.push(
+                                f.iter()
+                                    .map(|i| BpfInsn {
+                                        code: i.code,
+                                        jt: i.jt,
+                                        jf: i.jf,
+                                        k: i.k,
+                                    })
+                                    .collect(),
+                            ),
+                            Ok(None) => break,
+                            Err(e) => return Err(forbid(format!("cannot read the filter: {e}"))),
+                        }
+                    }
+                    Some(filters)
+                }
+            };
+            slot.insert(loaded);
+        }
+        Ok(self.filters.get(&(pid, tid)).and_then(Option::as_ref))
+    }
+
     fn seccomp_check(&mut self, pid: Pid, tid: Tid, call: &RemoteSyscall) -> Result<()> {
-        let info = procfs::task_info(pid, tid)?;
         let forbid = |why: String| SysError::SeccompForbids {
             pid,
             tid,
             nr: call.nr,
             why,
         };
-        match info.seccomp {
-            0 => Ok(()),
-            1 => Err(forbid("strict mode".into())),
-            _ => {
-                let mut filters = Vec::new();
-                for index in 0.. {
-                    match raw::seccomp_filter(tid.0, index) {
-                        Ok(Some(f)) => filters.push(
-                            f.iter()
-                                .map(|i| BpfInsn {
-                                    code: i.code,
-                                    jt: i.jt,
-                                    jf: i.jf,
-                                    k: i.k,
-                                })
-                                .collect::<Vec<_>>(),
-                        ),
-                        Ok(None) => break,
-                        Err(e) => return Err(forbid(format!("cannot read the filter: {e}"))),
-                    }
-                }
-                let data = SeccompData {
-                    nr: i32::try_from(call.nr)
-                        .map_err(|_| forbid("syscall number out of range".into()))?,
-                    arch: AUDIT_ARCH_X86_64,
-                    instruction_pointer: call.gadget + 2,
-                    args: call.args,
-                };
-                match seccomp::evaluate(&filters, &data) {
-                    Ok(v) if v.is_harmless() => Ok(()),
-                    Ok(v) => Err(forbid(format!("{v:?}"))),
-                    Err(e) => Err(forbid(format!("cannot evaluate the filter: {e}"))),
-                }
-            }
+        let Some(filters) = self.seccomp_filters(pid, tid, call.nr)? else {
+            return Ok(());
+        };
+        let data = SeccompData {
+            nr: i32::try_from(call.nr).map_err(|_| forbid("syscall number out of range".into()))?,
+            arch: AUDIT_ARCH_X86_64,
+            instruction_pointer: call.gadget + 2,
+            args: call.args,
+        };
+        match seccomp::evaluate(filters, &data) {
+            Ok(v) if v.is_harmless() => Ok(()),
+            Ok(v) => Err(forbid(format!("{v:?}"))),
+            Err(e) => Err(forbid(format!("cannot evaluate the filter: {e}"))),
         }
     }
 
@@ -749,9 +779,13 @@ impl Tracer for PtraceTracer {
         // /proc/PID/mem writes through read-only text (the kernel breaks COW into a private
         // copy; the file on disk is untouched). process_vm_writev cannot. Kernels booted with
         // proc_mem.force_override=never refuse; PTRACE_POKEDATA is then the fallback.
-        let first = match self.mem_file(pid) {
-            Ok(f) => f.write_all_at(data, addr),
-            Err(e) => Err(e),
+        let first = if self.proc_mem_writes {
+            match self.mem_file(pid) {
+                Ok(f) => f.write_all_at(data, addr),
+                Err(e) => Err(e),
+            }
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
         };
         match first {
             Ok(()) => Ok(()),
@@ -953,5 +987,6 @@ impl Tracer for PtraceTracer {
 
     fn release_process(&mut self, pid: Pid) {
         self.mem.remove(&pid);
+        self.filters.retain(|&(p, _), _| p != pid);
     }
 }

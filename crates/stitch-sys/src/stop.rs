@@ -678,7 +678,14 @@ impl<T: Tracer> StoppedProcess<T> {
                 self.gone.insert(tid);
                 Err(e)
             }
-            other => other,
+            // Refused before anything ran: the thread is untouched and still held.
+            Err(e @ (SysError::SeccompForbids { .. } | SysError::InvalidArgument(_))) => Err(e),
+            Err(e) => {
+                // The thread may not be parked any more: the all-held guarantee is void.
+                let _ = self.release_all();
+                Err(e)
+            }
+            ok => ok,
         }
     }
 

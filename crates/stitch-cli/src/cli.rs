@@ -52,6 +52,16 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Upload a signed bundle to a Stitch server's catalog.
+    Publish {
+        bundle: PathBuf,
+        /// Server URL, e.g. https://stitch.example.com.
+        #[arg(long, env = "STITCH_SERVER")]
+        server: String,
+        /// API token with the admin role (`stk_...`).
+        #[arg(long, env = "STITCH_API_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// Show a bundle: metadata, target identity, each patchlet disassembled.
     Inspect {
         bundle: PathBuf,

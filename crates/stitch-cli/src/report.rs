@@ -5,6 +5,10 @@ use stitch_format::FormatError;
 
 /// The stable code of the innermost typed error, if any.
 pub(crate) fn code_of(e: &anyhow::Error) -> &'static str {
+    // A typed error used as context is only visible through `downcast_ref` on the error itself.
+    if let Some(c) = e.downcast_ref::<crate::commands::CliError>() {
+        return c.code();
+    }
     for cause in e.chain() {
         if let Some(f) = cause.downcast_ref::<FormatError>() {
             return f.code();

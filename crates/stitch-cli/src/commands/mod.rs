@@ -3,6 +3,7 @@ mod build;
 mod docs;
 mod inspect;
 mod keys;
+mod publish;
 mod site;
 mod verify;
 
@@ -17,12 +18,20 @@ use crate::cli::{Cli, Command};
 pub(crate) enum CliError {
     /// A file that should not be overwritten exists.
     Exists(String),
+    /// The server answered with an error: (HTTP status, its error code, its message).
+    ServerRefused(u16, String, String),
+    /// The server could not be reached.
+    ServerUnreachable(String),
 }
 
 impl std::fmt::Display for CliError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CliError::Exists(p) => write!(f, "{p} exists (use --force to overwrite)"),
+            CliError::ServerRefused(status, code, msg) => {
+                write!(f, "server refused ({status}): [{code}] {msg}")
+            }
+            CliError::ServerUnreachable(url) => write!(f, "cannot reach {url}"),
         }
     }
 }
@@ -32,6 +41,8 @@ impl CliError {
     pub(crate) fn code(&self) -> &'static str {
         match self {
             CliError::Exists(_) => "cli.file_exists",
+            CliError::ServerRefused(..) => "cli.server_refused",
+            CliError::ServerUnreachable(_) => "cli.server_unreachable",
         }
     }
 }
@@ -54,6 +65,11 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
             trusted_keys,
             json,
         } => verify::run(&bundle, &trusted_keys, json),
+        Command::Publish {
+            bundle,
+            server,
+            token,
+        } => publish::run(&bundle, &server, &token),
         Command::Inspect { bundle, json } => inspect::run(&bundle, json),
         Command::Site {
             target,

@@ -267,7 +267,7 @@ impl Store {
             .bind(username).fetch_optional(p).await?.map(|r| user_from(&r)).transpose())
     }
 
-    /// Stores a dashboard session.
+    /// Stores a dashboard session (and drops sessions that expired over a week ago).
     pub async fn create_session(
         &self,
         token_hash: &str,
@@ -275,6 +275,8 @@ impl Store {
         csrf: &str,
         expires_at: i64,
     ) -> DbResult<()> {
+        let now = expires_at - 7 * 24 * 3600;
+        wr!(self, p => sqlx::query("DELETE FROM sessions WHERE expires_at < $1").bind(now).execute(p).await.map(|_| ()))?;
         wr!(self, p => sqlx::query("INSERT INTO sessions (token_hash, user_id, csrf, expires_at) VALUES ($1, $2, $3, $4)")
             .bind(token_hash).bind(user_id).bind(csrf).bind(expires_at).execute(p).await.map(|_| ()))?;
         Ok(())

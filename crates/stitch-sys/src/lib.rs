@@ -84,6 +84,8 @@
 
 mod error;
 mod fake;
+mod fanotify;
+mod hold;
 pub mod procfs;
 mod ptrace;
 pub mod seccomp;
@@ -96,6 +98,11 @@ pub use error::{Result, SysError};
 pub use fake::{
     Call, FAKE_TRACER_TID, FakeProcess, FakeRegion, FakeThread, FakeThreadState, FakeTracer,
 };
+pub use fanotify::{
+    DIR_WATCH_MASK, DirEvent, DirWatch, FAN_HOLD_MASK, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM,
+    PermEvent, PermissionGroup, fd_inode,
+};
+pub use hold::{HoldStop, ThreadHold};
 pub use procfs::{ProcStat, process_state, tracer_pid};
 pub use ptrace::PtraceTracer;
 pub use stop::{

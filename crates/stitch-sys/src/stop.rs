@@ -833,6 +833,44 @@ impl<T: Tracer> StoppedProcess<T> {
     }
 }
 
+impl<T: Tracer> StoppedProcess<T> {
+    /// Builds the token from one thread the caller already holds in a `PTRACE_EVENT_STOP`
+    /// (`stop`), seized by `tracer`'s thread (the load-time hook's [`crate::ThreadHold`]), then
+    /// seizes and stops every other thread as [`stop_all_with`] does. On error every thread,
+    /// `tid` included, has been let go.
+    ///
+    /// # Errors
+    /// As [`stop_all_with`] (minus the already-traced check for `tid`, which we trace).
+    pub fn from_held_thread(
+        mut tracer: T,
+        pid: Pid,
+        tid: Tid,
+        stop: StopKind,
+        deadline: Instant,
+    ) -> Result<Self> {
+        let regs = match tracer.get_regs(pid, tid) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tracer.detach(pid, tid);
+                return Err(e);
+            }
+        };
+        let mut held = BTreeMap::new();
+        held.insert(tid, StoppedThread { tid, regs, stop });
+        let mut sp = Held {
+            pid,
+            held,
+            gone: BTreeSet::new(),
+        }
+        .into_process(tracer);
+        if let Err(e) = sp.adopt_new_threads(deadline) {
+            let _ = sp.release_all();
+            return Err(e);
+        }
+        Ok(sp)
+    }
+}
+
 impl<T: Tracer> Drop for StoppedProcess<T> {
     fn drop(&mut self) {
         if let Err(e) = self.release_all() {

@@ -120,6 +120,16 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The whole system on this machine: server, agent, a vulnerable service, an exploit, a
+    /// patch published and applied live, the exploit blocked and counted.
+    Demo {
+        /// Stop everything and exit at the end instead of serving the dashboard until Ctrl-C.
+        #[arg(long)]
+        exit: bool,
+        /// Address of the demo server (dashboard and API).
+        #[arg(long, default_value = "127.0.0.1:8440")]
+        listen: String,
+    },
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]

@@ -1,5 +1,6 @@
 mod apply;
 mod build;
+mod demo;
 mod docs;
 mod inspect;
 mod keys;
@@ -91,6 +92,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => apply::revert(&id, &pids, all, json),
         Command::Ps { json } => apply::ps(json),
+        Command::Demo { exit, listen } => demo::run(exit, &listen),
         Command::Completions { shell } => docs::completions(shell),
         Command::Man { out } => docs::man(&out),
     }

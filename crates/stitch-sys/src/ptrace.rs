@@ -881,7 +881,33 @@ impl Tracer for PtraceTracer {
     ) -> Result<StopKind> {
         const OP: &str = "run briefly";
         Self::req(OP, pid, tid, libc::PTRACE_CONT, 0, 0)?;
-        std::thread::sleep(run_for);
+        // Hand each signal over the moment it stops the thread instead of sleeping through the
+        // window: a thread parked in a signal-delivery-stop makes no progress, and one whose
+        // handler always finds the next signal pending on return (a fast itimer) would sit at
+        // the same interrupted instruction after every brief run.
+        let until = Instant::now() + run_for;
+        loop {
+            match Self::next_event(pid, tid, until)? {
+                Event::Timeout => break,
+                Event::Signal(sig) => Self::req(OP, pid, tid, libc::PTRACE_CONT, 0, sig as usize)?,
+                Event::Syscall => Self::req(OP, pid, tid, libc::PTRACE_CONT, 0, 0)?,
+                // A job-control stop arrived meanwhile: the thread is parked already.
+                Event::Parked(kind) => return Ok(kind),
+                Event::Gone => return Err(SysError::ThreadGone { pid, tid }),
+                Event::Exec => {
+                    let _ = raw::ptrace_int(libc::PTRACE_DETACH, tid.0, 0, 0);
+                    return Err(SysError::Execed { pid, tid });
+                }
+                Event::Other(what) => {
+                    return Err(SysError::UnexpectedStop {
+                        op: OP,
+                        pid,
+                        tid,
+                        what: format!("status event {what}"),
+                    });
+                }
+            }
+        }
         match raw::ptrace_int(libc::PTRACE_INTERRUPT, tid.0, 0, 0) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {

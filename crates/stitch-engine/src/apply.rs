@@ -2,13 +2,13 @@
 
 use std::time::{Duration, Instant};
 
-use stitch_format::VerifiedBundle;
-use stitch_sys::{Pid, Placement, RealtimeGuard, StoppedProcess, Tracer};
+use stitch_format::{Patch, VerifiedBundle};
+use stitch_sys::{Mapping, Pid, Placement, RealtimeGuard, StoppedProcess, Tid, Tracer};
 
-use crate::identify::{maybe_region, read_maps};
-use crate::plan::{Plan, RegionPlan, candidates, find_region, link_plan};
+use crate::identify::{maybe_region, maybe_region_sys, read_maps};
+use crate::plan::{ModuleSpan, Plan, RegionPlan, candidates, link_plan};
 use crate::region::{self, PatchRecord, RecordState, RegionHeader};
-use crate::{Engine, EngineError};
+use crate::{Engine, EngineError, kill_point};
 
 /// What an apply did.
 #[derive(Debug, Clone)]
@@ -19,9 +19,12 @@ pub struct ApplyReport {
     pub region_created: bool,
     /// Threads held during the window.
     pub threads: usize,
-    /// Times a thread had to be let run on because it sat inside a site.
+    /// Times a thread had to be let run on because it sat inside a site (or its stack held
+    /// an address strictly inside one: an interrupted context, a return address).
     pub site_retries: u32,
-    /// How long the process's threads were stopped.
+    /// How long it took to stop every thread (the first thread seized waits this long).
+    pub stopping: Duration,
+    /// From "every thread held" until every thread was let go again.
     pub pause: Duration,
 }
 
@@ -67,8 +70,8 @@ impl Engine {
         self.apply_plan(&plan, bundle)
     }
 
-    /// Applies a plan made earlier: stops the process, re-checks everything against the
-    /// process as it is now, re-links if the region moved, then commits.
+    /// Applies a plan made earlier: stops the process, re-identifies the module under the
+    /// stop (the mapped inode's digest), then [`Engine::commit`]s.
     pub fn apply_plan(
         &self,
         plan: &Plan,
@@ -76,111 +79,260 @@ impl Engine {
     ) -> Result<ApplyReport, EngineError> {
         let pid = plan.pid;
         let _rt = self.options.realtime.then(RealtimeGuard::enter);
-        let deadline = Instant::now() + self.options.stop_timeout;
-        let mut sp = stitch_sys::stop_all(pid, deadline)?;
-        let t0 = Instant::now();
-        let result = self.commit_fresh(&mut sp, plan, bundle);
-        let pause = t0.elapsed();
-        let threads = sp.tids().len();
-        let released = sp.resume();
-        let (plan, region_created, site_retries) = result?;
-        released?;
-        tracing::info!(pid = pid.0, patch_id = %plan.patch_id, ?pause, threads, "applied");
-        Ok(ApplyReport {
-            plan,
-            region_created,
-            threads,
-            site_retries,
-            pause,
-        })
+        let mut stops = 0;
+        loop {
+            stops += 1;
+            let t_stop = Instant::now();
+            let deadline = t_stop + self.options.stop_timeout;
+            let mut sp = stitch_sys::stop_all(pid, deadline)?;
+            let t0 = Instant::now();
+            let stopping = t0 - t_stop;
+            kill_point("stopped");
+            let result = self
+                .same_module(plan)
+                .and_then(|()| self.commit(&mut sp, plan, bundle.patch()));
+            let released = sp.resume();
+            let pause = t0.elapsed();
+            match result {
+                // Nothing was written: let the process run freely, then stop it again.
+                Err(EngineError::ThreadInSite { .. }) if stops < self.options.max_stops => {
+                    tracing::debug!(pid = pid.0, stops, "a thread stays inside a site; retrying");
+                    std::thread::sleep(Duration::from_millis(2 * u64::from(stops)));
+                    continue;
+                }
+                Err(e) => return Err(e),
+                Ok(mut report) => {
+                    released?;
+                    report.pause = pause;
+                    report.stopping = stopping;
+                    tracing::info!(pid = pid.0, patch_id = %report.plan.patch_id, ?pause, threads = report.threads, "applied");
+                    return Ok(report);
+                }
+            }
+        }
     }
 
-    fn commit_fresh<T: Tracer>(
+    /// Under the stop: the module the plan was made for is still mapped at the same place and
+    /// is still the same file (only this one module is looked at; its digest is cached).
+    fn same_module(&self, plan: &Plan) -> Result<(), EngineError> {
+        let entries = read_maps(plan.pid)?;
+        match self
+            .digests
+            .module_at(plan.pid, &entries, plan.module_start)?
+        {
+            Some(m) if m.sha256 == plan.module_sha256 => Ok(()),
+            _ => Err(EngineError::ModuleNotMapped {
+                pid: plan.pid.0,
+                sha256: hex::encode(plan.module_sha256),
+            }),
+        }
+    }
+
+    /// The commit on a process whose threads are all held, with any [`Tracer`] (the kernel's
+    /// or the fake). Finds or maps the module's region, settles records left `Applying` by a
+    /// killed patcher, re-links `plan` for the region as it is now, re-checks the original
+    /// bytes, writes trampolines and the record, waits until no thread (and no stack word)
+    /// is strictly inside a site, writes every jump at once and marks the record applied.
+    /// On error nothing is left patched (a region mapped by this call is unmapped again).
+    ///
+    /// The module's identity is the caller's to check (see [`Engine::apply_plan`]).
+    pub fn commit<T: Tracer>(
         &self,
         sp: &mut StoppedProcess<T>,
         plan: &Plan,
-        bundle: &VerifiedBundle,
-    ) -> Result<(Plan, bool, u32), EngineError> {
-        let pid = plan.pid;
-        // The process may have changed between plan and stop: re-read its layout now that
-        // nothing in it can move.
-        let entries = read_maps(pid)?;
-        let modules = self.digests.modules(pid, &entries, None)?;
-        let module = modules
-            .into_iter()
-            .find(|m| m.sha256 == plan.module_sha256 && m.start == plan.module_start)
-            .ok_or_else(|| EngineError::ModuleNotMapped {
-                pid: pid.0,
-                sha256: hex::encode(plan.module_sha256),
-            })?;
-        let (region_addr, header, created) =
-            match find_region(pid, &entries, &module, plan.module_bias)? {
-                Some((addr, header)) => (addr, header, false),
-                None => {
-                    let mut tried = vec![plan.region.addr()];
-                    tried.extend(candidates(&entries, &module));
-                    let addr = create_region(sp, &tried)?;
-                    (
-                        addr,
-                        RegionHeader::new(module.sha256, plan.module_bias),
-                        true,
-                    )
-                }
-            };
-        if let Some(r) = header
-            .records
-            .iter()
-            .find(|r| r.id == plan.patch_id && r.state != RecordState::Reverted)
-        {
-            return Err(EngineError::AlreadyApplied {
-                pid: pid.0,
-                id: r.id.clone(),
-                revision: r.revision,
-            });
+        patch: &Patch,
+    ) -> Result<ApplyReport, EngineError> {
+        let t0 = Instant::now();
+        let pid = sp.pid();
+        let span = ModuleSpan::of_plan(plan);
+        let maps = sp.mappings()?;
+        let mut existing = find_regions_held(sp, &maps, &span)?;
+        for (addr, header) in &mut existing {
+            settle_records(sp, *addr, header)?;
+            if let Some(r) = header
+                .records
+                .iter()
+                .find(|r| r.id == plan.patch_id && r.state != RecordState::Reverted)
+            {
+                return Err(EngineError::AlreadyApplied {
+                    pid: pid.0,
+                    id: r.id.clone(),
+                    revision: r.revision,
+                });
+            }
         }
-        let region_plan = if created {
-            RegionPlan::New { addr: region_addr }
-        } else {
-            RegionPlan::Existing { addr: region_addr }
+        // 1. Exact original bytes at every site, in memory.
+        let sites: Vec<(String, u64, &[u8])> = patch
+            .patchlets
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    span.bias.wrapping_add(p.at),
+                    &p.original[..],
+                )
+            })
+            .collect();
+        for (name, addr, original) in &sites {
+            let found = sp.read_vec(*addr, original.len())?;
+            if found != *original {
+                return Err(EngineError::UnexpectedBytes {
+                    pid: pid.0,
+                    patchlet: name.clone(),
+                    addr: *addr,
+                    expected: hex_spaced(original),
+                    found: hex_spaced(&found),
+                });
+            }
+        }
+        // 2. No thread may resume inside bytes about to be replaced, nor return into them
+        //    from a signal frame or a call. Threads may run here (bounded), which can also
+        //    end the stop: nothing has been written yet, so that leaves the process as it
+        //    was. Nothing runs from here on.
+        let ranges: Vec<(u64, u64)> = sites
+            .iter()
+            .map(|(_, a, o)| (*a, *a + o.len() as u64))
+            .collect();
+        let site_retries = wait_out_of(sp, &ranges, &maps, self)?;
+        kill_point("threads_clear");
+        // 3. The region. A region whose patches are all reverted and that nothing executes
+        //    in or refers to any more is started afresh (or unmapped, if another is used):
+        //    trampolines and records of reverted patches would otherwise pile up. Then the
+        //    first region with room; else a new one within reach.
+        let mut usable: Vec<(u64, RegionHeader)> = Vec::new();
+        let mut fresh_one = false;
+        for (addr, header) in existing {
+            let idle = !header.records.is_empty()
+                && header
+                    .records
+                    .iter()
+                    .all(|r| r.state == RecordState::Reverted)
+                && region_unused(sp, &maps, addr).unwrap_or(false);
+            if !idle {
+                usable.push((addr, header));
+            } else if !fresh_one {
+                fresh_one = true;
+                usable.insert(0, (addr, RegionHeader::new(span.sha256, span.bias)));
+            } else {
+                let _ = sp.remote_munmap(addr, region::REGION_SIZE);
+            }
+        }
+        let link = |addr: u64, header: &RegionHeader, created: bool| {
+            let region_plan = if created {
+                RegionPlan::New { addr }
+            } else {
+                RegionPlan::Existing { addr }
+            };
+            link_plan(
+                pid,
+                patch,
+                plan.patch_digest,
+                &span,
+                region_plan,
+                header,
+                plan.imports.clone(),
+            )
         };
-        let fresh = link_plan(
-            pid,
-            bundle.patch(),
-            plan.patch_digest,
-            &module,
-            plan.module_bias,
-            region_plan,
-            &header,
-            plan.imports.clone(),
-        )?;
-        let result = commit(sp, &fresh, &header, self);
+        let mut chosen = None;
+        for (addr, header) in usable {
+            match link(addr, &header, false) {
+                Ok(linked) => {
+                    chosen = Some((linked, header));
+                    break;
+                }
+                Err(EngineError::RegionFull { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let created = chosen.is_none();
+        let (fresh, header) = match chosen {
+            Some(c) => c,
+            None => {
+                let mut tried = vec![plan.region.addr()];
+                tried.extend(candidates(&maps, &span));
+                let addr = create_region(sp, &tried)?;
+                kill_point("region_mapped");
+                let header = RegionHeader::new(span.sha256, span.bias);
+                match link(addr, &header, true) {
+                    Ok(linked) => (linked, header),
+                    Err(e) => {
+                        let _ = sp.remote_munmap(addr, region::REGION_SIZE);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let region_addr = fresh.region.addr();
+        let result = commit_linked(sp, &fresh, &header).map(|()| fresh);
         if result.is_err() && created {
             // Nothing points into a region we just made: give it back.
             let _ = sp.remote_munmap(region_addr, region::REGION_SIZE);
         }
-        let retries = result?;
-        Ok((fresh, created, retries))
+        let fresh = result?;
+        Ok(ApplyReport {
+            plan: fresh,
+            region_created: created,
+            threads: sp.tids().len(),
+            site_retries,
+            stopping: Duration::ZERO,
+            pause: t0.elapsed(),
+        })
     }
 
     /// Reverts patch `id` in `pid`.
     pub fn revert(&self, pid: Pid, id: &str) -> Result<RevertReport, EngineError> {
         let _rt = self.options.realtime.then(RealtimeGuard::enter);
-        let deadline = Instant::now() + self.options.stop_timeout;
-        let mut sp = stitch_sys::stop_all(pid, deadline)?;
+        let mut stops = 0;
+        loop {
+            stops += 1;
+            let deadline = Instant::now() + self.options.stop_timeout;
+            let mut sp = stitch_sys::stop_all(pid, deadline)?;
+            let t0 = Instant::now();
+            let result = self.revert_held(&mut sp, id);
+            let released = sp.resume();
+            let pause = t0.elapsed();
+            match result {
+                Err(EngineError::ThreadInSite { .. }) if stops < self.options.max_stops => {
+                    std::thread::sleep(Duration::from_millis(2 * u64::from(stops)));
+                    continue;
+                }
+                Err(e) => return Err(e),
+                Ok(mut report) => {
+                    released?;
+                    report.pause = pause;
+                    tracing::info!(
+                        pid = pid.0,
+                        patch_id = id,
+                        ?pause,
+                        region_freed = report.region_freed,
+                        "reverted"
+                    );
+                    return Ok(report);
+                }
+            }
+        }
+    }
+
+    /// The revert on a process whose threads are all held, with any [`Tracer`]: checks that
+    /// every site holds our jump (or still the original), waits until no thread is strictly
+    /// inside a site, restores every site at once, marks the record reverted and unmaps the
+    /// region if no patch is left in it and no thread executes in or refers to it.
+    pub fn revert_held<T: Tracer>(
+        &self,
+        sp: &mut StoppedProcess<T>,
+        id: &str,
+    ) -> Result<RevertReport, EngineError> {
         let t0 = Instant::now();
-        let result = revert_stopped(&mut sp, id, self);
-        let pause = t0.elapsed();
-        let released = sp.resume();
-        let (revision, hits, region_freed) = result?;
-        released?;
-        tracing::info!(pid = pid.0, patch_id = id, ?pause, region_freed, "reverted");
+        let pid = sp.pid();
+        let maps = sp.mappings()?;
+        let (revision, hits, region_freed) = revert_stopped(sp, &maps, id, self)?;
         Ok(RevertReport {
             pid,
             id: id.to_string(),
             revision,
             hits,
             region_freed,
-            pause,
+            pause: t0.elapsed(),
         })
     }
 
@@ -207,6 +359,73 @@ impl Engine {
         }
         Ok(out)
     }
+}
+
+/// The module's existing regions, read through the held process. Usually one; more when a
+/// region filled up while a thread still used trampolines of reverted patches in it.
+fn find_regions_held<T: Tracer>(
+    sp: &mut StoppedProcess<T>,
+    maps: &[Mapping],
+    module: &ModuleSpan,
+) -> Result<Vec<(u64, RegionHeader)>, EngineError> {
+    let mut out = Vec::new();
+    for m in maps.iter().filter(|m| maybe_region_sys(m)) {
+        if m.start.abs_diff(module.start) > crate::plan::REACH {
+            continue;
+        }
+        let Ok(data) = sp.read_vec(m.start, region::TRAMPOLINE_START as usize) else {
+            continue;
+        };
+        if !RegionHeader::looks_like_region(&data) {
+            continue;
+        }
+        let header = RegionHeader::decode(&data)?;
+        if header.module_sha256 == module.sha256 && header.module_bias == module.bias {
+            out.push((m.start, header));
+        }
+    }
+    Ok(out)
+}
+
+/// A record whose state disagrees with its sites (a patcher killed between writing the
+/// sites and recording it, or a failed state write) is settled by looking at the sites:
+/// all original -> `Reverted`, all our jumps -> `Applied`. Mixed sites cannot be produced
+/// by the engine (they are written at once) and are left alone.
+fn settle_records<T: Tracer>(
+    sp: &mut StoppedProcess<T>,
+    base: u64,
+    header: &mut RegionHeader,
+) -> Result<(), EngineError> {
+    for r in header
+        .records
+        .iter_mut()
+        .filter(|r| r.state != RecordState::Reverted)
+    {
+        let mut original = 0;
+        let mut ours = 0;
+        for s in &r.sites {
+            let now = sp.read_vec(s.addr, s.original.len())?;
+            if now == s.original {
+                original += 1;
+            } else if stitch_x86::site_bytes(s.addr, s.original.len(), s.tramp) == Some(now) {
+                ours += 1;
+            }
+        }
+        let state = if original == r.sites.len() {
+            RecordState::Reverted
+        } else if ours == r.sites.len() {
+            RecordState::Applied
+        } else {
+            continue;
+        };
+        if state == r.state {
+            continue;
+        }
+        tracing::info!(pid = sp.pid().0, patch_id = %r.id, state = state.as_str(), "settled a record whose state disagreed with its sites");
+        sp.write_verified(base + r.offset + 16, &(state as u32).to_le_bytes())?;
+        r.state = state;
+    }
+    Ok(())
 }
 
 /// Maps a new region at the first free candidate, names it, and makes the trampoline part
@@ -255,72 +474,155 @@ fn hex_spaced(b: &[u8]) -> String {
         .join(" ")
 }
 
-/// A thread that would resume strictly inside one of `ranges` (it may sit at a site's first
-/// byte: it will then execute the new jump, or the restored original).
-fn thread_inside<T: Tracer>(
-    sp: &StoppedProcess<T>,
-    ranges: &[(u64, u64)],
-) -> Option<(stitch_sys::Tid, u64, u64, u64)> {
-    sp.threads().find_map(|t| {
-        let ip = t.regs.resume_ip();
-        ranges
-            .iter()
-            .find(|&&(a, e)| ip > a && ip < e)
-            .map(|&(a, e)| (t.tid, ip, a, e))
-    })
+/// Why a thread must run on before sites can be written.
+#[derive(Debug, Clone, Copy)]
+struct Blocker {
+    tid: Tid,
+    /// The offending address: the thread's next instruction, or a word on its stack.
+    ip: u64,
+    site: u64,
+    end: u64,
+    on_stack: bool,
 }
 
-/// Lets threads found inside `ranges` run on until none is, bounded.
+/// How far above its stack pointer a thread's stack is scanned.
+const STACK_SCAN_MAX: u64 = 8 << 20;
+
+/// Each held thread's live stack: from its stack pointer to the end of the mapping that
+/// holds it (at most [`STACK_SCAN_MAX`]). A signal handler on an alternate stack has its
+/// interrupted context there, so that is where it is found.
+fn live_stacks<T: Tracer>(sp: &StoppedProcess<T>, maps: &[Mapping]) -> Vec<(Tid, u64, u64)> {
+    sp.threads()
+        .filter_map(|t| {
+            let rsp = t.regs.rsp & !7;
+            maps.iter()
+                .find(|m| m.contains(rsp))
+                .map(|m| (t.tid, rsp, m.end.min(rsp + STACK_SCAN_MAX)))
+        })
+        .collect()
+}
+
+/// The first thread that would resume strictly inside one of `ranges`, or whose live stack
+/// holds a word strictly inside one (a signal frame's saved RIP, a return address): when that
+/// frame is resumed it would land in the middle of the new jump. A thread may sit at a
+/// site's first byte: it then executes the new jump, or the restored original.
+fn find_blocker<T: Tracer>(
+    sp: &mut StoppedProcess<T>,
+    ranges: &[(u64, u64)],
+    maps: &[Mapping],
+) -> Result<Option<Blocker>, EngineError> {
+    let inside = |a: u64| ranges.iter().find(|&&(s, e)| a > s && a < e).copied();
+    let by_ip = sp.threads().find_map(|t| {
+        let ip = t.regs.resume_ip();
+        inside(ip).map(|(site, end)| Blocker {
+            tid: t.tid,
+            ip,
+            site,
+            end,
+            on_stack: false,
+        })
+    });
+    if by_ip.is_some() {
+        return Ok(by_ip);
+    }
+    for (tid, lo, hi) in live_stacks(sp, maps) {
+        let Ok(words) = sp.read_vec(lo, (hi - lo) as usize) else {
+            continue;
+        };
+        for w in words.chunks_exact(8) {
+            let v = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+            if let Some((site, end)) = inside(v) {
+                return Ok(Some(Blocker {
+                    tid,
+                    ip: v,
+                    site,
+                    end,
+                    on_stack: true,
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Lets threads found inside `ranges` (by instruction pointer or stack) run on until none
+/// is, bounded.
 fn wait_out_of<T: Tracer>(
     sp: &mut StoppedProcess<T>,
     ranges: &[(u64, u64)],
+    maps: &[Mapping],
     engine: &Engine,
 ) -> Result<u32, EngineError> {
     let mut tries = 0;
-    while let Some((tid, ip, site, end)) = thread_inside(sp, ranges) {
+    while let Some(b) = find_blocker(sp, ranges, maps)? {
         if tries >= engine.options.max_site_retries {
             return Err(EngineError::ThreadInSite {
                 pid: sp.pid().0,
-                tid: tid.0,
-                ip,
-                site,
-                end,
+                tid: b.tid.0,
+                ip: b.ip,
+                site: b.site,
+                end: b.end,
+                on_stack: b.on_stack,
                 tries,
             });
         }
         tries += 1;
-        sp.run_thread_briefly(tid, engine.options.site_retry_run)?;
+        // Doubling windows (capped at 16x): on a loaded host a thread just let go may not
+        // get a CPU within the first window at all.
+        let run = engine.options.site_retry_run * (1u32 << (tries - 1).min(4));
+        sp.run_thread_briefly(b.tid, run)?;
     }
     Ok(tries)
 }
 
-/// Writes `(addr, bytes)` pairs: as one read-modify-write when they lie within
-/// [`ONE_WRITE_SPAN`], else one by one restoring the written ones on failure. Verifies by
-/// reading back.
+/// One site write: where, what goes there, and what must be there right before.
+struct SiteWrite {
+    addr: u64,
+    new: Vec<u8>,
+    expect: Vec<u8>,
+}
+
+/// Writes every site: as one read-modify-write when they lie within [`ONE_WRITE_SPAN`], else
+/// one by one restoring the written ones on failure. Each site must still hold `expect` (a
+/// thread let run meanwhile could have changed code). Verifies by reading back.
 fn write_sites<T: Tracer>(
     sp: &mut StoppedProcess<T>,
-    writes: &[(u64, Vec<u8>)],
-    undo: &[(u64, Vec<u8>)],
+    writes: &[SiteWrite],
 ) -> Result<(), EngineError> {
-    let lo = writes.iter().map(|w| w.0).min().unwrap_or(0);
+    let lo = writes.iter().map(|w| w.addr).min().unwrap_or(0);
     let hi = writes
         .iter()
-        .map(|w| w.0 + w.1.len() as u64)
+        .map(|w| w.addr + w.new.len() as u64)
         .max()
         .unwrap_or(0);
+    let pid = sp.pid().0;
+    let modified = |addr| EngineError::SiteModified { pid, addr };
     if hi - lo <= ONE_WRITE_SPAN {
-        let mut span = sp.read_vec(lo, (hi - lo) as usize)?;
-        for (a, b) in writes {
-            let o = (a - lo) as usize;
-            span[o..o + b.len()].copy_from_slice(b);
+        let before = sp.read_vec(lo, (hi - lo) as usize)?;
+        let mut span = before.clone();
+        for w in writes {
+            let o = (w.addr - lo) as usize;
+            if span[o..o + w.expect.len()] != w.expect[..] {
+                return Err(modified(w.addr));
+            }
+            span[o..o + w.new.len()].copy_from_slice(&w.new);
         }
-        sp.write_verified(lo, &span)?;
+        if let Err(e) = sp.write_verified(lo, &span) {
+            // The write may have landed (only the read-back failed): put the span back.
+            let _ = sp.write(lo, &before);
+            return Err(e.into());
+        }
         return Ok(());
     }
-    for (i, (a, b)) in writes.iter().enumerate() {
-        if let Err(e) = sp.write_verified(*a, b) {
-            for (ua, ub) in undo[..=i].iter().rev() {
-                let _ = sp.write(*ua, ub);
+    for w in writes {
+        if sp.read_vec(w.addr, w.expect.len())? != w.expect {
+            return Err(modified(w.addr));
+        }
+    }
+    for (i, w) in writes.iter().enumerate() {
+        if let Err(e) = sp.write_verified(w.addr, &w.new) {
+            for u in writes[..=i].iter().rev() {
+                let _ = sp.write(u.addr, &u.expect);
             }
             return Err(e.into());
         }
@@ -328,78 +630,69 @@ fn write_sites<T: Tracer>(
     Ok(())
 }
 
-/// The commit itself, on a stopped process, against a plan linked for the region as it is.
-/// Returns how many times a thread had to be let run on.
-pub(crate) fn commit<T: Tracer>(
+/// The writes of a commit, on a stopped process whose threads are clear of every site,
+/// against a plan linked for the region as it is. Every failure path undoes what was
+/// written (the caller unmaps a region it created).
+fn commit_linked<T: Tracer>(
     sp: &mut StoppedProcess<T>,
     plan: &Plan,
     header: &RegionHeader,
-    engine: &Engine,
-) -> Result<u32, EngineError> {
-    let pid = plan.pid;
-    // 1. Exact original bytes at every site, in memory.
-    for s in &plan.sites {
-        let found = sp.read_vec(s.addr, s.original.len())?;
-        if found != s.original {
-            return Err(EngineError::UnexpectedBytes {
-                pid: pid.0,
-                patchlet: s.patchlet.clone(),
-                addr: s.addr,
-                expected: hex_spaced(&s.original),
-                found: hex_spaced(&found),
-            });
-        }
-    }
+) -> Result<(), EngineError> {
     let base = plan.region.addr();
-    // 2. Trampolines, then the record (state Applying), then the header that counts it.
-    //    None of this is reachable until a site jumps to it.
+    let record_addr = base + plan.record_offset;
+    // Trampolines, then the record (state Applying), then the header that counts it.
+    // None of this is reachable until a site jumps to it.
     for s in &plan.sites {
         sp.write_verified(s.tramp_addr, &s.trampoline)?;
     }
+    kill_point("trampolines_written");
     let mut record = plan.record.clone();
     record.state = RecordState::Applying;
-    sp.write_verified(base + plan.record_offset, &record.encode())?;
+    sp.write_verified(record_addr, &record.encode())?;
     let mut h = header.clone();
     h.records.push(record.clone());
     h.records_next =
         (plan.record_offset as usize + PatchRecord::encoded_len(plan.sites.len())) as u32;
     h.tramp_next = plan.tramp_offset as u32 + record.tramp_len;
-    sp.write_verified(base, &h.encode_fixed())?;
+    if let Err(e) = sp.write_verified(base, &h.encode_fixed()) {
+        // The old header may be half overwritten: put it back (best effort).
+        let _ = sp.write(base, &header.encode_fixed());
+        return Err(e.into());
+    }
+    kill_point("record_written");
 
-    // 3. No thread may resume inside bytes about to be replaced.
-    let ranges: Vec<(u64, u64)> = plan
+    // The jumps: all or none.
+    let writes: Vec<SiteWrite> = plan
         .sites
         .iter()
-        .map(|s| (s.addr, s.addr + s.original.len() as u64))
+        .map(|s| SiteWrite {
+            addr: s.addr,
+            new: s.new_bytes.clone(),
+            expect: s.original.clone(),
+        })
         .collect();
-    let retries = match wait_out_of(sp, &ranges, engine) {
-        Ok(n) => n,
-        Err(e) => {
-            mark(sp, base + plan.record_offset, RecordState::Reverted);
-            return Err(e);
-        }
-    };
-
-    // 4. The jumps: all or none.
-    let writes: Vec<(u64, Vec<u8>)> = plan
-        .sites
-        .iter()
-        .map(|s| (s.addr, s.new_bytes.clone()))
-        .collect();
-    let undo: Vec<(u64, Vec<u8>)> = plan
-        .sites
-        .iter()
-        .map(|s| (s.addr, s.original.clone()))
-        .collect();
-    if let Err(e) = write_sites(sp, &writes, &undo) {
-        mark(sp, base + plan.record_offset, RecordState::Reverted);
+    if let Err(e) = write_sites(sp, &writes) {
+        mark(sp, record_addr, RecordState::Reverted);
         return Err(e);
     }
-    // 5. Done.
-    record.state = RecordState::Applied;
-    let state_at = base + plan.record_offset + 16;
-    sp.write_verified(state_at, &(RecordState::Applied as u32).to_le_bytes())?;
-    Ok(retries)
+    kill_point("sites_written");
+    // Recorded as applied, or undone: the record must tell the truth.
+    let state_at = record_addr + 16;
+    if let Err(e) = sp.write_verified(state_at, &(RecordState::Applied as u32).to_le_bytes()) {
+        let undo: Vec<SiteWrite> = writes
+            .into_iter()
+            .map(|w| SiteWrite {
+                addr: w.addr,
+                new: w.expect,
+                expect: w.new,
+            })
+            .collect();
+        let _ = write_sites(sp, &undo);
+        mark(sp, record_addr, RecordState::Reverted);
+        return Err(e.into());
+    }
+    kill_point("marked_applied");
+    Ok(())
 }
 
 /// Best effort: records a state (used on the failure paths, where the original error is what
@@ -410,14 +703,16 @@ fn mark<T: Tracer>(sp: &mut StoppedProcess<T>, record_addr: u64, state: RecordSt
 
 fn revert_stopped<T: Tracer>(
     sp: &mut StoppedProcess<T>,
+    maps: &[Mapping],
     id: &str,
     engine: &Engine,
 ) -> Result<(u32, u64, bool), EngineError> {
     let pid = sp.pid();
-    let entries = read_maps(pid)?;
     let mut found = None;
-    for e in entries.iter().filter(|e| maybe_region(e)) {
-        let data = sp.read_vec(e.start, region::TRAMPOLINE_START as usize)?;
+    for m in maps.iter().filter(|m| maybe_region_sys(m)) {
+        let Ok(data) = sp.read_vec(m.start, region::TRAMPOLINE_START as usize) else {
+            continue;
+        };
         if !RegionHeader::looks_like_region(&data) {
             continue;
         }
@@ -427,7 +722,7 @@ fn revert_stopped<T: Tracer>(
             .iter()
             .find(|r| r.id == id && r.state != RecordState::Reverted)
         {
-            found = Some((e.start, h.clone(), r.clone()));
+            found = Some((m.start, h.clone(), r.clone()));
             break;
         }
     }
@@ -437,7 +732,6 @@ fn revert_stopped<T: Tracer>(
     })?;
     // Each site must hold our jump (or, after a crash mid-apply, still the original).
     let mut writes = Vec::new();
-    let mut undo = Vec::new();
     for s in &record.sites {
         let now = sp.read_vec(s.addr, s.original.len())?;
         let ours = stitch_x86::site_bytes(s.addr, s.original.len(), s.tramp).unwrap_or_default();
@@ -450,54 +744,99 @@ fn revert_stopped<T: Tracer>(
                 addr: s.addr,
             });
         }
-        writes.push((s.addr, s.original.clone()));
-        undo.push((s.addr, ours));
+        writes.push(SiteWrite {
+            addr: s.addr,
+            new: s.original.clone(),
+            expect: ours,
+        });
     }
     let ranges: Vec<(u64, u64)> = record
         .sites
         .iter()
         .map(|s| (s.addr, s.addr + s.original.len() as u64))
         .collect();
-    wait_out_of(sp, &ranges, engine)?;
-    if !writes.is_empty() {
-        write_sites(sp, &writes, &undo)?;
-    }
+    wait_out_of(sp, &ranges, maps, engine)?;
     let hits = sp.read_vec(base + record.offset + region::HITS_OFFSET, 8)?;
     let hits = u64::from_le_bytes(hits.try_into().unwrap_or([0; 8]));
-    sp.write_verified(
-        base + record.offset + 16,
-        &(RecordState::Reverted as u32).to_le_bytes(),
-    )?;
+    if !writes.is_empty() {
+        write_sites(sp, &writes)?;
+    }
+    kill_point("revert_sites_restored");
+    let state_at = base + record.offset + 16;
+    if let Err(e) = sp.write_verified(state_at, &(RecordState::Reverted as u32).to_le_bytes()) {
+        // The record must tell the truth: put the jumps back.
+        let redo: Vec<SiteWrite> = writes
+            .into_iter()
+            .map(|w| SiteWrite {
+                addr: w.addr,
+                new: w.expect,
+                expect: w.new,
+            })
+            .collect();
+        if !redo.is_empty() {
+            let _ = write_sites(sp, &redo);
+        }
+        mark(sp, base + record.offset, record.state);
+        return Err(e.into());
+    }
     let others_live = header
         .records
         .iter()
         .any(|r| r.offset != record.offset && r.state != RecordState::Reverted);
-    let freed = !others_live && try_free_region(sp, base)?;
+    let freed = !others_live && try_free_region(sp, maps, base).unwrap_or(false);
     Ok((record.revision, hits, freed))
 }
 
-/// Unmaps the region if no thread executes in it and no word on any thread's stack points
-/// into it (a return address into a trampoline, e.g. from a relocated `call`).
-fn try_free_region<T: Tracer>(sp: &mut StoppedProcess<T>, base: u64) -> Result<bool, EngineError> {
-    let end = base + region::REGION_SIZE;
-    let inside = |a: u64| a >= base && a < end;
-    if sp
-        .threads()
-        .any(|t| inside(t.regs.rip) || inside(t.regs.resume_ip()))
-    {
+/// Unmaps the region if nothing uses it (see [`region_unused`]).
+fn try_free_region<T: Tracer>(
+    sp: &mut StoppedProcess<T>,
+    maps: &[Mapping],
+    base: u64,
+) -> Result<bool, EngineError> {
+    if !region_unused(sp, maps, base)? {
         return Ok(false);
     }
-    let maps = sp.mappings()?;
-    let stacks: Vec<(u64, u64)> = sp
-        .threads()
-        .filter_map(|t| {
-            let rsp = t.regs.rsp;
-            maps.iter()
-                .find(|m| m.contains(rsp))
-                .map(|m| (rsp & !7, m.end.min((rsp & !7) + (8 << 20))))
-        })
-        .collect();
-    for (lo, hi) in stacks {
+    sp.remote_munmap(base, region::REGION_SIZE)?;
+    Ok(true)
+}
+
+/// True when no thread executes in the region and no register and no word on any thread's
+/// live stack points into it (a return address into a trampoline, e.g. from a relocated
+/// `call`, or a signal frame interrupted there).
+fn region_unused<T: Tracer>(
+    sp: &mut StoppedProcess<T>,
+    maps: &[Mapping],
+    base: u64,
+) -> Result<bool, EngineError> {
+    let end = base + region::REGION_SIZE;
+    let inside = |a: u64| a >= base && a < end;
+    if sp.threads().any(|t| {
+        let r = &t.regs;
+        [
+            r.rip,
+            r.resume_ip(),
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            r.r8,
+            r.r9,
+            r.r10,
+            r.r11,
+            r.r12,
+            r.r13,
+            r.r14,
+            r.r15,
+        ]
+        .into_iter()
+        .any(inside)
+    }) {
+        return Ok(false);
+    }
+    for (_, lo, hi) in live_stacks(sp, maps) {
         let words = sp.read_vec(lo, (hi - lo) as usize)?;
         if words
             .chunks_exact(8)
@@ -506,19 +845,6 @@ fn try_free_region<T: Tracer>(sp: &mut StoppedProcess<T>, base: u64) -> Result<b
             return Ok(false);
         }
     }
-    // Also registers: a callee-saved register could hold a trampoline address.
-    if sp.threads().any(|t| {
-        let r = &t.regs;
-        [
-            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12,
-            r.r13, r.r14, r.r15,
-        ]
-        .into_iter()
-        .any(inside)
-    }) {
-        return Ok(false);
-    }
-    sp.remote_munmap(base, region::REGION_SIZE)?;
     Ok(true)
 }
 

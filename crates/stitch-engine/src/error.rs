@@ -44,7 +44,8 @@ pub enum EngineError {
     #[error("process {pid} does not carry patch {id}")]
     NotApplied { pid: i32, id: String },
     #[error(
-        "process {pid}: thread {tid} stayed inside a site ({ip:#x} in {site:#x}..{end:#x}) after {tries} tries"
+        "process {pid}: thread {tid} stayed inside a site ({ip:#x} in {site:#x}..{end:#x}{}) after {tries} tries",
+        if *on_stack { ", a saved context or return address on its stack" } else { "" }
     )]
     ThreadInSite {
         pid: i32,
@@ -52,6 +53,8 @@ pub enum EngineError {
         ip: u64,
         site: u64,
         end: u64,
+        /// Found as a word on the thread's stack rather than its instruction pointer.
+        on_stack: bool,
         tries: u32,
     },
     #[error("process {pid}: import {module}!{symbol} is not loaded")]

@@ -152,9 +152,35 @@ impl DigestCache {
         entries: &[maps::MapEntry],
         size_hint: Option<u64>,
     ) -> Result<Vec<MappedModule>, EngineError> {
+        self.modules_where(pid, entries, size_hint, |_| true)
+    }
+
+    /// The module of `pid` whose lowest mapping starts at `start`, identified (only that file
+    /// is opened and, if not cached, hashed).
+    pub(crate) fn module_at(
+        &self,
+        pid: Pid,
+        entries: &[maps::MapEntry],
+        start: u64,
+    ) -> Result<Option<MappedModule>, EngineError> {
+        Ok(self
+            .modules_where(pid, entries, None, |m| {
+                m.mappings.iter().map(|e| e.start).min() == Some(start)
+            })?
+            .into_iter()
+            .next())
+    }
+
+    fn modules_where(
+        &self,
+        pid: Pid,
+        entries: &[maps::MapEntry],
+        size_hint: Option<u64>,
+        wanted: impl Fn(&Module) -> bool,
+    ) -> Result<Vec<MappedModule>, EngineError> {
         let mut out = Vec::new();
         for module in maps::modules(entries) {
-            if module.inode == 0 {
+            if module.inode == 0 || !wanted(&module) {
                 continue;
             }
             let Ok(mut f) = open_mapped(pid, &module) else {
@@ -196,6 +222,18 @@ pub(crate) fn file_name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+/// [`maybe_region`] for a mapping as `stitch-sys` reports it (under the stop).
+pub(crate) fn maybe_region_sys(m: &stitch_sys::Mapping) -> bool {
+    let named = m.name.is_empty() || m.name == format!("[anon:{}]", crate::region::ANON_NAME);
+    m.end - m.start == crate::region::TRAMPOLINE_START
+        && named
+        && m.inode == 0
+        && m.perms.read
+        && m.perms.write
+        && !m.perms.exec
+        && !m.perms.shared
 }
 
 /// True when the maps entry may be the data part of a Stitch region: the read-write first

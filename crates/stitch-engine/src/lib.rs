@@ -32,16 +32,56 @@ pub use error::EngineError;
 pub use identify::{DigestCache, FileKey, MappedModule};
 pub use plan::{Plan, PlannedSite, RegionPlan};
 
+use std::sync::OnceLock;
 use std::time::Duration;
+
+/// Test hook: when this environment variable names one of [`KILL_POINTS`], the process that
+/// runs the engine sends itself SIGKILL at that step of an apply or revert. Compiled in
+/// always, inert unless set; it exists so tests can prove that a patcher killed at any step
+/// leaves its target alive and either fully patched or untouched.
+pub const KILL_AT_ENV: &str = "STITCH_TEST_KILL_AT";
+
+/// The steps [`KILL_AT_ENV`] can name, in the order an apply (then a revert) reaches them.
+pub const KILL_POINTS: &[&str] = &[
+    "stopped",
+    "threads_clear",
+    "region_mapped",
+    "trampolines_written",
+    "record_written",
+    "sites_written",
+    "marked_applied",
+    "revert_sites_restored",
+];
+
+/// SIGKILLs this process if [`KILL_AT_ENV`] names `step` (read once).
+pub(crate) fn kill_point(step: &'static str) {
+    static AT: OnceLock<Option<String>> = OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var(KILL_AT_ENV).ok());
+    if at.as_deref() == Some(step) {
+        tracing::warn!(step, "{KILL_AT_ENV}: killing this process");
+        let me = std::process::id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &me])
+            .status();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
 
 /// Tunables of the stop-the-world window.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// How long stopping every thread may take.
     pub stop_timeout: Duration,
-    /// How many times a thread found inside a site is allowed to run on before giving up.
+    /// How many times, within one stop, a thread found inside a site is allowed to run on
+    /// before the stop is given up.
     pub max_site_retries: u32,
-    /// How long such a thread runs each time.
+    /// How many stops an apply or revert may take when a thread stays inside a site: between
+    /// two, the process runs freely for a few milliseconds (a thread whose signal handler is
+    /// re-entered faster than a tracer can hand signals over only gets out untraced).
+    pub max_stops: u32,
+    /// How long such a thread runs the first time; each retry doubles it, up to 16 times.
     pub site_retry_run: Duration,
     /// Raise the patcher to SCHED_FIFO during the window (shorter pauses on a busy host).
     pub realtime: bool,
@@ -51,7 +91,8 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             stop_timeout: Duration::from_secs(2),
-            max_site_retries: 20,
+            max_site_retries: 10,
+            max_stops: 5,
             site_retry_run: Duration::from_micros(500),
             realtime: true,
         }

@@ -125,11 +125,18 @@ impl Engine {
             }
         }
         let imports = self.resolve_imports(pid, &entries, patch)?;
-        let existing = find_region(pid, &entries, &module, bias)?;
+        let span = ModuleSpan {
+            path: module.path.display().to_string(),
+            sha256: module.sha256,
+            bias,
+            start: module.start,
+            end: module.end,
+        };
+        let existing = find_region(pid, &entries, &span)?;
         let (region_plan, header) = match existing {
             Some((addr, header)) => (RegionPlan::Existing { addr }, header),
             None => {
-                let addr = propose_region(&entries, &module).ok_or(EngineError::NoFreeRange {
+                let addr = propose_region(&entries, &span).ok_or(EngineError::NoFreeRange {
                     pid: pid.0,
                     near: module.start,
                 })?;
@@ -149,23 +156,45 @@ impl Engine {
             .records
             .iter()
             .find(|r| r.id == patch.id && r.state != region::RecordState::Reverted)
+            .filter(|r| !sites_all_original(pid, r))
         {
+            // A record over original bytes (a patcher killed mid-apply or mid-revert) is
+            // settled under the stop by `commit`; here, only a patch that is in place refuses.
             return Err(EngineError::AlreadyApplied {
                 pid: pid.0,
                 id: r.id.clone(),
                 revision: r.revision,
             });
         }
-        link_plan(
+        let digest = bundle.bundle().patch_digest();
+        match link_plan(
             pid,
             patch,
-            bundle.bundle().patch_digest(),
-            &module,
-            bias,
+            digest,
+            &span,
             region_plan,
             &header,
-            imports,
-        )
+            imports.clone(),
+        ) {
+            // The region is full (of reverted patches, typically): `commit` decides under the
+            // stop whether it can be started afresh or a second region is needed.
+            Err(EngineError::RegionFull { .. }) => {
+                let addr = propose_region(&entries, &span).ok_or(EngineError::NoFreeRange {
+                    pid: pid.0,
+                    near: module.start,
+                })?;
+                link_plan(
+                    pid,
+                    patch,
+                    digest,
+                    &span,
+                    RegionPlan::New { addr },
+                    &RegionHeader::new(module.sha256, bias),
+                    imports,
+                )
+            }
+            other => other,
+        }
     }
 
     /// The module of `pid` whose mapped inode has the patch's SHA-256.
@@ -224,8 +253,7 @@ impl Engine {
 pub(crate) fn find_region(
     pid: Pid,
     entries: &[stitch_elf::maps::MapEntry],
-    module: &MappedModule,
-    bias: u64,
+    module: &ModuleSpan,
 ) -> Result<Option<(u64, RegionHeader)>, EngineError> {
     for e in entries.iter().filter(|e| maybe_region(e)) {
         if e.start.abs_diff(module.start) > REACH {
@@ -238,33 +266,62 @@ pub(crate) fn find_region(
             continue;
         }
         let header = RegionHeader::decode(&data)?;
-        if header.module_sha256 == module.sha256 && header.module_bias == bias {
+        if header.module_sha256 == module.sha256 && header.module_bias == module.bias {
             return Ok(Some((e.start, header)));
         }
     }
     Ok(None)
 }
 
+/// Whether every site of `r` holds its original bytes now (read without stopping: advisory;
+/// `commit` decides under the stop).
+fn sites_all_original(pid: Pid, r: &region::PatchRecord) -> bool {
+    r.sites.iter().all(|s| {
+        let mut now = vec![0u8; s.original.len()];
+        stitch_sys::read_proc_mem(pid, s.addr, &mut now).is_ok() && now == s.original
+    })
+}
+
+/// Where the target module sits in the process: what linking and region placement need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ModuleSpan {
+    pub(crate) path: String,
+    pub(crate) sha256: [u8; 32],
+    pub(crate) bias: u64,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+}
+
+impl ModuleSpan {
+    pub(crate) fn of_plan(plan: &Plan) -> Self {
+        Self {
+            path: plan.module_path.clone(),
+            sha256: plan.module_sha256,
+            bias: plan.module_bias,
+            start: plan.module_start,
+            end: plan.module_end,
+        }
+    }
+}
+
 /// A free, page-aligned range for a new region within reach of the whole module. Avoids the
 /// 64 MiB above `[heap]` so the program's `brk` can still grow.
 pub(crate) fn propose_region(
     entries: &[stitch_elf::maps::MapEntry],
-    module: &MappedModule,
+    module: &ModuleSpan,
 ) -> Option<u64> {
-    candidates(entries, module).into_iter().next()
+    let maps: Vec<stitch_sys::Mapping> = entries.iter().map(to_sys_mapping).collect();
+    candidates(&maps, module).into_iter().next()
 }
 
-pub(crate) fn candidates(
-    entries: &[stitch_elf::maps::MapEntry],
-    module: &MappedModule,
-) -> Vec<u64> {
-    let maps: Vec<stitch_sys::Mapping> = entries.iter().map(to_sys_mapping).collect();
-    let heap_guard = entries
+/// Free ranges for a new region, closest to the module first.
+pub(crate) fn candidates(maps: &[stitch_sys::Mapping], module: &ModuleSpan) -> Vec<u64> {
+    let heap_guard = maps
         .iter()
-        .find(|e| matches!(&e.path, stitch_elf::maps::MapPath::Special(s) if s == "[heap]"))
-        .map(|e| (e.start, e.end + (64 << 20)));
+        .find(|m| m.name == "[heap]")
+        .map(|m| (m.start, m.end + (64 << 20)));
     let reach = REACH - (module.end - module.start);
-    stitch_sys::free_gaps_near(&maps, module.start, region::REGION_SIZE, reach)
+    stitch_sys::free_gaps_near(maps, module.start, region::REGION_SIZE, reach)
         .into_iter()
         .filter(|&a| {
             let end = a + region::REGION_SIZE;
@@ -297,21 +354,17 @@ fn to_sys_mapping(e: &stitch_elf::maps::MapEntry) -> stitch_sys::Mapping {
 }
 
 /// Lays out record and trampolines in the region at `region.addr()`.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one call site; a struct would only rename these"
-)]
 pub(crate) fn link_plan(
     pid: Pid,
     patch: &Patch,
     patch_digest: [u8; 32],
-    module: &MappedModule,
-    bias: u64,
+    module: &ModuleSpan,
     region_plan: RegionPlan,
     header: &RegionHeader,
     imports: Vec<u64>,
 ) -> Result<Plan, EngineError> {
     let base = region_plan.addr();
+    let bias = module.bias;
     let record_offset = u64::from(header.records_next);
     let record_len = PatchRecord::encoded_len(patch.patchlets.len()) as u64;
     if record_offset + record_len > region::TRAMPOLINE_START {
@@ -375,7 +428,7 @@ pub(crate) fn link_plan(
         patch_id: patch.id.clone(),
         revision: patch.revision,
         patch_digest,
-        module_path: module.path.display().to_string(),
+        module_path: module.path.clone(),
         module_sha256: module.sha256,
         module_bias: bias,
         module_start: module.start,

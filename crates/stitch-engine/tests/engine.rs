@@ -1,15 +1,21 @@
-//! The engine on real processes, one test per hazard.
+//! The engine on real processes (and against the fake tracer), one test per hazard.
+//!
+//! One test binary; modules by theme. Tests that need root or ptrace print a skip reason
+//! outside CI and fail with CI=true.
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+mod common;
+mod fake_protocol;
+mod killed;
+mod modules;
+mod redis;
+mod refusals;
+mod threads;
 
+use common::*;
 use stitch_engine::{Engine, EngineError};
-use stitch_format::{Bundle, SecretKey, TrustedKeys, VerifiedBundle};
-use stitch_sys::Pid;
 
 /// Target: reads numbers on stdin, answers compute(n) on stdout, forever.
-const TARGET_C: &str = r#"
+pub(crate) const TARGET_C: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
 __attribute__((noinline)) int compute(int x) { return x + 1; }
@@ -24,150 +30,6 @@ int main(void) {
     return 0;
 }
 "#;
-
-fn can_trace() -> bool {
-    if std::env::var_os("CI").is_some_and(|v| v == "true") {
-        return true;
-    }
-    // Outside CI, skip (with a reason) where ptrace of children is not allowed.
-    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").unwrap_or_default();
-    if scope.trim() == "3" {
-        eprintln!("SKIP: ptrace disabled (yama ptrace_scope=3)");
-        return false;
-    }
-    true
-}
-
-struct Target {
-    _dir: tempfile::TempDir,
-    exe: PathBuf,
-    bytes: Vec<u8>,
-}
-
-fn compile(src: &str, flags: &[&str]) -> Target {
-    let dir = tempfile::tempdir().unwrap();
-    let c = dir.path().join("t.c");
-    std::fs::write(&c, src).unwrap();
-    let exe = dir.path().join("target");
-    let st = Command::new("gcc")
-        .args([
-            "-O0",
-            "-fno-omit-frame-pointer",
-            "-fcf-protection=none",
-            "-Wl,--build-id=sha1",
-            "-pthread",
-        ])
-        .args(flags)
-        .arg("-o")
-        .arg(&exe)
-        .arg(&c)
-        .status()
-        .expect("gcc");
-    assert!(st.success());
-    let bytes = std::fs::read(&exe).unwrap();
-    Target {
-        _dir: dir,
-        exe,
-        bytes,
-    }
-}
-
-struct Running {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Running {
-    fn start(exe: &Path) -> Running {
-        let mut child = Command::new(exe)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut r = Running {
-            child,
-            stdin,
-            stdout,
-        };
-        // Make sure it is up (and its libraries mapped) before anyone patches it.
-        assert!(!r.ask(1).is_empty(), "target answers");
-        r
-    }
-    fn pid(&self) -> Pid {
-        Pid(self.child.id() as i32)
-    }
-    fn ask(&mut self, n: i32) -> String {
-        writeln!(self.stdin, "{n}").unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        line.trim().to_string()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn key() -> SecretKey {
-    SecretKey::from_seed([5; 32])
-}
-
-fn trusted() -> TrustedKeys {
-    let mut t = TrustedKeys::new();
-    t.insert(key().public());
-    t
-}
-
-/// Builds and signs a patch for `func` in `target` with the given code and displacement.
-fn patch(target: &Target, id: &str, func: &str, displaced: &str, code: &str) -> VerifiedBundle {
-    let elf = stitch_elf::ElfFile::parse(&target.bytes).unwrap();
-    let at = elf.symbol(func).unwrap().vaddr;
-    let mut original = Vec::new();
-    for l in stitch_x86::disassemble(elf.bytes_at(at, 16).unwrap(), at) {
-        original.extend(l.bytes);
-        if original.len() >= 5 {
-            break;
-        }
-    }
-    let toml = format!(
-        r#"id = "{id}"
-revision = 1
-title = "test"
-severity = "low"
-tier = "free"
-author = "tests"
-[target]
-module = "target"
-sha256 = "{}"
-build_id = "{}"
-arch = "x86_64"
-package = {{ ecosystem = "deb", name = "t", version = "1" }}
-[[patchlet]]
-name = "p"
-at = "{func}"
-original = "{}"
-displaced = "{displaced}"
-code = '''
-{code}
-'''
-"#,
-        hex::encode(stitch_elf::sha256(&target.bytes)),
-        hex::encode(elf.build_id().unwrap()),
-        stitch_build::hex_spaced(&original),
-    );
-    let mut b =
-        stitch_build::build(&toml, Path::new("."), &target.bytes, &Default::default()).unwrap();
-    b.sign(&key()).unwrap();
-    Bundle::decode_verified(&b.encode(), &trusted()).unwrap()
-}
-
-const RETURN_1000: &str = "stitch_hit\nmov eax, 1000\nret";
 
 #[test]
 fn apply_changes_behaviour_and_revert_restores_it_single_thread() {

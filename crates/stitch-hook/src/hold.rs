@@ -1,0 +1,595 @@
+//! The event path: the reader thread (answers what needs no hold, queues the rest) and the
+//! hold workers (seize, allow, follow, commit, let go).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use stitch_engine::EngineError;
+use stitch_format::VerifiedBundle;
+use stitch_sys::{HoldStop, PermEvent, Pid, RealtimeGuard, StopKind, SysError, ThreadHold, Tid};
+
+use crate::proc::{blocked_syscall, is_exec, is_own_thread, opened_for_writing, tgid_of};
+use crate::{HookEvent, LoadKind, MissReason, Shared, SkipReason};
+
+const SYS_MMAP: u64 = 9;
+const SYS_CLOSE: u64 = 3;
+const SYS_EXIT: u64 = 60;
+const SYS_EXIT_GROUP: u64 = 231;
+const PROT_EXEC: u64 = 4;
+
+/// An event waiting for its answer. Whoever takes `event` answers it (exactly once).
+struct PendingState {
+    event: Option<PermEvent>,
+    /// A worker took the job: the reader's queue bound no longer applies.
+    picked: bool,
+}
+
+pub(crate) struct Pending(Mutex<PendingState>);
+
+impl Pending {
+    fn new(event: PermEvent) -> Arc<Self> {
+        Arc::new(Self(Mutex::new(PendingState {
+            event: Some(event),
+            picked: false,
+        })))
+    }
+
+    /// Answers `FAN_ALLOW` if nobody did yet. True if this call answered.
+    fn allow(&self, shared: &Shared) -> bool {
+        let Ok(mut st) = self.0.lock() else {
+            return false;
+        };
+        match st.event.take() {
+            Some(ev) => {
+                allow_event(shared, &ev);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn is_answered(&self) -> bool {
+        self.0.lock().map_or(true, |s| s.event.is_none())
+    }
+}
+
+fn allow_event(shared: &Shared, ev: &PermEvent) {
+    if let Err(e) = shared.group.respond(ev, true) {
+        tracing::warn!(tid = ev.tid.0, error = %e, "fanotify answer failed");
+    }
+}
+
+/// One event for a marked file, for a worker.
+pub(crate) struct Job {
+    pending: Arc<Pending>,
+    tid: Tid,
+    exec_event: bool,
+    path: PathBuf,
+    bundles: Vec<Arc<VerifiedBundle>>,
+    received: Instant,
+}
+
+struct Waiting {
+    pending: Arc<Pending>,
+    deadline: Instant,
+    tid: Tid,
+    path: PathBuf,
+    patches: Vec<String>,
+}
+
+/// The reader: never opens a file, never blocks on anything but the group.
+pub(crate) fn reader(shared: &Shared, jobs: Sender<Job>, stop: &AtomicBool) {
+    let _rt = shared.config.realtime.then(RealtimeGuard::enter);
+    let mut waiting: Vec<Waiting> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        let timeout = waiting
+            .iter()
+            .map(|w| w.deadline.saturating_duration_since(now))
+            .min()
+            .unwrap_or(Duration::from_millis(100))
+            .clamp(Duration::from_millis(1), Duration::from_millis(100));
+        let events = match shared.group.read_events(timeout) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "reading fanotify failed");
+                std::thread::sleep(Duration::from_millis(10));
+                Vec::new()
+            }
+        };
+        for ev in events {
+            let received = Instant::now();
+            let tid = ev.tid;
+            // Our own opens (hashing, the engine reading map_files) and threads a worker
+            // already holds (an exec's second event) are answered at once.
+            if is_own_thread(tid) || shared.held.lock().is_ok_and(|h| h.contains(&tid.0)) {
+                allow_event(shared, &ev);
+                continue;
+            }
+            let target = stitch_sys::fd_inode(std::os::fd::AsFd::as_fd(&ev.file))
+                .ok()
+                .and_then(|key| shared.targets.lookup(key));
+            let Some((path, bundles)) = target else {
+                allow_event(shared, &ev);
+                continue;
+            };
+            let exec_event = ev.is_exec();
+            let pending = Pending::new(ev);
+            waiting.push(Waiting {
+                pending: pending.clone(),
+                deadline: received + shared.config.queue_timeout,
+                tid,
+                path: path.clone(),
+                patches: bundles.iter().map(|b| b.patch().id.clone()).collect(),
+            });
+            let job = Job {
+                pending: pending.clone(),
+                tid,
+                exec_event,
+                path,
+                bundles,
+                received,
+            };
+            if jobs.send(job).is_err() {
+                pending.allow(shared);
+            }
+        }
+        let now = Instant::now();
+        waiting.retain(|w| {
+            if w.pending.is_answered() {
+                return false;
+            }
+            let Ok(mut st) = w.pending.0.lock() else {
+                return false;
+            };
+            if st.picked {
+                return false;
+            }
+            if now < w.deadline {
+                return true;
+            }
+            if let Some(ev) = st.event.take() {
+                allow_event(shared, &ev);
+                shared.emit(HookEvent::Missed {
+                    pid: tgid_of(w.tid).unwrap_or(Pid(w.tid.0)),
+                    module: w.path.clone(),
+                    patches: w.patches.clone(),
+                    reason: MissReason::QueueTimeout,
+                });
+            }
+            false
+        });
+    }
+    // Leaving: answer whatever is still ours (closing the group would, too).
+    for w in waiting {
+        w.pending.allow(shared);
+    }
+}
+
+pub(crate) fn worker(shared: &Shared, jobs: &Mutex<Receiver<Job>>, stop: &AtomicBool) {
+    loop {
+        let job = {
+            let Ok(rx) = jobs.lock() else { return };
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(j) => j,
+                Err(RecvTimeoutError::Timeout) => {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        {
+            let Ok(mut st) = job.pending.0.lock() else {
+                continue;
+            };
+            if st.event.is_none() {
+                continue; // the reader's queue bound answered it already
+            }
+            st.picked = true;
+        }
+        handle(shared, &job);
+    }
+}
+
+/// Thread ids recorded in `Shared::held` (their further events are answered at once). They
+/// must be released *before* the thread is let go: otherwise its next open of a target, right
+/// after we detach, would be answered as a duplicate and go unheld.
+pub(crate) struct HeldTids<'a> {
+    shared: &'a Shared,
+    tids: Vec<i32>,
+}
+
+impl<'a> HeldTids<'a> {
+    fn record(shared: &'a Shared, tids: Vec<i32>) -> Self {
+        if let Ok(mut h) = shared.held.lock() {
+            h.extend(tids.iter().copied());
+        }
+        Self { shared, tids }
+    }
+
+    fn release(&mut self) {
+        if let Ok(mut h) = self.shared.held.lock() {
+            for t in self.tids.drain(..) {
+                h.remove(&t);
+            }
+        }
+    }
+}
+
+impl Drop for HeldTids<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// A held thread whose tids are released before it is detached (field order: `held` drops
+/// first, then `hold` detaches).
+struct Tracked<'a> {
+    held: HeldTids<'a>,
+    hold: ThreadHold,
+}
+
+impl std::ops::Deref for Tracked<'_> {
+    type Target = ThreadHold;
+    fn deref(&self) -> &ThreadHold {
+        &self.hold
+    }
+}
+
+impl std::ops::DerefMut for Tracked<'_> {
+    fn deref_mut(&mut self) -> &mut ThreadHold {
+        &mut self.hold
+    }
+}
+
+/// What a hold ended with.
+enum Outcome {
+    Patched { patches: Vec<String>, syscalls: u32 },
+    Missed(MissReason),
+    Skipped(SkipReason),
+}
+
+fn engine_miss(e: &EngineError) -> MissReason {
+    MissReason::Engine {
+        code: e.code().to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn handle(shared: &Shared, job: &Job) {
+    let tid = job.tid;
+    let patches: Vec<String> = job.bundles.iter().map(|b| b.patch().id.clone()).collect();
+    let Some(pid) = tgid_of(tid) else {
+        job.pending.allow(shared);
+        return;
+    };
+    let (exec, writing) = if job.exec_event {
+        (true, false)
+    } else {
+        blocked_syscall(tid).map_or((false, false), |(nr, args)| {
+            (is_exec(nr), opened_for_writing(nr, &args))
+        })
+    };
+    if writing {
+        job.pending.allow(shared);
+        shared.emit(HookEvent::Skipped {
+            pid,
+            module: job.path.clone(),
+            reason: SkipReason::OpenedForWriting,
+        });
+        return;
+    }
+    if exec && !shared.exec_holds {
+        job.pending.allow(shared);
+        miss(shared, job, pid, &patches, MissReason::ExecNotHeld);
+        return;
+    }
+    let _rt = shared.config.realtime_holds.then(RealtimeGuard::enter);
+    let hold = match ThreadHold::seize(pid, tid) {
+        Ok(h) => h,
+        Err(e) => {
+            job.pending.allow(shared);
+            let reason = match e {
+                SysError::AlreadyTraced { tracer, .. } => MissReason::AlreadyTraced { tracer },
+                other => MissReason::SeizeFailed(other.to_string()),
+            };
+            miss(shared, job, pid, &patches, reason);
+            return;
+        }
+    };
+    // After an exec the thread carries the pid as its tid.
+    let tids = if exec {
+        vec![tid.0, pid.0]
+    } else {
+        vec![tid.0]
+    };
+    let hold = Tracked {
+        held: HeldTids::record(shared, tids),
+        hold,
+    };
+    job.pending.allow(shared);
+    tracing::debug!(
+        pid = pid.0,
+        queued_and_seized_us = job.received.elapsed().as_micros() as u64,
+        "held"
+    );
+    let deadline = job.received + shared.config.hold_timeout;
+    let outcome = if exec {
+        follow_exec(shared, hold, &job.bundles, deadline)
+    } else {
+        follow_library(shared, hold, &job.bundles, deadline)
+    };
+    let latency = job.received.elapsed();
+    match outcome {
+        Outcome::Patched { patches, syscalls } => {
+            for patch in patches {
+                shared.emit(HookEvent::Patched {
+                    pid,
+                    patch,
+                    module: job.path.clone(),
+                    kind: if exec {
+                        LoadKind::Exec
+                    } else {
+                        LoadKind::Library
+                    },
+                    latency,
+                    syscalls,
+                });
+            }
+        }
+        Outcome::Missed(reason) => miss(shared, job, pid, &patches, reason),
+        Outcome::Skipped(reason) => shared.emit(HookEvent::Skipped {
+            pid,
+            module: job.path.clone(),
+            reason,
+        }),
+    }
+}
+
+/// Reports a miss and, if configured and useful, live-patches the process right away.
+fn miss(shared: &Shared, job: &Job, pid: Pid, patches: &[String], reason: MissReason) {
+    let retry = shared.config.live_patch_misses
+        && !matches!(
+            reason,
+            MissReason::AlreadyTraced { .. } | MissReason::GroupStopped
+        );
+    shared.emit(HookEvent::Missed {
+        pid,
+        module: job.path.clone(),
+        patches: patches.to_vec(),
+        reason,
+    });
+    if retry {
+        live_patch(shared, pid, &job.bundles);
+    }
+}
+
+/// Live patch with the engine, waiting a little for the module to be mapped (an exec allowed
+/// unheld is still in progress; a library may not be mapped executable yet).
+fn live_patch(shared: &Shared, pid: Pid, bundles: &[Arc<VerifiedBundle>]) {
+    for b in bundles {
+        let id = b.patch().id.clone();
+        let mut result = Err(String::from("not tried"));
+        for _ in 0..40 {
+            match shared.engine.apply(pid, b) {
+                Ok(_) => {
+                    result = Ok(());
+                    break;
+                }
+                Err(
+                    e @ (EngineError::ModuleNotMapped { .. } | EngineError::ModuleLayout { .. }),
+                ) => {
+                    result = Err(format!("{}: {e}", e.code()));
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    result = Err(format!("{}: {e}", e.code()));
+                    break;
+                }
+            }
+        }
+        shared.emit(HookEvent::LivePatched {
+            pid,
+            patch: id,
+            result,
+        });
+    }
+}
+
+/// Whether a plan failure means "not mapped (executable) yet": keep following.
+fn not_yet(e: &EngineError) -> bool {
+    matches!(
+        e,
+        EngineError::ModuleNotMapped { .. } | EngineError::ModuleLayout { .. }
+    )
+}
+
+enum Commit<'a> {
+    Done(Outcome),
+    NotYet(EngineError, Tracked<'a>),
+}
+
+/// At a stop where the module may be fully mapped: plan every bundle (reads `/proc` only), then
+/// stop the whole process from the held thread, commit, let go.
+fn try_commit<'a>(
+    shared: &Shared,
+    mut hold: Tracked<'a>,
+    bundles: &[Arc<VerifiedBundle>],
+    deadline: Instant,
+    syscalls: u32,
+) -> Commit<'a> {
+    let pid = hold.pid();
+    let t_plan = Instant::now();
+    let mut plans = Vec::new();
+    for b in bundles {
+        match shared.engine.plan(pid, b) {
+            Ok(p) => plans.push((b, p)),
+            Err(e) if not_yet(&e) => return Commit::NotYet(e, hold),
+            Err(e) => return Commit::Done(Outcome::Missed(engine_miss(&e))),
+        }
+    }
+    let t_stop = Instant::now();
+    let stop = match hold.park(deadline) {
+        Ok(s) => s,
+        Err(e) => return Commit::Done(Outcome::Missed(MissReason::Trace(e.to_string()))),
+    };
+    let Tracked { mut held, hold } = hold;
+    let mut sp = match hold.into_stopped_process(stop, deadline) {
+        Ok(sp) => sp,
+        Err(e) => return Commit::Done(Outcome::Missed(MissReason::Trace(e.to_string()))),
+    };
+    let t_commit = Instant::now();
+    let mut patched = Vec::new();
+    let mut failed = None;
+    for (b, plan) in &plans {
+        match shared.engine.commit(&mut sp, plan, b.patch()) {
+            Ok(_) => patched.push(b.patch().id.clone()),
+            Err(e) => {
+                tracing::warn!(pid = pid.0, patch_id = %b.patch().id, error = %e, "load-time commit failed");
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    let t_resume = Instant::now();
+    held.release();
+    if let Err(e) = sp.resume() {
+        tracing::warn!(pid = pid.0, error = %e, "letting go after a load-time patch");
+    }
+    tracing::debug!(
+        pid = pid.0,
+        plan_us = (t_stop - t_plan).as_micros() as u64,
+        stop_us = (t_commit - t_stop).as_micros() as u64,
+        commit_us = (t_resume - t_commit).as_micros() as u64,
+        resume_us = t_resume.elapsed().as_micros() as u64,
+        "load-time commit"
+    );
+    Commit::Done(match failed {
+        Some(e) => Outcome::Missed(engine_miss(&e)),
+        None => Outcome::Patched {
+            patches: patched,
+            syscalls,
+        },
+    })
+}
+
+/// Follows a thread that opened a target library until the `mmap(PROT_EXEC)` of that
+/// descriptor maps every site, then commits. Lets go untouched on close, exec, exit, or the
+/// bounds.
+fn follow_library(
+    shared: &Shared,
+    mut hold: Tracked<'_>,
+    bundles: &[Arc<VerifiedBundle>],
+    deadline: Instant,
+) -> Outcome {
+    let mut fd: Option<u64> = None;
+    let mut entry: Option<(u64, [u64; 6])> = None;
+    let mut syscalls = 0u32;
+    let mut last_err: Option<EngineError> = None;
+    let give_up = |last: Option<EngineError>, why: SkipReason| match last {
+        Some(e) => Outcome::Missed(engine_miss(&e)),
+        None => Outcome::Skipped(why),
+    };
+    loop {
+        let stop = match hold.wait(deadline) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Missed(MissReason::Trace(e.to_string())),
+        };
+        let resumed = match stop {
+            HoldStop::Parked(StopKind::Interrupted) => {
+                if fd.is_none() {
+                    match hold.regs() {
+                        Ok(r) if (r.rax as i64) >= 0 => fd = Some(r.rax),
+                        Ok(_) => return Outcome::Skipped(SkipReason::OpenFailed),
+                        Err(e) => return Outcome::Missed(MissReason::Trace(e.to_string())),
+                    }
+                }
+                hold.step_syscall(0)
+            }
+            // Ctrl-Z: stay stopped, as the shell expects; we hear of SIGCONT.
+            HoldStop::Parked(StopKind::GroupStopped(_)) => hold.listen(),
+            HoldStop::SyscallEntry { nr, args } => {
+                syscalls += 1;
+                if syscalls > shared.config.max_syscalls {
+                    return Outcome::Missed(MissReason::TooManySyscalls);
+                }
+                if nr == SYS_CLOSE && Some(args[0]) == fd {
+                    return give_up(last_err, SkipReason::NotMappedExecutable);
+                }
+                if nr == SYS_EXIT || nr == SYS_EXIT_GROUP {
+                    return Outcome::Skipped(SkipReason::Exited);
+                }
+                entry = Some((nr, args));
+                hold.step_syscall(0)
+            }
+            HoldStop::SyscallExit { is_error, .. } => {
+                let mapped_exec = matches!(entry.take(), Some((SYS_MMAP, a))
+                    if !is_error && Some(a[4]) == fd && a[2] & PROT_EXEC != 0);
+                if mapped_exec {
+                    match try_commit(shared, hold, bundles, deadline, syscalls) {
+                        Commit::Done(o) => return o,
+                        Commit::NotYet(e, h) => {
+                            last_err = Some(e);
+                            hold = h;
+                        }
+                    }
+                }
+                hold.step_syscall(0)
+            }
+            HoldStop::Exec => return Outcome::Skipped(SkipReason::ExecElsewhere),
+            HoldStop::Signal(sig) => hold.step_syscall(sig),
+            HoldStop::Exited => return Outcome::Skipped(SkipReason::Exited),
+            HoldStop::Timeout => return Outcome::Missed(MissReason::HoldTimeout),
+        };
+        if let Err(e) = resumed {
+            if e.is_gone() {
+                return Outcome::Skipped(SkipReason::Exited);
+            }
+            return Outcome::Missed(MissReason::Trace(e.to_string()));
+        }
+    }
+}
+
+/// Follows a thread that opened a target executable for exec to `PTRACE_EVENT_EXEC`, commits.
+fn follow_exec(
+    shared: &Shared,
+    mut hold: Tracked<'_>,
+    bundles: &[Arc<VerifiedBundle>],
+    deadline: Instant,
+) -> Outcome {
+    loop {
+        let stop = match hold.wait(deadline) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Missed(MissReason::Trace(e.to_string())),
+        };
+        let resumed = match stop {
+            HoldStop::Exec => {
+                return match try_commit(shared, hold, bundles, deadline, 0) {
+                    Commit::Done(o) => o,
+                    Commit::NotYet(e, _) => Outcome::Missed(engine_miss(&e)),
+                };
+            }
+            // Our interrupt before any exec event: the exec failed (the thread is back in
+            // its old program).
+            HoldStop::Parked(StopKind::Interrupted) => {
+                return Outcome::Skipped(SkipReason::ExecElsewhere);
+            }
+            HoldStop::Parked(StopKind::GroupStopped(_)) => hold.listen(),
+            HoldStop::SyscallEntry { .. } | HoldStop::SyscallExit { .. } => hold.resume(0),
+            HoldStop::Signal(sig) => hold.resume(sig),
+            HoldStop::Exited => return Outcome::Skipped(SkipReason::Exited),
+            HoldStop::Timeout => return Outcome::Missed(MissReason::HoldTimeout),
+        };
+        if let Err(e) = resumed {
+            if e.is_gone() {
+                return Outcome::Skipped(SkipReason::Exited);
+            }
+            return Outcome::Missed(MissReason::Trace(e.to_string()));
+        }
+    }
+}

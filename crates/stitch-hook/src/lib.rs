@@ -1,0 +1,357 @@
+//! # stitch-hook — load-time patching
+//!
+//! Every new process and every newly loaded library that is a patch target is patched before
+//! its first instruction runs, and nobody notices.
+//!
+//! ## Mechanism (details and measurements: `docs/load-time.md`)
+//! 1. **Find the targets on disk.** Walk the directories that hold targets (standard lib/bin
+//!    directories plus configured ones); files of a target's exact size are hashed; an inode
+//!    whose SHA-256 is a target gets a fanotify inode mark for `FAN_OPEN_PERM |
+//!    FAN_OPEN_EXEC_PERM` (group `FAN_CLASS_CONTENT | FAN_REPORT_TID`). The mark is put through
+//!    the descriptor that was hashed, so it lands on exactly that inode.
+//! 2. **Follow the files.** inotify on those directories: a file that appears (created, moved
+//!    in, rewritten) with a target hash is marked; a marked inode whose path now names another
+//!    file, or whose content changed, is unmarked.
+//! 3. **Hold.** A thread opening a marked file blocks in the kernel until we answer. A worker
+//!    thread `PTRACE_SEIZE`s + `PTRACE_INTERRUPT`s it, answers `FAN_ALLOW`, and follows it:
+//!    - a library: syscall stops until the exit of the `mmap(PROT_EXEC)` of that descriptor
+//!      which maps every patch site; then every thread of the process is stopped, the engine
+//!      commits, and all are let go — before the dynamic loader ran a single relocation or
+//!      constructor of the module;
+//!    - an executable (`FAN_OPEN_EXEC_PERM`): `PTRACE_EVENT_EXEC`, commit, let go.
+//!
+//!    A group stop (Ctrl-Z) during the hold is kept with `PTRACE_LISTEN`, so the shell's job
+//!    control sees exactly what it would see without us.
+//! 4. **Fail open.** Every hold is bounded; events that wait too long are allowed unheld. If the
+//!    hook dies, the kernel answers pending events with `FAN_ALLOW` and detaches every tracee.
+//!    A miss is reported ([`HookEvent::Missed`]) with its reason, and optionally live-patched at
+//!    once with the engine ([`HookConfig::live_patch_misses`]).
+//!
+//! ## Never deadlocking ourselves
+//! A marked file opened by the hook's own process raises a permission event too, and only we
+//! can answer it. So: (a) the *reader* thread answers every event whose thread belongs to our
+//! own process at once, before anything else, and does no file I/O of its own on marked files;
+//! (b) every other open of a marked file by us (hashing, the engine reading
+//! `/proc/PID/map_files`) happens on other threads, which the reader answers; (c) if the reader
+//! thread ever stops, the group's descriptor is closed and the kernel allows everything.
+//! Further: duplicate events (an exec raises `FAN_OPEN_EXEC_PERM` then `FAN_OPEN_PERM`; a held
+//! thread opening the file again) are answered at once for threads we already hold; kernels
+//! before 6.8 open an executable for exec under `cred_guard_mutex`, which `PTRACE_SEIZE` also
+//! takes — there exec opens are allowed unheld and the process is live-patched right after
+//! (see [`ExecHolds`]).
+//!
+//! This crate has no `unsafe`; all syscalls go through `stitch-sys`.
+#![forbid(unsafe_code)]
+
+mod error;
+mod hold;
+mod kernel;
+mod proc;
+mod targets;
+mod watch;
+
+pub use error::HookError;
+pub use kernel::{KernelVersion, exec_holds_are_safe};
+pub use targets::STANDARD_DIRS;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use stitch_format::VerifiedBundle;
+use stitch_sys::Pid;
+
+/// Whether executables are held at exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExecHolds {
+    /// Hold on kernels >= 6.8 (exec opens outside `cred_guard_mutex`), else fall back.
+    #[default]
+    Auto,
+    /// Never hold an exec: allow it and live-patch right after (the < 6.8 fallback).
+    Never,
+}
+
+/// Tunables of the hook.
+#[derive(Debug, Clone)]
+pub struct HookConfig {
+    /// Scan and watch [`STANDARD_DIRS`] (non-recursively).
+    pub standard_dirs: bool,
+    /// More directories to scan and watch, recursively down to `depth`.
+    pub dirs: Vec<PathBuf>,
+    /// Recursion depth for `dirs` (0: only files directly inside).
+    pub depth: usize,
+    /// How long one hold may take, from the event to letting go.
+    pub hold_timeout: Duration,
+    /// How long an event may wait for a free worker before it is allowed unheld.
+    pub queue_timeout: Duration,
+    /// At most this many syscalls are followed in one hold.
+    pub max_syscalls: u32,
+    /// Hold workers (holds in parallel).
+    pub workers: usize,
+    /// SCHED_FIFO for the reader thread (events are picked up at once on a busy host).
+    pub realtime: bool,
+    /// SCHED_FIFO for workers during holds too. Off by default: measured slower, because
+    /// the engine's tracer waits for each ptrace stop by yielding, and a FIFO thread that
+    /// yields does not let the (normal-priority) target run on its CPU.
+    pub realtime_holds: bool,
+    /// Exec holds policy.
+    pub exec_holds: ExecHolds,
+    /// Live-patch a process right after a miss (with the engine), and report the outcome.
+    pub live_patch_misses: bool,
+}
+
+impl Default for HookConfig {
+    fn default() -> Self {
+        Self {
+            standard_dirs: true,
+            dirs: Vec::new(),
+            depth: 3,
+            hold_timeout: Duration::from_millis(250),
+            queue_timeout: Duration::from_millis(100),
+            max_syscalls: 4096,
+            workers: 2,
+            realtime: true,
+            realtime_holds: false,
+            exec_holds: ExecHolds::Auto,
+            live_patch_misses: true,
+        }
+    }
+}
+
+/// How the module came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadKind {
+    /// An executable, at exec.
+    Exec,
+    /// A library (start-up link or dlopen), at its executable mapping.
+    Library,
+}
+
+/// Why a load went unpatched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MissReason {
+    /// Another tracer (a debugger, strace) holds the thread.
+    AlreadyTraced { tracer: i32 },
+    /// `PTRACE_SEIZE` failed otherwise.
+    SeizeFailed(String),
+    /// The hold took longer than [`HookConfig::hold_timeout`].
+    HoldTimeout,
+    /// The event waited longer than [`HookConfig::queue_timeout`] for a worker.
+    QueueTimeout,
+    /// More than [`HookConfig::max_syscalls`] syscalls without a patchable mapping.
+    TooManySyscalls,
+    /// The process stayed group-stopped (Ctrl-Z) past the hold bound; let go still stopped.
+    GroupStopped,
+    /// An exec on a kernel where holding it could deadlock (< 6.8), or exec holds disabled.
+    ExecNotHeld,
+    /// The engine refused or failed (stable code and message).
+    Engine { code: String, message: String },
+    /// Following the thread failed.
+    Trace(String),
+}
+
+/// Why a load of a marked file needed no patch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Opened for writing: not a load.
+    OpenedForWriting,
+    /// Closed (or never mapped executable): read, not loaded (`cat`, `sha256sum`, backups).
+    NotMappedExecutable,
+    /// The open failed.
+    OpenFailed,
+    /// The thread or process exited during the hold.
+    Exited,
+    /// The exec failed or the thread exec'd something else.
+    ExecElsewhere,
+}
+
+/// What the hook did, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookEvent {
+    /// An inode got a mark (at start or when a file with a target hash appeared).
+    Marked {
+        path: PathBuf,
+        dev: u64,
+        ino: u64,
+        patches: Vec<String>,
+    },
+    /// A mark was removed (file replaced or changed).
+    Unmarked { path: PathBuf, dev: u64, ino: u64 },
+    /// A module was patched before it ran.
+    Patched {
+        pid: Pid,
+        patch: String,
+        module: PathBuf,
+        kind: LoadKind,
+        /// From reading the event to letting the process go.
+        latency: Duration,
+        /// Syscalls followed.
+        syscalls: u32,
+    },
+    /// A load went unpatched.
+    Missed {
+        pid: Pid,
+        module: PathBuf,
+        patches: Vec<String>,
+        reason: MissReason,
+    },
+    /// After a miss: the live patch with the engine (`Ok`: applied; `Err`: engine code+message).
+    LivePatched {
+        pid: Pid,
+        patch: String,
+        result: Result<(), String>,
+    },
+    /// A marked file was opened but not loaded.
+    Skipped {
+        pid: Pid,
+        module: PathBuf,
+        reason: SkipReason,
+    },
+}
+
+/// The running hook. Dropping it (or [`Hook::stop`]) stops every thread; pending events are
+/// allowed by the kernel when the group closes.
+pub struct Hook {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hook")
+            .field("threads", &self.threads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by the threads.
+pub(crate) struct Shared {
+    pub(crate) config: HookConfig,
+    pub(crate) group: stitch_sys::PermissionGroup,
+    pub(crate) targets: targets::Targets,
+    pub(crate) engine: stitch_engine::Engine,
+    pub(crate) events: Mutex<Sender<HookEvent>>,
+    /// Threads (tids) currently held by a worker: their further events are allowed at once.
+    pub(crate) held: Mutex<std::collections::HashSet<i32>>,
+    pub(crate) exec_holds: bool,
+}
+
+impl Shared {
+    pub(crate) fn emit(&self, e: HookEvent) {
+        tracing::debug!(event = ?e, "hook");
+        if let Ok(tx) = self.events.lock() {
+            let _ = tx.send(e);
+        }
+    }
+}
+
+impl Hook {
+    /// Starts the hook for `bundles`: creates the fanotify group, starts the reader, the hold
+    /// workers and the directory watcher, then scans and marks. Returns once the initial scan is
+    /// done and every target found is marked; events arrive on the returned receiver.
+    ///
+    /// # Errors
+    /// [`HookError::NoBundles`], [`HookError::Sys`] (no privilege for fanotify, ...).
+    pub fn start(
+        bundles: Vec<VerifiedBundle>,
+        config: HookConfig,
+    ) -> Result<(Hook, Receiver<HookEvent>), HookError> {
+        if bundles.is_empty() {
+            return Err(HookError::NoBundles);
+        }
+        let group = stitch_sys::PermissionGroup::new()?;
+        let exec_holds = match config.exec_holds {
+            ExecHolds::Never => false,
+            ExecHolds::Auto => exec_holds_are_safe(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut engine = stitch_engine::Engine::new();
+        engine.options.stop_timeout = config.hold_timeout.min(Duration::from_millis(100));
+        engine.options.realtime = config.realtime_holds;
+        let shared = Arc::new(Shared {
+            targets: targets::Targets::new(bundles, exec_holds),
+            config,
+            group,
+            engine,
+            events: Mutex::new(tx),
+            held: Mutex::new(std::collections::HashSet::new()),
+            exec_holds,
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<hold::Job>();
+        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+        for i in 0..shared.config.workers.max(1) {
+            let (s, r, st) = (shared.clone(), jobs_rx.clone(), stop.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("stitch-hold-{i}"))
+                    .spawn(move || hold::worker(&s, &r, &st))
+                    .map_err(HookError::Spawn)?,
+            );
+        }
+        {
+            let (s, st) = (shared.clone(), stop.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("stitch-fanotify".into())
+                    .spawn(move || hold::reader(&s, jobs_tx, &st))
+                    .map_err(HookError::Spawn)?,
+            );
+        }
+        let hook = Hook {
+            stop: stop.clone(),
+            threads,
+            shared: shared.clone(),
+        };
+        // The reader runs: from here on our own opens of marked files are answered.
+        let watcher = stitch_sys::DirWatch::new()?;
+        let dirs = shared.targets.scan_all(&shared, &watcher);
+        let mut hook = hook;
+        {
+            let (s, st) = (shared.clone(), stop);
+            hook.threads.push(
+                std::thread::Builder::new()
+                    .name("stitch-dirwatch".into())
+                    .spawn(move || watch::run(&s, &watcher, dirs, &st))
+                    .map_err(HookError::Spawn)?,
+            );
+        }
+        Ok((hook, rx))
+    }
+
+    /// Paths and patch ids of the inodes marked right now.
+    #[must_use]
+    pub fn marked(&self) -> Vec<(PathBuf, Vec<String>)> {
+        self.shared.targets.marked()
+    }
+
+    /// Re-walks every directory (what a start does), marking new targets.
+    pub fn rescan(&self) {
+        if let Ok(w) = stitch_sys::DirWatch::new() {
+            let _ = self.shared.targets.scan_all(&self.shared, &w);
+        }
+    }
+
+    /// Stops every thread and closes the group (the kernel allows whatever is pending).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Hook {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

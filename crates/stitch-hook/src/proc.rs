@@ -1,0 +1,85 @@
+//! Small `/proc` readers for the event path (pure parsers + one read each).
+
+use stitch_sys::{Pid, Tid};
+
+/// The process a thread belongs to (`Tgid:` in `/proc/TID/status`).
+pub(crate) fn tgid_of(tid: Tid) -> Option<Pid> {
+    let s = std::fs::read_to_string(format!("/proc/{}/status", tid.0)).ok()?;
+    parse_tgid(&s)
+}
+
+pub(crate) fn parse_tgid(status: &str) -> Option<Pid> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .map(Pid)
+}
+
+/// Whether `tid` is a thread of this very process.
+pub(crate) fn is_own_thread(tid: Tid) -> bool {
+    std::path::Path::new(&format!("/proc/self/task/{}", tid.0)).exists()
+}
+
+/// The syscall a blocked thread is in: number and arguments (`/proc/TID/syscall`).
+pub(crate) fn blocked_syscall(tid: Tid) -> Option<(i64, [u64; 6])> {
+    let s = std::fs::read_to_string(format!("/proc/{}/syscall", tid.0)).ok()?;
+    parse_syscall(&s)
+}
+
+pub(crate) fn parse_syscall(s: &str) -> Option<(i64, [u64; 6])> {
+    let mut it = s.split_whitespace();
+    let nr: i64 = it.next()?.parse().ok()?;
+    let mut args = [0u64; 6];
+    for a in &mut args {
+        *a = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
+    }
+    Some((nr, args))
+}
+
+pub(crate) const SYS_OPEN: i64 = 2;
+pub(crate) const SYS_EXECVE: i64 = 59;
+pub(crate) const SYS_OPENAT: i64 = 257;
+pub(crate) const SYS_EXECVEAT: i64 = 322;
+
+/// From the blocked open's flags: opened for writing (not a load).
+pub(crate) fn opened_for_writing(nr: i64, args: &[u64; 6]) -> bool {
+    let flags = match nr {
+        SYS_OPEN => args[1],
+        SYS_OPENAT => args[2],
+        _ => return false,
+    };
+    (flags & 0b11) != 0 // O_WRONLY or O_RDWR
+}
+
+/// Whether the blocked syscall is an exec.
+pub(crate) fn is_exec(nr: i64) -> bool {
+    nr == SYS_EXECVE || nr == SYS_EXECVEAT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_syscall_line_of_a_blocked_openat_parses() {
+        let (nr, a) = parse_syscall(
+            "257 0xffffff9c 0x7ffd6e1c2f50 0x80000 0x0 0x0 0x0 0x7ffd6e1c2e08 0x7f1b2c3d4e5f\n",
+        )
+        .unwrap();
+        assert_eq!(nr, SYS_OPENAT);
+        assert_eq!(a[2], 0x80000);
+        assert!(!opened_for_writing(nr, &a));
+        assert!(opened_for_writing(SYS_OPENAT, &[0, 0, 0o1101, 0, 0, 0]));
+        assert_eq!(parse_syscall("running\n"), None);
+    }
+
+    #[test]
+    fn tgid_is_read_from_status() {
+        assert_eq!(
+            parse_tgid("Name:\tx\nTgid:\t4242\nPid:\t4243\n"),
+            Some(Pid(4242))
+        );
+        assert_eq!(parse_tgid("Name:\tx\n"), None);
+    }
+}

@@ -1,0 +1,266 @@
+//! Which files on this host are targets, and their fanotify marks.
+//!
+//! A file is a target when its size equals some bundle's `target.size` and its SHA-256 equals
+//! that bundle's `target.sha256`. The mark goes on through the very descriptor that was hashed,
+//! and that descriptor is kept for as long as the mark lives, so the mark can be removed again
+//! after the path was pointed at another file (a package upgrade renames a new inode over the
+//! old one). Cost of keeping it: the old file's blocks stay allocated until we unmark it, which
+//! we do as soon as the directory watch sees the replacement.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read as _;
+use std::os::fd::AsFd as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest as _, Sha256};
+use stitch_format::VerifiedBundle;
+
+use crate::{HookEvent, Shared};
+
+/// Directories scanned (non-recursively) and watched by default: where distributions put
+/// executables and libraries.
+pub const STANDARD_DIRS: &[&str] = &[
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/local/bin",
+    "/usr/local/sbin",
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/local/lib",
+    "/usr/libexec",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/lib/x86_64-linux-gnu",
+];
+
+/// A marked inode.
+#[derive(Debug)]
+pub(crate) struct MarkedFile {
+    pub(crate) path: PathBuf,
+    /// The descriptor that was hashed and marked (kept to unmark the same inode later).
+    file: File,
+    pub(crate) bundles: Vec<Arc<VerifiedBundle>>,
+}
+
+/// Watched directories by inotify watch descriptor: path and how much deeper to go.
+pub(crate) type WatchedDirs = HashMap<i32, (PathBuf, usize)>;
+
+pub(crate) struct Targets {
+    bundles: Vec<Arc<VerifiedBundle>>,
+    by_size: HashMap<u64, Vec<usize>>,
+    marks: Mutex<HashMap<(u64, u64), MarkedFile>>,
+    by_path: Mutex<HashMap<PathBuf, (u64, u64)>>,
+    mask: u64,
+}
+
+fn sha256_of(f: &mut File) -> std::io::Result<[u8; 32]> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finalize().into());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+impl Targets {
+    pub(crate) fn new(bundles: Vec<VerifiedBundle>, exec_holds: bool) -> Self {
+        let bundles: Vec<Arc<VerifiedBundle>> = bundles.into_iter().map(Arc::new).collect();
+        let mut by_size: HashMap<u64, Vec<usize>> = HashMap::new();
+        for (i, b) in bundles.iter().enumerate() {
+            by_size.entry(b.patch().target.size).or_default().push(i);
+        }
+        Self {
+            bundles,
+            by_size,
+            marks: Mutex::new(HashMap::new()),
+            by_path: Mutex::new(HashMap::new()),
+            // Without exec holds, FAN_OPEN_PERM still fires for an exec's open; the worker
+            // recognises it and allows it unheld.
+            mask: if exec_holds {
+                stitch_sys::FAN_HOLD_MASK
+            } else {
+                stitch_sys::FAN_HOLD_MASK & !stitch_sys::FAN_OPEN_EXEC_PERM
+            },
+        }
+    }
+
+    /// The marked inode `(dev, ino)`: its path and bundles.
+    pub(crate) fn lookup(&self, key: (u64, u64)) -> Option<(PathBuf, Vec<Arc<VerifiedBundle>>)> {
+        let marks = self.marks.lock().ok()?;
+        marks.get(&key).map(|m| (m.path.clone(), m.bundles.clone()))
+    }
+
+    pub(crate) fn marked(&self) -> Vec<(PathBuf, Vec<String>)> {
+        let Ok(marks) = self.marks.lock() else {
+            return Vec::new();
+        };
+        marks
+            .values()
+            .map(|m| {
+                (
+                    m.path.clone(),
+                    m.bundles.iter().map(|b| b.patch().id.clone()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// The directories to scan: standard ones (depth 0) and configured ones.
+    fn roots(shared: &Shared) -> Vec<(PathBuf, usize)> {
+        let mut out: Vec<(PathBuf, usize)> = Vec::new();
+        let mut add = |p: &Path, depth: usize| {
+            if let Ok(c) = std::fs::canonicalize(p)
+                && c.is_dir()
+            {
+                match out.iter_mut().find(|(q, _)| *q == c) {
+                    Some((_, d)) => *d = (*d).max(depth),
+                    None => out.push((c, depth)),
+                }
+            }
+        };
+        if shared.config.standard_dirs {
+            for d in STANDARD_DIRS {
+                add(Path::new(d), 0);
+            }
+        }
+        for d in &shared.config.dirs {
+            add(d, shared.config.depth);
+        }
+        out
+    }
+
+    /// Walks every root, watches each directory, marks every target found.
+    pub(crate) fn scan_all(&self, shared: &Shared, watcher: &stitch_sys::DirWatch) -> WatchedDirs {
+        let mut watched = WatchedDirs::new();
+        let mut stack = Self::roots(shared);
+        while let Some((dir, depth)) = stack.pop() {
+            match watcher.watch(&dir) {
+                Ok(wd) => {
+                    watched.insert(wd, (dir.clone(), depth));
+                }
+                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot watch"),
+            }
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in rd.flatten() {
+                let Ok(ft) = entry.file_type() else { continue };
+                if ft.is_dir() && depth > 0 {
+                    stack.push((entry.path(), depth - 1));
+                } else if ft.is_file() {
+                    self.consider(shared, &entry.path());
+                }
+            }
+        }
+        watched
+    }
+
+    /// Looks at one path (new, moved in, rewritten, or found by a scan): marks it if it is a
+    /// target, unmarks what it named before if that was another inode or is no longer one.
+    pub(crate) fn consider(&self, shared: &Shared, path: &Path) {
+        let before = self.by_path.lock().ok().and_then(|m| m.get(path).copied());
+        let now = self.identify(path);
+        match (&now, before) {
+            (Some((key, _, _)), Some(old)) if *key != old => self.unmark(shared, old),
+            (None, Some(old)) => self.unmark(shared, old),
+            _ => {}
+        }
+        let Some((key, file, idx)) = now else {
+            // Same inode, content no longer a target (rewritten in place)?
+            if let Some(k) = self.key_of_path(path) {
+                self.unmark(shared, k);
+            }
+            return;
+        };
+        let already = self.marks.lock().is_ok_and(|m| m.contains_key(&key));
+        if already {
+            if let Ok(mut p) = self.by_path.lock() {
+                p.insert(path.to_path_buf(), key);
+            }
+            return;
+        }
+        if let Err(e) = shared.group.mark_inode(file.as_fd(), self.mask) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot mark");
+            return;
+        }
+        let bundles: Vec<Arc<VerifiedBundle>> =
+            idx.iter().map(|&i| self.bundles[i].clone()).collect();
+        let patches = bundles.iter().map(|b| b.patch().id.clone()).collect();
+        if let Ok(mut m) = self.marks.lock() {
+            m.insert(
+                key,
+                MarkedFile {
+                    path: path.to_path_buf(),
+                    file,
+                    bundles,
+                },
+            );
+        }
+        if let Ok(mut p) = self.by_path.lock() {
+            p.insert(path.to_path_buf(), key);
+        }
+        shared.emit(HookEvent::Marked {
+            path: path.to_path_buf(),
+            dev: key.0,
+            ino: key.1,
+            patches,
+        });
+    }
+
+    fn key_of_path(&self, path: &Path) -> Option<(u64, u64)> {
+        let md = std::fs::symlink_metadata(path).ok()?;
+        let key = (md.dev(), md.ino());
+        self.marks.lock().ok()?.contains_key(&key).then_some(key)
+    }
+
+    /// `(dev, ino)`, the open file, and the bundles whose target it is; `None` if it is none.
+    fn identify(&self, path: &Path) -> Option<((u64, u64), File, Vec<usize>)> {
+        let md = std::fs::symlink_metadata(path).ok()?;
+        if !md.file_type().is_file() {
+            return None;
+        }
+        let candidates = self.by_size.get(&md.len())?;
+        // Opening a marked inode raises an event from our own process: the reader answers it.
+        let mut f = File::open(path).ok()?;
+        let fmd = f.metadata().ok()?;
+        if !candidates
+            .iter()
+            .any(|&i| self.bundles[i].patch().target.size == fmd.len())
+        {
+            return None;
+        }
+        let digest = sha256_of(&mut f).ok()?;
+        let idx: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| self.bundles[i].patch().target.sha256 == digest)
+            .collect();
+        (!idx.is_empty()).then_some(((fmd.dev(), fmd.ino()), f, idx))
+    }
+
+    fn unmark(&self, shared: &Shared, key: (u64, u64)) {
+        let Some(m) = self.marks.lock().ok().and_then(|mut m| m.remove(&key)) else {
+            return;
+        };
+        if let Err(e) = shared.group.unmark_inode(m.file.as_fd(), self.mask) {
+            tracing::warn!(path = %m.path.display(), error = %e, "cannot unmark");
+        }
+        if let Ok(mut p) = self.by_path.lock() {
+            p.retain(|_, k| *k != key);
+        }
+        shared.emit(HookEvent::Unmarked {
+            path: m.path,
+            dev: key.0,
+            ino: key.1,
+        });
+    }
+}

@@ -1,0 +1,63 @@
+//! The directory watch: files that appear or change in a watched directory are looked at again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::Shared;
+use crate::targets::WatchedDirs;
+
+/// inotify bits (Linux ABI, all architectures).
+const IN_ISDIR: u32 = 0x4000_0000;
+const IN_IGNORED: u32 = 0x0000_8000;
+const IN_Q_OVERFLOW: u32 = 0x0000_4000;
+
+pub(crate) fn run(
+    shared: &Shared,
+    watcher: &stitch_sys::DirWatch,
+    mut dirs: WatchedDirs,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        let events = match watcher.read_events(Duration::from_millis(100)) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "directory watch failed; rescanning later");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        for ev in events {
+            if ev.mask & IN_Q_OVERFLOW != 0 {
+                // Events were lost: look at everything again.
+                dirs.extend(shared.targets.scan_all(shared, watcher));
+                continue;
+            }
+            if ev.mask & IN_IGNORED != 0 {
+                dirs.remove(&ev.wd);
+                continue;
+            }
+            let Some((dir, depth)) = dirs.get(&ev.wd).cloned() else {
+                continue;
+            };
+            if ev.name.is_empty() {
+                continue;
+            }
+            let path = dir.join(&ev.name);
+            if ev.mask & IN_ISDIR != 0 {
+                if depth > 0
+                    && let Ok(wd) = watcher.watch(&path)
+                {
+                    // A directory moved in arrives with its files already inside.
+                    for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                        if entry.file_type().is_ok_and(|t| t.is_file()) {
+                            shared.targets.consider(shared, &entry.path());
+                        }
+                    }
+                    dirs.insert(wd, (path, depth - 1));
+                }
+                continue;
+            }
+            shared.targets.consider(shared, &path);
+        }
+    }
+}

@@ -1,0 +1,811 @@
+//! The load-time hook on real programs, one test per hazard. They need root (fanotify
+//! permission events, ptrace of processes we did not start): outside CI they skip with the
+//! reason; with `CI=true` a missing privilege or tool fails them.
+//!
+//! The hook runs as its own process (`stitch-hookd`), as it will in the agent: a tracer must
+//! not share a thread group with code that waits for the traced programs (a `waitpid` from
+//! any thread of the tracer's process can consume the tracee's ptrace stops).
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use stitch_format::SecretKey;
+
+/// One hook at a time: holds compete for the same two cores, and timing matters.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| v == "true")
+}
+
+/// Skips (or, in CI, fails) when the test cannot run here.
+fn can_run(tools: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    // Effective uid 0, from /proc/self/status.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"));
+    if !root {
+        missing.push("root (fanotify permission events need CAP_SYS_ADMIN)".to_string());
+    }
+    for t in tools.iter().chain(&["gcc"]) {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            missing.push(format!("the `{t}` command"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "CI=true but this test cannot run: needs {missing:?}"
+    );
+    eprintln!("SKIP: needs {}", missing.join(", "));
+    false
+}
+
+const LIB_C: &str = r#"
+#include <stdio.h>
+__attribute__((noinline)) int stitch_value(void) { return VALUE; }
+__attribute__((constructor)) static void ctor(void) {
+    printf("ctor %d\n", stitch_value());
+    fflush(stdout);
+}
+int lib_value(void) { return stitch_value(); }
+"#;
+
+const MAIN_DYN_C: &str = r#"
+#include <stdio.h>
+int lib_value(void);
+int main(void) { printf("main %d\n", lib_value()); return 0; }
+"#;
+
+const EXE_C: &str = r#"
+#include <stdio.h>
+__attribute__((noinline)) int stitch_value(void) { return 1; }
+__attribute__((constructor)) static void ctor(void) {
+    printf("ctor %d\n", stitch_value());
+    fflush(stdout);
+}
+int main(void) { printf("main %d\n", stitch_value()); return 0; }
+"#;
+
+/// Four threads; a worker thread dlopens the library while the others run.
+const DLOPEN_MT_C: &str = r#"
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static const char *lib;
+static volatile int done;
+static void *spin(void *a) { (void)a; while (!done) usleep(100); return 0; }
+static void *loader(void *a) {
+    (void)a;
+    void *h = dlopen(lib, RTLD_NOW);
+    if (!h) { printf("dlopen failed: %s\n", dlerror()); return 0; }
+    int (*f)(void) = (int (*)(void))dlsym(h, "lib_value");
+    printf("dlopen %d\n", f());
+    fflush(stdout);
+    return 0;
+}
+int main(int argc, char **argv) {
+    (void)argc;
+    lib = argv[1];
+    pthread_t s[3], l;
+    for (int i = 0; i < 3; i++) pthread_create(&s[i], 0, spin, 0);
+    pthread_create(&l, 0, loader, 0);
+    pthread_join(l, 0);
+    done = 1;
+    for (int i = 0; i < 3; i++) pthread_join(s[i], 0);
+    return 0;
+}
+"#;
+
+/// Opens the library itself (a hold that lasts while it sleeps), closes it, then dlopens it
+/// and answers lines from the terminal.
+const SLOW_OPEN_C: &str = r#"
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    long ms = argc > 2 ? atol(argv[2]) : 0;
+    int fd = open(argv[1], O_RDONLY | O_CLOEXEC);
+    printf("opened\n");
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) == -1) {}
+    close(fd);
+    void *h = dlopen(argv[1], RTLD_NOW);
+    if (!h) { printf("dlopen failed: %s\n", dlerror()); return 1; }
+    int (*f)(void) = (int (*)(void))dlsym(h, "lib_value");
+    printf("value %d\n", f());
+    printf("type a line\n");
+    char line[128];
+    if (fgets(line, sizeof line, stdin)) {
+        line[strcspn(line, "\n")] = 0;
+        printf("got %s value %d\n", line, f());
+    }
+    return 0;
+}
+"#;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    keys: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("trusted.keys");
+        std::fs::write(&keys, format!("{}\n", key().public().to_line())).unwrap();
+        Self { dir, keys }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Compiles `src` to `out` (inside the fixture dir unless absolute).
+    fn gcc(&self, src: &str, out: &str, flags: &[&str]) -> PathBuf {
+        let c = self.path(&format!("{out}.c"));
+        std::fs::write(&c, src).unwrap();
+        let exe = self.path(out);
+        let st = Command::new("gcc")
+            .args(["-O0", "-fcf-protection=none", "-Wl,--build-id=sha1"])
+            .args(flags.iter().filter(|f| !f.starts_with("-l")))
+            .arg("-o")
+            .arg(&exe)
+            .arg(&c)
+            .args(flags.iter().filter(|f| f.starts_with("-l")))
+            .arg(format!("-L{}", self.dir.path().display()))
+            .arg(format!("-Wl,-rpath,{}", self.dir.path().display()))
+            .status()
+            .expect("gcc");
+        assert!(st.success(), "gcc {out}");
+        exe
+    }
+
+    fn lib(&self, value: i32) -> PathBuf {
+        self.gcc(
+            LIB_C,
+            "libtarget.so",
+            &["-shared", "-fPIC", &format!("-DVALUE={value}")],
+        )
+    }
+
+    /// A signed bundle that makes `stitch_value` in `target` return 1000.
+    fn bundle(&self, target: &Path, id: &str) -> PathBuf {
+        let bytes = std::fs::read(target).unwrap();
+        let elf = stitch_elf::ElfFile::parse(&bytes).unwrap();
+        let at = elf.symbol("stitch_value").unwrap().vaddr;
+        let mut original = Vec::new();
+        for l in stitch_x86::disassemble(elf.bytes_at(at, 16).unwrap(), at) {
+            original.extend(l.bytes);
+            if original.len() >= 5 {
+                break;
+            }
+        }
+        let module = target.file_name().unwrap().to_string_lossy();
+        let toml = format!(
+            r#"id = "{id}"
+revision = 1
+title = "load-time test"
+severity = "low"
+tier = "free"
+author = "tests"
+[target]
+module = "{module}"
+sha256 = "{}"
+build_id = "{}"
+arch = "x86_64"
+package = {{ ecosystem = "deb", name = "t", version = "1" }}
+[[patchlet]]
+name = "p"
+at = "stitch_value"
+original = "{}"
+displaced = "drop"
+code = '''
+stitch_hit
+mov eax, 1000
+ret
+'''
+"#,
+            hex::encode(stitch_elf::sha256(&bytes)),
+            hex::encode(elf.build_id().unwrap()),
+            stitch_build::hex_spaced(&original),
+        );
+        let mut b = stitch_build::build(&toml, Path::new("."), &bytes, &Default::default())
+            .expect("build bundle");
+        b.sign(&key()).unwrap();
+        let out = self.path(&format!("{id}.bundle"));
+        std::fs::write(&out, b.encode()).unwrap();
+        out
+    }
+}
+
+fn key() -> SecretKey {
+    SecretKey::from_seed([7; 32])
+}
+
+/// A running `stitch-hookd` and its event lines.
+struct Hookd {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl Hookd {
+    fn start(fx: &Fixture, bundles: &[&Path], extra: &[&str]) -> Hookd {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stitch-hookd"))
+            .arg("--trusted-keys")
+            .arg(&fx.keys)
+            .arg("--no-standard-dirs")
+            .arg("--dir")
+            .arg(fx.dir.path())
+            .args(extra)
+            .args(bundles)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start stitch-hookd");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut h = Hookd {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match h.lines.recv_timeout(left) {
+                Ok(l) if l == "ready" => break,
+                Ok(l) => h.seen.push(serde_json::from_str(&l).unwrap()),
+                Err(e) => panic!("stitch-hookd did not get ready: {e:?}"),
+            }
+        }
+        h
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Collects events until one matches `want` (or the timeout).
+    fn wait_for(
+        &mut self,
+        timeout: Duration,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        if let Some(v) = self.seen.iter().find(|v| want(v)) {
+            return Some(v.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+                    self.seen.push(v.clone());
+                    if want(&v) {
+                        return Some(v);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Every event seen so far plus whatever arrives within `settle`.
+    fn drain(&mut self, settle: Duration) -> Vec<serde_json::Value> {
+        while let Ok(l) = self.lines.recv_timeout(settle) {
+            self.seen.push(serde_json::from_str(&l).unwrap());
+        }
+        self.seen.clone()
+    }
+}
+
+impl Drop for Hookd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn event_is(v: &serde_json::Value, kind: &str, pid: u32) -> bool {
+    v["event"] == kind && v["pid"] == pid
+}
+
+/// Runs a program to completion (bounded), returns (stdout, success).
+fn run(cmd: &mut Command) -> (String, bool, u32) {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let out = wait_bounded(child, Duration::from_secs(20));
+    (out.0, out.1, pid)
+}
+
+fn wait_bounded(mut child: Child, limit: Duration) -> (String, bool) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut s = Vec::new();
+            std::io::Read::read_to_end(child.stdout.as_mut().unwrap(), &mut s).unwrap();
+            return (String::from_utf8_lossy(&s).into_owned(), st.success());
+        }
+        if Instant::now() > deadline {
+            let state = std::fs::read_to_string(format!("/proc/{}/stat", child.id()));
+            let _ = child.kill();
+            panic!("program hung: {state:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn executable_execed_after_the_hook_started_is_patched_before_its_constructor() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let exe = fx.gcc(EXE_C, "exe", &[]);
+    let b = fx.bundle(&exe, "ST-2026-9001");
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let (out, ok, pid) = run(&mut Command::new(&exe));
+    assert!(ok);
+    assert_eq!(out, "ctor 1000\nmain 1000\n");
+    let ev = h
+        .wait_for(Duration::from_secs(5), |v| event_is(v, "patched", pid))
+        .expect("patched event");
+    assert_eq!(ev["kind"], "exec");
+    assert_eq!(ev["patch"], "ST-2026-9001");
+}
+
+#[test]
+fn statically_linked_executable_is_patched_at_exec() {
+    if !can_run(&[]) {
+        return;
+    }
+    if !Path::new("/usr/lib/x86_64-linux-gnu/libc.a").exists() {
+        assert!(!in_ci(), "CI=true but libc6-dev's libc.a is missing");
+        eprintln!("SKIP: no static libc (libc6-dev)");
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let exe = fx.gcc(EXE_C, "exe_static", &["-static"]);
+    let b = fx.bundle(&exe, "ST-2026-9002");
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let (out, ok, pid) = run(&mut Command::new(&exe));
+    assert!(ok);
+    assert_eq!(out, "ctor 1000\nmain 1000\n");
+    assert!(
+        h.wait_for(Duration::from_secs(5), |v| event_is(v, "patched", pid))
+            .is_some()
+    );
+}
+
+#[test]
+fn library_linked_at_start_up_is_patched_before_its_constructor() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let main = fx.gcc(MAIN_DYN_C, "main_dyn", &["-ltarget"]);
+    let b = fx.bundle(&lib, "ST-2026-9003");
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let (out, ok, pid) = run(&mut Command::new(&main));
+    assert!(ok);
+    assert_eq!(out, "ctor 1000\nmain 1000\n");
+    let ev = h
+        .wait_for(Duration::from_secs(5), |v| event_is(v, "patched", pid))
+        .expect("patched event");
+    assert_eq!(ev["kind"], "library");
+}
+
+#[test]
+fn library_dlopened_from_a_worker_thread_of_a_multithreaded_process_is_patched() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let prog = fx.gcc(DLOPEN_MT_C, "dlopen_mt", &["-pthread", "-ldl"]);
+    let b = fx.bundle(&lib, "ST-2026-9004");
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let (out, ok, pid) = run(Command::new(&prog).arg(&lib));
+    assert!(ok);
+    assert_eq!(out, "ctor 1000\ndlopen 1000\n");
+    assert!(
+        h.wait_for(Duration::from_secs(5), |v| event_is(v, "patched", pid))
+            .is_some()
+    );
+}
+
+#[test]
+fn program_in_another_mount_namespace_is_patched() {
+    if !can_run(&["unshare", "mount"]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let prog = fx.gcc(DLOPEN_MT_C, "dlopen_mt", &["-pthread", "-ldl"]);
+    let b = fx.bundle(&lib, "ST-2026-9005");
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    // The library directory is seen under another path, in a private mount namespace.
+    let other = tempfile::tempdir().unwrap();
+    let script = format!(
+        "mount --bind {} {} && exec {} {}/libtarget.so",
+        fx.dir.path().display(),
+        other.path().display(),
+        prog.display(),
+        other.path().display()
+    );
+    let (out, ok, _) = run(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]));
+    assert!(ok, "{out}");
+    assert_eq!(out, "ctor 1000\ndlopen 1000\n");
+    assert!(
+        h.wait_for(Duration::from_secs(5), |v| v["event"] == "patched")
+            .is_some()
+    );
+}
+
+#[test]
+fn file_merely_read_is_neither_hung_nor_patched() {
+    if !can_run(&["cat", "sha256sum"]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let b = fx.bundle(&lib, "ST-2026-9006");
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let t0 = Instant::now();
+    let (_, ok, cat_pid) = run(Command::new("cat").arg(&lib));
+    assert!(ok);
+    let (sum, ok, sum_pid) = run(Command::new("sha256sum").arg(&lib));
+    assert!(ok);
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "reads were slowed down"
+    );
+    let expect = hex::encode(stitch_elf::sha256(&std::fs::read(&lib).unwrap()));
+    assert!(sum.starts_with(&expect), "file unchanged");
+    let events = h.drain(Duration::from_millis(300));
+    for pid in [cat_pid, sum_pid] {
+        assert!(!events.iter().any(|v| event_is(v, "patched", pid)));
+        assert!(
+            events.iter().any(|v| event_is(v, "skipped", pid)),
+            "pid {pid}: {events:?}"
+        );
+    }
+}
+
+#[test]
+fn target_under_strace_is_allowed_and_reported() {
+    if !can_run(&["strace"]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let main = fx.gcc(MAIN_DYN_C, "main_dyn", &["-ltarget"]);
+    let b = fx.bundle(&lib, "ST-2026-9007");
+    let mut h = Hookd::start(&fx, &[&b], &["--no-live-patch"]);
+    let (out, ok, _) = run(Command::new("strace")
+        .args(["-f", "-o", "/dev/null"])
+        .arg(&main));
+    assert!(ok);
+    assert_eq!(out, "ctor 1\nmain 1\n", "runs unpatched");
+    let ev = h
+        .wait_for(Duration::from_secs(5), |v| v["event"] == "missed")
+        .expect("miss reported");
+    assert!(
+        ev["reason"].as_str().unwrap().contains("AlreadyTraced"),
+        "{ev}"
+    );
+}
+
+#[test]
+fn file_replaced_by_another_build_then_vulnerable_build_restored_marks_follow() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let vulnerable = std::fs::read(&lib).unwrap();
+    let main = fx.gcc(MAIN_DYN_C, "main_dyn", &["-ltarget"]);
+    let b = fx.bundle(&lib, "ST-2026-9008");
+    // Build the "fixed" library elsewhere, then rename it over the target (as dpkg does).
+    let fixed_dir = Fixture::new();
+    let fixed = fixed_dir.lib(2);
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let swap = |bytes: &[u8]| {
+        let tmp = fx.path("libtarget.so.dpkg-new");
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, &lib).unwrap();
+    };
+    swap(&std::fs::read(&fixed).unwrap());
+    assert!(
+        h.wait_for(Duration::from_secs(5), |v| v["event"] == "unmarked")
+            .is_some(),
+        "old inode unmarked"
+    );
+    let (out, ok, pid) = run(&mut Command::new(&main));
+    assert!(ok);
+    assert_eq!(out, "ctor 2\nmain 2\n", "fixed build runs as is");
+    let events = h.drain(Duration::from_millis(200));
+    assert!(!events.iter().any(|v| event_is(v, "patched", pid)));
+    let marks_before = events.iter().filter(|v| v["event"] == "marked").count();
+
+    swap(&vulnerable);
+    assert!(
+        h.wait_for(Duration::from_secs(5), |v| { v["event"] == "marked" })
+            .is_some()
+    );
+    let again =
+        |h: &mut Hookd| h.seen.iter().filter(|v| v["event"] == "marked").count() > marks_before;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !again(&mut h) && Instant::now() < deadline {
+        h.drain(Duration::from_millis(50));
+    }
+    assert!(again(&mut h), "restored vulnerable build marked again");
+    let (out, ok, pid) = run(&mut Command::new(&main));
+    assert!(ok);
+    assert_eq!(out, "ctor 1000\nmain 1000\n");
+    assert!(
+        h.wait_for(Duration::from_secs(5), |v| event_is(v, "patched", pid))
+            .is_some()
+    );
+}
+
+#[test]
+fn hook_killed_during_a_hold_lets_the_program_run_unpatched_without_hanging() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let prog = fx.gcc(SLOW_OPEN_C, "slow_open", &["-ldl"]);
+    let b = fx.bundle(&lib, "ST-2026-9009");
+    let h = Hookd::start(&fx, &[&b], &["--hold-timeout-ms", "10000"]);
+    let child = Command::new(&prog)
+        .arg(&lib)
+        .arg("800")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Wait until the hook holds it (TracerPid is the hook), then SIGKILL the hook.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let traced = st
+            .lines()
+            .find(|l| l.starts_with("TracerPid:"))
+            .is_some_and(|l| l.split_whitespace().nth(1) != Some("0"));
+        if traced {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hook never held the program");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let hook_pid = h.pid();
+    let _ = Command::new("kill")
+        .args(["-KILL", &hook_pid.to_string()])
+        .status();
+    let (out, ok) = wait_bounded(child, Duration::from_secs(10));
+    assert!(ok);
+    assert!(out.contains("value 1\n"), "runs unpatched: {out}");
+}
+
+/// The newest process whose `comm` is `name`.
+fn pid_of(name: &str) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .max()
+}
+
+/// The process of a thread.
+fn tgid_of(tid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `TracerPid` of a process (a thread id; 0: none).
+fn tracer_of(pid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Runs in a real bash inside tmux.
+struct Tmux {
+    session: String,
+}
+
+impl Tmux {
+    fn start() -> Tmux {
+        let session = format!("stitch-hook-{}", std::process::id());
+        let st = Command::new("tmux")
+            .args(["new-session", "-d", "-s", &session, "-x", "160", "-y", "40"])
+            .args(["bash", "--norc", "--noprofile", "-i"])
+            .env("PS1", "$ ")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        Tmux { session }
+    }
+    fn keys(&self, keys: &[&str]) {
+        let st = Command::new("tmux")
+            .args(["send-keys", "-t", &self.session])
+            .args(keys)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    fn screen(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.session])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    fn wait_screen(&self, what: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.screen();
+            if s.contains(what) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "waiting for {what:?} on:\n{s}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.session])
+            .status();
+    }
+}
+
+/// `jobs` prints nothing: the shell saw no stop and has no job left.
+fn assert_jobs_empty(t: &Tmux) {
+    t.keys(&["jobs; echo END$((40+2))", "Enter"]);
+    let s = t.wait_screen("END42", Duration::from_secs(5));
+    let after = s.rsplit("echo END$((40+2))").next().unwrap_or("");
+    assert!(
+        after.trim_start().starts_with("END42"),
+        "jobs not empty:\n{s}"
+    );
+}
+
+#[test]
+fn interactive_program_in_tmux_keeps_job_control_and_terminal_input() {
+    if !can_run(&["tmux", "bash"]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let prog = fx.gcc(SLOW_OPEN_C, "slow_open", &["-ldl"]);
+    let b = fx.bundle(&lib, "ST-2026-9010");
+    let mut h = Hookd::start(&fx, &[&b], &["--hold-timeout-ms", "10000"]);
+    let t = Tmux::start();
+    t.keys(&[&format!("{} {} 0", prog.display(), lib.display()), "Enter"]);
+    t.wait_screen("type a line", Duration::from_secs(10));
+    t.keys(&["hello", "Enter"]);
+    let s = t.wait_screen("got hello value 1000", Duration::from_secs(10));
+    assert!(!s.contains("Stopped"), "{s}");
+    assert_jobs_empty(&t);
+    assert!(
+        h.wait_for(Duration::from_secs(5), |v| v["event"] == "patched")
+            .is_some()
+    );
+}
+
+#[test]
+fn ctrl_z_during_a_hold_keeps_job_control_right() {
+    if !can_run(&["tmux", "bash"]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let prog = fx.gcc(SLOW_OPEN_C, "slow_open", &["-ldl"]);
+    let b = fx.bundle(&lib, "ST-2026-9011");
+    let mut h = Hookd::start(&fx, &[&b], &["--hold-timeout-ms", "20000"]);
+    let t = Tmux::start();
+    // The program holds the library open for 1.5 s: the hook follows it the whole time.
+    t.keys(&[
+        &format!("{} {} 1500", prog.display(), lib.display()),
+        "Enter",
+    ]);
+    t.wait_screen("opened", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = pid_of("slow_open").expect("program running");
+    assert_eq!(
+        tgid_of(tracer_of(pid)),
+        h.pid(),
+        "the hook holds it when Ctrl-Z is pressed"
+    );
+    t.keys(&["C-z"]);
+    let s = t.wait_screen("Stopped", Duration::from_secs(5));
+    assert!(!s.contains("type a line"), "stopped for real:\n{s}");
+    t.keys(&["jobs; echo END$((40+1))", "Enter"]);
+    let s = t.wait_screen("END41", Duration::from_secs(5));
+    let after = s.rsplit("echo END$((40+1))").next().unwrap_or("");
+    assert!(after.contains("Stopped"), "jobs shows it stopped:\n{s}");
+    // Still stopped a while later (the hold did not let it run).
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!t.screen().contains("type a line"));
+    t.keys(&["fg", "Enter"]);
+    t.wait_screen("type a line", Duration::from_secs(10));
+    t.keys(&["hi", "Enter"]);
+    t.wait_screen("got hi value 1000", Duration::from_secs(10));
+    assert_jobs_empty(&t);
+    assert!(
+        h.wait_for(Duration::from_secs(5), |v| v["event"] == "patched")
+            .is_some()
+    );
+}

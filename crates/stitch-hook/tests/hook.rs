@@ -809,3 +809,40 @@ fn ctrl_z_during_a_hold_keeps_job_control_right() {
             .is_some()
     );
 }
+
+/// Sleeps before `main` prints, so a live patch right after the exec is visible.
+const EXE_SLOW_C: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+__attribute__((noinline)) int stitch_value(void) { return 1; }
+int main(void) {
+    usleep(500 * 1000);
+    printf("main %d\n", stitch_value());
+    return 0;
+}
+"#;
+
+#[test]
+fn exec_without_exec_holds_as_on_kernels_before_6_8_is_allowed_unheld_then_live_patched() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let exe = fx.gcc(EXE_SLOW_C, "exe_slow", &[]);
+    let b = fx.bundle(&exe, "ST-2026-9012");
+    // The fallback the hook takes by itself on kernels < 6.8 (exec open under
+    // cred_guard_mutex): never seize an exec'ing thread.
+    let mut h = Hookd::start(&fx, &[&b], &["--no-exec-holds"]);
+    let (out, ok, pid) = run(&mut Command::new(&exe));
+    assert!(ok);
+    assert_eq!(out, "main 1000\n", "live-patched right after the exec");
+    let miss = h
+        .wait_for(Duration::from_secs(5), |v| event_is(v, "missed", pid))
+        .expect("miss reported");
+    assert!(miss["reason"].as_str().unwrap().contains("ExecNotHeld"));
+    let live = h
+        .wait_for(Duration::from_secs(5), |v| event_is(v, "live_patched", pid))
+        .expect("live patch reported");
+    assert_eq!(live["ok"], true, "{live}");
+}

@@ -1,0 +1,99 @@
+//! `stitchd`: the Stitch host agent. See `docs/agent.md`.
+//!
+//! Reads /etc/stitch/agent.toml (or `--config`), applies every enabled patch to every running
+//! process that maps its target, then serves the control socket and syncs with the server
+//! until SIGTERM/SIGINT. Logs go to stderr (journald): text by default, JSON lines with
+//! `--log-format json`.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The Stitch host agent.
+#[derive(Debug, Parser)]
+#[command(name = "stitchd", version, about)]
+struct Args {
+    /// Configuration file.
+    #[arg(long, default_value = stitch_agent::config::DEFAULT_CONFIG, env = "STITCH_CONFIG")]
+    config: PathBuf,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Check the configuration and the store, print the result, and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("STITCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => b.with_ansi(false).init(),
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let env = |k: &str| std::env::var(k).ok();
+    let cfg = stitch_agent::Config::load(&args.config, &env)
+        .map_err(|e| anyhow::anyhow!("error[{}]: {e}", e.code()))?;
+    if args.check {
+        let keys = cfg
+            .trusted()
+            .map_err(|e| anyhow::anyhow!("error[{}]: {e}", e.code()))?;
+        let (store, report) = stitch_agent::store::Store::open(&cfg.state_dir)
+            .map_err(|e| anyhow::anyhow!("error[{}]: {e}", e.code()))?;
+        println!(
+            "config ok: {} trusted key(s), server {}, state {}",
+            keys.len(),
+            cfg.server_url.as_deref().unwrap_or("(none: offline)"),
+            store.dir().display()
+        );
+        if let Some(r) = report.rebuilt_from {
+            println!("store was rebuilt (old database moved to {})", r.display());
+        }
+        return Ok(());
+    }
+    let agent = stitch_agent::daemon::start(cfg, None)
+        .map_err(|e| anyhow::anyhow!("error[{}]: {e}", e.code()))
+        .context("stitchd cannot start")?;
+    // SIGTERM/SIGINT: stop the controller, which records `agent_stopped` and leaves every
+    // patch in place (a restarted agent rediscovers them).
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("cannot install signal handlers")?;
+    let tx = agent.tx.clone();
+    std::thread::Builder::new()
+        .name("stitchd-signal".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "stopping");
+                let _ = tx.send(stitch_agent::Input::Shutdown);
+            }
+        })
+        .context("cannot start the signal thread")?;
+    agent.wait();
+    Ok(())
+}
+
+fn main() {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    if let Err(e) = run(args) {
+        eprintln!("{e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,1297 @@
+//! The controller: the one owner of the agent's state. Every request — from the control
+//! socket, the server sync, the proc connector, timers — arrives as an [`Input`]; the
+//! controller knows nothing of transports.
+//!
+//! Invariants:
+//! - A patch is in a process only if the agent is enabled, the server's manifest enables it,
+//!   it was not disabled locally or by crash protection, and its bundle verified against the
+//!   trusted keys when it was loaded for this pass (disk bytes re-checked every pass).
+//! - Nothing is applied twice: each candidate process is listed first ([`Engine::list`]
+//!   reads its Stitch region), which is also how a restarted agent rediscovers its patches.
+//! - Disabling (a patch or the agent) reverts in every process carrying it, live.
+//! - A failing store (full disk, I/O error) never stops patching: state is kept in memory
+//!   and written when the store works again.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use stitch_engine::{Engine, EngineError};
+use stitch_format::{Bundle, TrustedKeys, VerifiedBundle};
+use stitch_sys::Pid;
+
+use crate::config::Config;
+use crate::error::AgentError;
+use crate::event::{Event, EventBody};
+use crate::inventory::{Package, PatchState};
+use crate::procconn::ProcEvent;
+use crate::scan::{self, SizeCache};
+use crate::store::{AppliedRow, InstalledPatch, LocalPolicy, Store, StoredManifest};
+use crate::sync::{ManifestEntry, ManifestPayload};
+
+/// A request to the agent, whatever transport it came over.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum AgentAction {
+    /// Agent state: enabled, server connection, counts.
+    Status,
+    /// Every installed patch with where it is applied.
+    Patches,
+    /// The most recent events.
+    Events {
+        #[serde(default = "default_limit")]
+        limit: usize,
+    },
+    /// Enable the agent (no patch) or one patch.
+    Enable {
+        #[serde(default)]
+        patch: Option<String>,
+    },
+    /// Disable the agent (reverting every patch) or one patch.
+    Disable {
+        #[serde(default)]
+        patch: Option<String>,
+    },
+    /// Heartbeat, deliver events and fetch the manifest now.
+    Sync,
+}
+
+fn default_limit() -> usize {
+    50
+}
+
+/// Answer to an action: JSON, or an error with a stable code.
+pub type Reply = std::result::Result<Value, (String, String)>;
+
+/// How the server connection is doing (reported by the sync threads).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SyncStatus {
+    /// `not_configured`, `enrolling`, `online`, `offline`, `revoked`.
+    pub state: String,
+    pub agent_id: Option<String>,
+    pub last_contact: Option<i64>,
+    pub last_error: Option<String>,
+    pub manifest_version: Option<i64>,
+}
+
+/// What the reporter needs for a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatParts {
+    pub agent_enabled: bool,
+    pub patches: Vec<PatchState>,
+}
+
+/// Everything the controller is told.
+pub enum Input {
+    Action(AgentAction, Sender<Reply>),
+    Proc(ProcEvent),
+    /// The proc connector lost events: rescan everything.
+    Rescan,
+    /// A verified manifest and the bundles downloaded for it (content address, bytes).
+    Manifest {
+        payload: ManifestPayload,
+        bundles: Vec<(String, Vec<u8>)>,
+    },
+    /// A bundle the server served was refused.
+    BundleRejected {
+        entry: ManifestEntry,
+        code: String,
+        message: String,
+    },
+    Sync(SyncStatus),
+    /// The installed packages (from the reporter's inventory).
+    Packages(Vec<Package>),
+    Heartbeat(Sender<HeartbeatParts>),
+    Shutdown,
+}
+
+/// Where a patch is: a process carrying our patches.
+#[derive(Debug, Clone)]
+struct Carrier {
+    start_time: u64,
+    exe: String,
+    /// patch id -> (revision, hits already reported)
+    patches: BTreeMap<String, (u32, u64)>,
+}
+
+/// An installed patch with its bundle.
+struct Slot {
+    row: InstalledPatch,
+    bundle: VerifiedBundle,
+    /// The bundle is on disk (else only in memory: the disk was full when it arrived).
+    persisted: bool,
+    /// Last failure: code, message.
+    error: Option<(String, String)>,
+}
+
+/// Counters the agent keeps about itself.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Metrics {
+    pub applied: u64,
+    pub reverted: u64,
+    pub failures: BTreeMap<String, u64>,
+    pub exploit_attempts_blocked: u64,
+    pub crashes_seen: u64,
+    pub scans: u64,
+    pub last_scan_ms: u64,
+    pub last_scan_processes: u64,
+}
+
+/// State of one scan pass. Bundles and stored rows are loaded only when a process that
+/// may carry a target is found, so the many exec events of a busy host stay cheap.
+#[derive(Default)]
+struct Pass {
+    /// Bundles re-verified for this pass (loaded on first need).
+    bundles: Option<BTreeMap<String, VerifiedBundle>>,
+    /// Hits already reported, from the store: (pid, start time, patch) -> hits.
+    rows: Option<HashMap<(i32, u64, String), u64>>,
+    /// Rows to write at the end (one transaction).
+    dirty: Vec<AppliedRow>,
+    /// Processes each patch was newly applied to.
+    applied: BTreeMap<String, i64>,
+}
+
+/// The controller.
+pub struct Controller {
+    cfg: Config,
+    store: Store,
+    keys: TrustedKeys,
+    engine: Engine,
+    slots: BTreeMap<String, Slot>,
+    policy: LocalPolicy,
+    carriers: HashMap<i32, Carrier>,
+    /// Carriers found gone by a scan before their exit event arrived (a busy host queues
+    /// events): kept for a while so a late exit event is still attributed (crash protection).
+    departed: HashMap<i32, (Instant, Carrier)>,
+    /// (pid, patch, code) already reported, so a process that refuses a patch is not
+    /// reported on every scan.
+    reported: HashSet<(i32, String, String)>,
+    crashes: HashMap<String, Vec<Instant>>,
+    pending: Vec<(Instant, i32)>,
+    unsaved: Vec<Event>,
+    store_error: Option<String>,
+    sync: SyncStatus,
+    packages: Option<HashSet<(String, String, String)>>,
+    metrics: Metrics,
+    started: Instant,
+    ready_after: Option<Duration>,
+    proc_connector: bool,
+    last_scan: Instant,
+    last_hits: Instant,
+    sizes: SizeCache,
+    outbox_wake: Option<Box<dyn Fn() + Send>>,
+    sync_now: Option<Box<dyn Fn() + Send>>,
+}
+
+impl Controller {
+    /// Loads the store into memory (re-verifying every bundle); applies nothing yet.
+    pub fn new(cfg: Config, store: Store, keys: TrustedKeys) -> Controller {
+        let policy = store.policy();
+        let mut c = Controller {
+            cfg,
+            store,
+            keys,
+            engine: Engine::new(),
+            slots: BTreeMap::new(),
+            policy,
+            carriers: HashMap::new(),
+            departed: HashMap::new(),
+            reported: HashSet::new(),
+            crashes: HashMap::new(),
+            pending: Vec::new(),
+            unsaved: Vec::new(),
+            store_error: None,
+            sync: SyncStatus {
+                state: "not_configured".into(),
+                ..Default::default()
+            },
+            packages: None,
+            metrics: Metrics::default(),
+            started: Instant::now(),
+            ready_after: None,
+            proc_connector: false,
+            last_scan: Instant::now(),
+            last_hits: Instant::now(),
+            sizes: SizeCache::default(),
+            outbox_wake: None,
+            sync_now: None,
+        };
+        let rows = match c.store.patches() {
+            Ok(r) => r,
+            Err(e) => {
+                c.store_failed(&e);
+                Vec::new()
+            }
+        };
+        for row in rows {
+            match c.store.load_verified(&row.content_address, &c.keys) {
+                Ok(bundle) => {
+                    c.slots.insert(
+                        row.patch_id.clone(),
+                        Slot {
+                            row,
+                            bundle,
+                            persisted: true,
+                            error: None,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(patch_id = %row.patch_id, code = e.code(), error = %e, "stored bundle refused; it will be downloaded again");
+                    c.event(EventBody::PatchFailed {
+                        patch_id: row.patch_id.clone(),
+                        revision: row.revision.into(),
+                        code: e.code().into(),
+                        message: e.to_string(),
+                    });
+                    if let Err(e) = c.store.remove_patch(&row.patch_id) {
+                        c.store_failed(&e);
+                    }
+                }
+            }
+        }
+        c
+    }
+
+    /// Called after each event that should reach the server soon.
+    pub fn on_outbox(&mut self, f: Box<dyn Fn() + Send>) {
+        self.outbox_wake = Some(f);
+    }
+
+    /// Called for `stitch agent sync`.
+    pub fn on_sync_now(&mut self, f: Box<dyn Fn() + Send>) {
+        self.sync_now = Some(f);
+    }
+
+    /// Whether exec/exit events come from the proc connector.
+    pub fn set_proc_connector(&mut self, on: bool) {
+        self.proc_connector = on;
+    }
+
+    /// The engine (benchmarks read its digest cache).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn agent_enabled(&self) -> bool {
+        !self.policy.agent_disabled
+    }
+
+    fn desired(&self, id: &str) -> bool {
+        self.agent_enabled() && self.slots.get(id).is_some_and(|s| s.row.enabled())
+    }
+
+    // ------------------------------------------------------------------ events & store
+
+    fn store_failed(&mut self, e: &AgentError) {
+        if self.store_error.as_deref() != Some(&e.to_string()) {
+            tracing::error!(code = e.code(), error = %e, "local store write failed; keeping state in memory");
+        }
+        self.store_error = Some(e.to_string());
+    }
+
+    fn store_ok(&mut self) {
+        if self.store_error.take().is_some() {
+            tracing::info!("local store writable again");
+        }
+    }
+
+    /// Records an event (outbox for the server, and the local log).
+    pub fn event(&mut self, body: EventBody) {
+        tracing::info!(event = %body.describe(), "event");
+        self.unsaved.push(Event::now(body));
+        self.flush_unsaved();
+    }
+
+    fn flush_unsaved(&mut self) {
+        let mut wake = false;
+        while let Some(e) = self.unsaved.first().cloned() {
+            match self.store.push_event(&e, e.body.deliverable()) {
+                Ok(()) => {
+                    wake |= e.body.deliverable();
+                    self.unsaved.remove(0);
+                    self.store_ok();
+                }
+                Err(err) => {
+                    self.store_failed(&err);
+                    // Keep at most a bounded backlog in memory.
+                    if self.unsaved.len() > 10_000 {
+                        self.unsaved.remove(0);
+                    }
+                    break;
+                }
+            }
+        }
+        if wake && let Some(f) = &self.outbox_wake {
+            f();
+        }
+    }
+
+    fn persist_slots(&mut self) {
+        let mut errs = Vec::new();
+        for s in self.slots.values_mut() {
+            if !s.persisted {
+                let bytes = s.bundle.bundle().encode();
+                match self
+                    .store
+                    .put_bundle(&s.row.content_address, &bytes, &self.keys)
+                {
+                    Ok(_) => s.persisted = true,
+                    Err(e) => {
+                        errs.push(e);
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = self.store.upsert_patch(&s.row) {
+                errs.push(e);
+            }
+        }
+        match errs.into_iter().next() {
+            Some(e) => self.store_failed(&e),
+            None => self.store_ok(),
+        }
+    }
+
+    fn save_policy(&mut self) {
+        match self.store.set_policy(&self.policy) {
+            Ok(()) => self.store_ok(),
+            Err(e) => self.store_failed(&e),
+        }
+    }
+
+    // ------------------------------------------------------------------ start-up
+
+    /// Applies every enabled patch to every running process that maps its target, and
+    /// rediscovers what is already applied. Returns how long it took.
+    pub fn startup(&mut self) -> Duration {
+        let t0 = Instant::now();
+        self.event(EventBody::AgentStarted);
+        self.scan_all();
+        let d = t0.elapsed();
+        self.ready_after = Some(self.started.elapsed());
+        tracing::info!(
+            elapsed_ms = d.as_millis() as u64,
+            processes = self.carriers.len(),
+            patches = self.slots.len(),
+            "start-up pass done"
+        );
+        d
+    }
+
+    // ------------------------------------------------------------------ scanning
+
+    fn target_sizes(&self) -> HashSet<u64> {
+        self.slots
+            .values()
+            .map(|s| s.bundle.patch().target.size)
+            .collect()
+    }
+
+    /// Bundles re-verified for this pass: id -> bundle. A bundle that no longer verifies is
+    /// reported and left out.
+    fn pass_bundles(&mut self) -> BTreeMap<String, VerifiedBundle> {
+        let mut out = BTreeMap::new();
+        let mut failed = Vec::new();
+        for (id, s) in &self.slots {
+            let r = if s.persisted {
+                self.store.load_verified(&s.row.content_address, &self.keys)
+            } else {
+                Bundle::decode_verified(&s.bundle.bundle().encode(), &self.keys).map_err(|source| {
+                    AgentError::Bundle {
+                        content_address: s.row.content_address.clone(),
+                        source,
+                    }
+                })
+            };
+            match r {
+                Ok(b) => {
+                    out.insert(id.clone(), b);
+                }
+                Err(e) => failed.push((id.clone(), s.row.revision, e)),
+            }
+        }
+        for (id, rev, e) in failed {
+            self.fail(&id, rev, None, &e);
+            if let Some(s) = self.slots.get_mut(&id) {
+                // Damaged on disk: fall back to the copy verified when it was loaded, and
+                // write that back.
+                s.persisted = false;
+            }
+        }
+        out
+    }
+
+    /// Every process on the host.
+    pub fn scan_all(&mut self) {
+        let t0 = Instant::now();
+        let sizes = self.target_sizes();
+        let pids = scan::pids();
+        let n = pids.len();
+        if !sizes.is_empty() || !self.carriers.is_empty() {
+            // A full scan also refreshes what we know about file sizes.
+            self.sizes = SizeCache::default();
+            let mut pass = Pass::default();
+            for pid in pids {
+                self.check_pid(pid, &sizes, &mut pass);
+            }
+            self.finish_pass(pass);
+        }
+        self.last_scan = Instant::now();
+        self.metrics.scans += 1;
+        self.metrics.last_scan_ms = t0.elapsed().as_millis() as u64;
+        self.metrics.last_scan_processes = n as u64;
+        // Forget carriers that are gone (an exit event may have been missed).
+        let gone: Vec<i32> = self
+            .carriers
+            .keys()
+            .copied()
+            .filter(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+            .collect();
+        for p in gone {
+            self.depart(p);
+        }
+    }
+
+    fn check_one(&mut self, pid: i32) {
+        let sizes = self.target_sizes();
+        if sizes.is_empty() {
+            return;
+        }
+        let mut pass = Pass::default();
+        self.check_pid(pid, &sizes, &mut pass);
+        self.finish_pass(pass);
+    }
+
+    fn finish_pass(&mut self, pass: Pass) {
+        if !pass.dirty.is_empty() {
+            match self.store.set_applied_many(&pass.dirty) {
+                Ok(()) => self.store_ok(),
+                Err(e) => self.store_failed(&e),
+            }
+        }
+        for (id, processes) in pass.applied {
+            let revision = self.slots.get(&id).map_or(0, |s| s.row.revision);
+            self.event(EventBody::PatchApplied {
+                patch_id: id,
+                revision: revision.into(),
+                processes,
+            });
+        }
+    }
+
+    /// Brings one process in line: rediscovers, applies what is missing, reverts what must
+    /// not be there.
+    fn check_pid(&mut self, pid: i32, sizes: &HashSet<u64>, pass: &mut Pass) {
+        let Some(entries) = scan::maps(pid) else {
+            return;
+        };
+        let mapped = self.sizes.module_sizes(pid, &entries);
+        let candidate = mapped.iter().any(|s| sizes.contains(s));
+        if !candidate && !self.carriers.contains_key(&pid) {
+            return;
+        }
+        let listed = match self.engine.list(Pid(pid)) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(pid, error = %e, "cannot list patches of process");
+                return;
+            }
+        };
+        let start_time = scan::start_time(pid).unwrap_or(0);
+        // Rediscovery: what the process carries right now.
+        let mut carried: BTreeMap<String, (u32, u64)> = BTreeMap::new();
+        for a in &listed {
+            if a.record.state == stitch_engine::region::RecordState::Applied {
+                carried.insert(a.record.id.clone(), (a.record.revision, a.record.hits));
+            }
+        }
+        let known = self
+            .carriers
+            .get(&pid)
+            .filter(|c| c.start_time == start_time)
+            .cloned();
+        let exe = known
+            .as_ref()
+            .map(|c| c.exe.clone())
+            .unwrap_or_else(|| scan::exe(pid));
+        let mut carrier = Carrier {
+            start_time,
+            exe: exe.clone(),
+            patches: BTreeMap::new(),
+        };
+        for (id, (rev, hits)) in &carried {
+            if !self.slots.contains_key(id) {
+                continue; // not ours (applied by hand with `stitch apply`): leave it alone
+            }
+            // Hits already reported: from memory, else from the store (agent restart), else
+            // all of them are new to us but not new attempts: count from now.
+            let reported = known
+                .as_ref()
+                .and_then(|c| c.patches.get(id).map(|x| x.1))
+                .or_else(|| {
+                    pass.rows
+                        .get_or_insert_with(|| {
+                            self.store
+                                .applied()
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|r| ((r.pid, r.start_time, r.patch_id), r.hits_reported))
+                                .collect()
+                        })
+                        .get(&(pid, start_time, id.clone()))
+                        .copied()
+                })
+                .unwrap_or(*hits);
+            carrier
+                .patches
+                .insert(id.clone(), (*rev, reported.min(*hits)));
+        }
+        let ids: Vec<String> = self.slots.keys().cloned().collect();
+        for id in ids {
+            let Some(slot) = self.slots.get(&id) else {
+                continue;
+            };
+            let revision = slot.row.revision;
+            let target_size = slot.bundle.patch().target.size;
+            let desired = self.desired(&id);
+            let have = carrier.patches.get(&id).map(|x| x.0);
+            if let Some(r) = have
+                && (!desired || r != revision)
+            {
+                match self.engine.revert(Pid(pid), &id) {
+                    Ok(rep) => {
+                        self.metrics.reverted += 1;
+                        carrier.patches.remove(&id);
+                        let _ = self.store.clear_applied(pid, Some(&id));
+                        tracing::info!(pid, patch_id = %id, hits = rep.hits, "reverted");
+                    }
+                    Err(e) => {
+                        self.fail(&id, revision, Some(pid), &AgentError::Engine(e));
+                        continue;
+                    }
+                }
+            }
+            if !desired || carrier.patches.contains_key(&id) || !mapped.contains(&target_size) {
+                continue;
+            }
+            if pass.bundles.is_none() {
+                pass.bundles = Some(self.pass_bundles());
+            }
+            let Some(bundle) = pass.bundles.as_ref().and_then(|b| b.get(&id)) else {
+                continue;
+            };
+            match self.engine.apply(Pid(pid), bundle) {
+                Ok(rep) => {
+                    self.metrics.applied += 1;
+                    tracing::info!(pid, patch_id = %id, pause_us = rep.pause.as_micros() as u64, "applied");
+                    carrier.patches.insert(id.clone(), (revision, 0));
+                    *pass.applied.entry(id.clone()).or_default() += 1;
+                    if let Some(s) = self.slots.get_mut(&id) {
+                        s.error = None;
+                    }
+                }
+                // Same size, different file (a replaced or other build): not a target.
+                Err(EngineError::ModuleNotMapped { .. }) => {}
+                Err(EngineError::AlreadyApplied { .. }) => {
+                    carrier.patches.insert(id.clone(), (revision, 0));
+                }
+                Err(e) => self.fail(&id, revision, Some(pid), &AgentError::Engine(e)),
+            }
+        }
+        for (id, (rev, hits)) in &carrier.patches {
+            let before = known.as_ref().and_then(|c| c.patches.get(id)).copied();
+            if before != Some((*rev, *hits)) {
+                pass.dirty.push(AppliedRow {
+                    pid,
+                    start_time,
+                    patch_id: id.clone(),
+                    revision: *rev,
+                    exe: exe.clone(),
+                    hits_reported: *hits,
+                    applied_at: crate::now_unix(),
+                });
+            }
+        }
+        if carrier.patches.is_empty() {
+            self.carriers.remove(&pid);
+        } else {
+            self.carriers.insert(pid, carrier);
+        }
+    }
+
+    /// A carrier whose process is gone (seen by a scan, not by an exit event).
+    fn depart(&mut self, pid: i32) {
+        if let Some(c) = self.carriers.remove(&pid) {
+            self.departed.insert(pid, (Instant::now(), c));
+        }
+        let _ = self.store.clear_applied(pid, None);
+        let cutoff = Duration::from_secs(120);
+        self.departed.retain(|_, (t, _)| t.elapsed() < cutoff);
+    }
+
+    fn fail(&mut self, id: &str, revision: u32, pid: Option<i32>, e: &AgentError) {
+        let code = e.code().to_string();
+        *self.metrics.failures.entry(code.clone()).or_default() += 1;
+        if let Some(s) = self.slots.get_mut(id) {
+            s.error = Some((code.clone(), e.to_string()));
+        }
+        let key = (pid.unwrap_or(0), id.to_string(), code.clone());
+        if pid.is_some() && !self.reported.insert(key) {
+            tracing::debug!(patch_id = id, ?pid, %code, "failure already reported");
+            return;
+        }
+        tracing::warn!(patch_id = id, ?pid, %code, error = %e, "patch failed");
+        self.event(EventBody::PatchFailed {
+            patch_id: id.to_string(),
+            revision: revision.into(),
+            code,
+            message: e.to_string(),
+        });
+    }
+
+    /// Reverts `id` in every process carrying it.
+    fn revert_everywhere(&mut self, id: &str) -> usize {
+        let revision = self.slots.get(id).map_or(0, |s| s.row.revision);
+        let pids: Vec<i32> = self
+            .carriers
+            .iter()
+            .filter(|(_, c)| c.patches.contains_key(id))
+            .map(|(p, _)| *p)
+            .collect();
+        let mut n = 0;
+        for pid in pids {
+            match self.engine.revert(Pid(pid), id) {
+                Ok(_) => {
+                    n += 1;
+                    self.metrics.reverted += 1;
+                }
+                Err(EngineError::NotApplied { .. }) => {}
+                Err(EngineError::Sys(stitch_sys::SysError::NoSuchProcess { .. })) => {}
+                Err(e) => {
+                    self.fail(id, revision, Some(pid), &AgentError::Engine(e));
+                    continue;
+                }
+            }
+            if let Some(c) = self.carriers.get_mut(&pid) {
+                c.patches.remove(id);
+                if c.patches.is_empty() {
+                    self.carriers.remove(&pid);
+                }
+            }
+            let _ = self.store.clear_applied(pid, Some(id));
+        }
+        if n > 0 {
+            self.event(EventBody::PatchReverted {
+                patch_id: id.to_string(),
+                revision: revision.into(),
+            });
+        }
+        n
+    }
+
+    /// Reverts every patch that must not be applied, everywhere.
+    fn revert_undesired(&mut self) {
+        let mut ids: Vec<String> = self
+            .carriers
+            .values()
+            .flat_map(|c| c.patches.keys().cloned())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        for id in ids {
+            if !self.desired(&id) {
+                self.revert_everywhere(&id);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ hit counters
+
+    /// Reads the hit counters of every patched process; new hits become
+    /// `exploit_blocked` events.
+    pub fn poll_hits(&mut self) {
+        self.last_hits = Instant::now();
+        let pids: Vec<i32> = self.carriers.keys().copied().collect();
+        for pid in pids {
+            let listed = match self.engine.list(Pid(pid)) {
+                Ok(l) => l,
+                Err(_) => {
+                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        self.depart(pid);
+                    }
+                    continue;
+                }
+            };
+            let Some(c) = self.carriers.get(&pid).cloned() else {
+                continue;
+            };
+            let mut updated = c.clone();
+            for a in listed {
+                let Some((rev, reported)) = c.patches.get(&a.record.id).copied() else {
+                    continue;
+                };
+                if a.record.hits > reported {
+                    let count = a.record.hits - reported;
+                    self.metrics.exploit_attempts_blocked += count;
+                    tracing::warn!(pid, patch_id = %a.record.id, exe = %c.exe, count, "exploit attempt blocked");
+                    self.event(EventBody::ExploitBlocked {
+                        patch_id: a.record.id.clone(),
+                        pid: pid.into(),
+                        exe: c.exe.clone(),
+                        count: count as i64,
+                    });
+                    updated
+                        .patches
+                        .insert(a.record.id.clone(), (rev, a.record.hits));
+                    let r = self.store.set_applied(&AppliedRow {
+                        pid,
+                        start_time: c.start_time,
+                        patch_id: a.record.id.clone(),
+                        revision: rev,
+                        exe: c.exe.clone(),
+                        hits_reported: a.record.hits,
+                        applied_at: crate::now_unix(),
+                    });
+                    if let Err(e) = r {
+                        self.store_failed(&e);
+                    }
+                }
+            }
+            self.carriers.insert(pid, updated);
+        }
+    }
+
+    // ------------------------------------------------------------------ process events
+
+    fn on_proc(&mut self, e: ProcEvent) {
+        match e {
+            ProcEvent::Exec { pid } => {
+                // The old image (and its patches) is gone.
+                if self.carriers.remove(&pid).is_some() {
+                    let _ = self.store.clear_applied(pid, None);
+                }
+                if self.agent_enabled() && self.slots.values().any(|s| s.row.enabled()) {
+                    // The loader maps libraries right after exec: look a little later, and
+                    // again once start-up code has run (load-time hook gap, see docs/agent.md).
+                    let now = Instant::now();
+                    for d in [50, 1000] {
+                        self.pending.push((now + Duration::from_millis(d), pid));
+                    }
+                }
+            }
+            ProcEvent::Fork { parent, child } => {
+                if let Some(c) = self.carriers.get(&parent).cloned() {
+                    let mut c = c;
+                    c.start_time = scan::start_time(child).unwrap_or(0);
+                    for v in c.patches.values_mut() {
+                        v.1 = 0;
+                    }
+                    self.carriers.insert(child, c);
+                    // The child's hit counters are copies: count from what it has now.
+                    self.pending
+                        .push((Instant::now() + Duration::from_millis(50), child));
+                }
+            }
+            ProcEvent::Exit { pid, signal, .. } => {
+                let Some(c) = self
+                    .carriers
+                    .remove(&pid)
+                    .or_else(|| self.departed.remove(&pid).map(|x| x.1))
+                else {
+                    return;
+                };
+                let _ = self.store.clear_applied(pid, None);
+                let Some(sig) = signal else { return };
+                if ![11, 7, 4, 6].contains(&sig) {
+                    return;
+                }
+                self.metrics.crashes_seen += 1;
+                for id in c.patches.keys() {
+                    self.on_crash(id, pid, &c.exe, sig);
+                }
+            }
+        }
+    }
+
+    fn on_crash(&mut self, id: &str, pid: i32, exe: &str, signal: i32) {
+        self.event(EventBody::PatchedProcessCrashed {
+            patch_id: id.to_string(),
+            pid: pid.into(),
+            exe: exe.to_string(),
+            signal: signal.into(),
+        });
+        let window = Duration::from_secs(self.cfg.crash.window_s.max(1));
+        let now = Instant::now();
+        let list = self.crashes.entry(id.to_string()).or_default();
+        list.retain(|t| now.duration_since(*t) < window);
+        list.push(now);
+        let count = list.len() as u32;
+        if count < self.cfg.crash.threshold.max(1) || !self.slots.contains_key(id) {
+            return;
+        }
+        let reason = format!(
+            "{count} processes carrying the patch crashed (last: {exe} pid {pid}, signal {signal}) within {}s",
+            window.as_secs()
+        );
+        tracing::error!(patch_id = id, %reason, "crash protection: disabling the patch on this host");
+        self.policy
+            .crash_disabled
+            .insert(id.to_string(), reason.clone());
+        self.save_policy();
+        let revision = if let Some(s) = self.slots.get_mut(id) {
+            s.row.crash_disabled = Some(reason.clone());
+            s.row.revision
+        } else {
+            0
+        };
+        self.persist_slots();
+        self.crashes.remove(id);
+        self.revert_everywhere(id);
+        self.event(EventBody::PatchFailed {
+            patch_id: id.to_string(),
+            revision: revision.into(),
+            code: "agent.crash_protection".into(),
+            message: reason,
+        });
+    }
+
+    fn run_pending(&mut self) {
+        let now = Instant::now();
+        let due: Vec<i32> = self
+            .pending
+            .iter()
+            .filter(|(t, _)| *t <= now)
+            .map(|(_, p)| *p)
+            .collect();
+        self.pending.retain(|(t, _)| *t > now);
+        let mut seen = HashSet::new();
+        for pid in due {
+            if seen.insert(pid) {
+                self.check_one(pid);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ manifest
+
+    fn on_manifest(&mut self, payload: ManifestPayload, bundles: Vec<(String, Vec<u8>)>) {
+        let mut by_ca: HashMap<String, Vec<u8>> = bundles.into_iter().collect();
+        let mut wanted = HashSet::new();
+        let mut need_scan = false;
+        for entry in &payload.patches {
+            wanted.insert(entry.patch_id.clone());
+            let same = self
+                .slots
+                .get(&entry.patch_id)
+                .is_some_and(|s| s.row.content_address == entry.content_address);
+            if same {
+                let was = self.desired(&entry.patch_id);
+                if let Some(s) = self.slots.get_mut(&entry.patch_id)
+                    && s.row.server_enabled != entry.enabled
+                {
+                    s.row.server_enabled = entry.enabled;
+                    tracing::info!(patch_id = %entry.patch_id, enabled = entry.enabled, "server policy changed");
+                }
+                need_scan |= !was && self.desired(&entry.patch_id);
+                continue;
+            }
+            // New patch or new revision.
+            if !by_ca.contains_key(&entry.content_address)
+                && !self.store.has_bundle(&entry.content_address)
+            {
+                // Refused at download (already reported) or not fetched yet: keep what we
+                // have for this patch, if anything.
+                continue;
+            }
+            let loaded = match by_ca.remove(&entry.content_address) {
+                Some(bytes) => {
+                    match self
+                        .store
+                        .put_bundle(&entry.content_address, &bytes, &self.keys)
+                    {
+                        Ok(vb) => Ok((vb, true)),
+                        Err(e @ (AgentError::DiskFull { .. } | AgentError::Io { .. })) => {
+                            self.store_failed(&e);
+                            crate::store::verify_bundle(&entry.content_address, &bytes, &self.keys)
+                                .map(|vb| (vb, false))
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                None => self
+                    .store
+                    .load_verified(&entry.content_address, &self.keys)
+                    .map(|vb| (vb, true)),
+            };
+            let (bundle, persisted) = match loaded {
+                Ok(x) => x,
+                Err(e) => {
+                    self.fail_entry(entry, e.code(), &e.to_string());
+                    continue;
+                }
+            };
+            let p = bundle.patch();
+            if p.id != entry.patch_id || i64::from(p.revision) != entry.revision {
+                self.fail_entry(
+                    entry,
+                    "agent.manifest_mismatch",
+                    &format!(
+                        "bundle holds {} r{}, manifest says {} r{}",
+                        p.id, p.revision, entry.patch_id, entry.revision
+                    ),
+                );
+                continue;
+            }
+            if self.slots.contains_key(&entry.patch_id) {
+                // A new revision replaces the old one: take the old one out first.
+                self.revert_everywhere(&entry.patch_id);
+            }
+            let row = InstalledPatch {
+                patch_id: entry.patch_id.clone(),
+                revision: p.revision,
+                content_address: entry.content_address.clone(),
+                server_enabled: entry.enabled,
+                local_enabled: !self.policy.patches_disabled.contains(&entry.patch_id),
+                crash_disabled: self.policy.crash_disabled.get(&entry.patch_id).cloned(),
+                title: p.title.clone(),
+                installed_at: crate::now_unix(),
+            };
+            self.event(EventBody::PatchInstalled {
+                patch_id: row.patch_id.clone(),
+                revision: row.revision.into(),
+            });
+            self.slots.insert(
+                entry.patch_id.clone(),
+                Slot {
+                    row,
+                    bundle,
+                    persisted,
+                    error: None,
+                },
+            );
+            need_scan = true;
+        }
+        // Patches the server no longer lists for this host are uninstalled.
+        let gone: Vec<String> = self
+            .slots
+            .keys()
+            .filter(|id| !wanted.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            tracing::info!(patch_id = %id, "no longer in the manifest; uninstalling");
+            self.revert_everywhere(&id);
+            self.slots.remove(&id);
+            if let Err(e) = self.store.remove_patch(&id) {
+                self.store_failed(&e);
+            }
+            self.event(EventBody::Local {
+                message: format!("{id} uninstalled (no longer in the server's manifest)"),
+            });
+        }
+        self.persist_slots();
+        let stored = StoredManifest {
+            version: payload.version,
+            expires_at: payload.expires_at,
+            entries: payload.patches.clone(),
+        };
+        if let Err(e) = self.store.set_manifest(&stored) {
+            self.store_failed(&e);
+        }
+        self.sync.manifest_version = Some(payload.version);
+        self.revert_undesired();
+        if need_scan {
+            self.scan_all();
+        }
+    }
+
+    fn fail_entry(&mut self, entry: &ManifestEntry, code: &str, message: &str) {
+        tracing::warn!(patch_id = %entry.patch_id, code, message, "bundle refused");
+        *self.metrics.failures.entry(code.to_string()).or_default() += 1;
+        let key = (
+            0,
+            format!("{}@{}", entry.patch_id, entry.content_address),
+            code.to_string(),
+        );
+        if self.reported.insert(key) {
+            self.event(EventBody::PatchFailed {
+                patch_id: entry.patch_id.clone(),
+                revision: entry.revision,
+                code: code.to_string(),
+                message: message.to_string(),
+            });
+        }
+    }
+
+    // ------------------------------------------------------------------ actions
+
+    /// Handles one action.
+    pub fn handle(&mut self, a: AgentAction) -> Reply {
+        match a {
+            AgentAction::Status => Ok(self.status()),
+            AgentAction::Patches => Ok(json!({ "patches": self.patches_json() })),
+            AgentAction::Events { limit } => {
+                let ev = self
+                    .store
+                    .recent_events(limit.min(10_000))
+                    .map_err(|e| (e.code().to_string(), e.to_string()))?;
+                let mut out: Vec<Value> = self
+                    .unsaved
+                    .iter()
+                    .rev()
+                    .map(|e| json!({ "id": e.id, "occurred_at": e.occurred_at, "delivered": false, "description": e.body.describe(), "event": e }))
+                    .collect();
+                out.extend(ev.iter().map(|s| {
+                    json!({ "id": s.event.id, "occurred_at": s.event.occurred_at, "delivered": s.delivered || !s.event.body.deliverable(), "description": s.event.body.describe(), "event": s.event })
+                }));
+                out.truncate(limit);
+                Ok(json!({ "events": out }))
+            }
+            AgentAction::Enable { patch: None } => {
+                if self.policy.agent_disabled {
+                    self.policy.agent_disabled = false;
+                    self.save_policy();
+                    self.event(EventBody::AgentEnabled);
+                    self.scan_all();
+                }
+                Ok(self.status())
+            }
+            AgentAction::Disable { patch: None } => {
+                if !self.policy.agent_disabled {
+                    self.policy.agent_disabled = true;
+                    self.save_policy();
+                    self.revert_undesired();
+                    self.event(EventBody::AgentDisabled);
+                }
+                Ok(self.status())
+            }
+            AgentAction::Enable { patch: Some(id) } => {
+                let Some(s) = self.slots.get_mut(&id) else {
+                    return Err(unknown(&id));
+                };
+                s.row.local_enabled = true;
+                // An explicit enable also clears a crash-protection disable.
+                s.row.crash_disabled = None;
+                self.policy.patches_disabled.remove(&id);
+                self.policy.crash_disabled.remove(&id);
+                self.crashes.remove(&id);
+                self.save_policy();
+                self.persist_slots();
+                self.scan_all();
+                Ok(json!({ "patches": self.patches_json() }))
+            }
+            AgentAction::Disable { patch: Some(id) } => {
+                let Some(s) = self.slots.get_mut(&id) else {
+                    return Err(unknown(&id));
+                };
+                s.row.local_enabled = false;
+                self.policy.patches_disabled.insert(id.clone());
+                self.save_policy();
+                self.persist_slots();
+                self.revert_everywhere(&id);
+                Ok(json!({ "patches": self.patches_json() }))
+            }
+            AgentAction::Sync => {
+                self.persist_slots();
+                self.flush_unsaved();
+                if let Some(f) = &self.sync_now {
+                    f();
+                }
+                self.scan_all();
+                Ok(self.status())
+            }
+        }
+    }
+
+    fn processes_of(&self, id: &str) -> Vec<(i32, &Carrier)> {
+        let mut v: Vec<(i32, &Carrier)> = self
+            .carriers
+            .iter()
+            .filter(|(_, c)| c.patches.contains_key(id))
+            .map(|(p, c)| (*p, c))
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v
+    }
+
+    fn relevant(&self, s: &Slot) -> Option<bool> {
+        let pk = &s.bundle.patch().target.package;
+        self.packages.as_ref().map(|set| {
+            set.contains(&(
+                pk.ecosystem.as_str().to_string(),
+                pk.name.clone(),
+                pk.version.clone(),
+            ))
+        })
+    }
+
+    fn state_of(&self, id: &str, s: &Slot) -> (&'static str, i64) {
+        let n = self.processes_of(id).len() as i64;
+        let st = if !self.desired(id) {
+            "disabled"
+        } else if n > 0 {
+            "applied"
+        } else if s.error.is_some() {
+            "failed"
+        } else {
+            "pending"
+        };
+        (st, n)
+    }
+
+    fn patches_json(&self) -> Vec<Value> {
+        self.slots
+            .iter()
+            .map(|(id, s)| {
+                let (state, _) = self.state_of(id, s);
+                let t = &s.bundle.patch().target;
+                let procs: Vec<Value> = self
+                    .processes_of(id)
+                    .iter()
+                    .map(|(pid, c)| json!({ "pid": pid, "exe": c.exe, "hits": c.patches.get(id).map_or(0, |x| x.1) }))
+                    .collect();
+                json!({
+                    "patch_id": id,
+                    "revision": s.row.revision,
+                    "title": s.row.title,
+                    "state": state,
+                    "enabled": self.desired(id),
+                    "server_enabled": s.row.server_enabled,
+                    "local_enabled": s.row.local_enabled,
+                    "crash_disabled": s.row.crash_disabled,
+                    "content_address": s.row.content_address,
+                    "persisted": s.persisted,
+                    "module": t.module,
+                    "target_sha256": hex::encode(t.sha256),
+                    "package": { "ecosystem": t.package.ecosystem.as_str(), "name": t.package.name, "version": t.package.version },
+                    "relevant": self.relevant(s),
+                    "processes": procs,
+                    "error": s.error.as_ref().map(|(c, m)| json!({ "code": c, "message": m })),
+                })
+            })
+            .collect()
+    }
+
+    fn status(&self) -> Value {
+        json!({
+            "agent_version": env!("CARGO_PKG_VERSION"),
+            "agent_enabled": self.agent_enabled(),
+            "server_url": self.cfg.server_url,
+            "server": self.sync,
+            "patches_installed": self.slots.len(),
+            "patches_enabled": self.slots.keys().filter(|id| self.desired(id)).count(),
+            "processes_patched": self.carriers.len(),
+            "outbox": self.store.outbox_len().unwrap_or(0) + self.unsaved.len() as u64,
+            "store": { "dir": self.store.dir(), "error": self.store_error },
+            "ready_after_ms": self.ready_after.map(|d| d.as_millis() as u64),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "new_processes": if self.proc_connector { "proc connector exec events + periodic scan" } else { "periodic scan only (proc connector unavailable)" },
+            "load_time_hook": "not available yet (stitch-hook): a new process runs unpatched until the agent sees it",
+            "metrics": self.metrics,
+        })
+    }
+
+    fn heartbeat_parts(&self) -> HeartbeatParts {
+        let patches = self
+            .slots
+            .iter()
+            .map(|(id, s)| {
+                let (state, n) = self.state_of(id, s);
+                PatchState {
+                    patch_id: id.clone(),
+                    revision: s.row.revision.into(),
+                    state: state.into(),
+                    processes: n,
+                    error_code: if state == "failed" {
+                        s.error.as_ref().map(|e| e.0.clone())
+                    } else {
+                        None
+                    },
+                }
+            })
+            .collect();
+        HeartbeatParts {
+            agent_enabled: self.agent_enabled(),
+            patches,
+        }
+    }
+
+    // ------------------------------------------------------------------ the loop
+
+    /// Time until the next timer-driven work.
+    pub fn next_deadline(&self) -> Duration {
+        let now = Instant::now();
+        let mut next = self.last_scan + self.cfg.scan_interval();
+        if !self.carriers.is_empty() {
+            next = next.min(self.last_hits + self.cfg.hits_interval());
+        }
+        if let Some(p) = self.pending.iter().map(|x| x.0).min() {
+            next = next.min(p);
+        }
+        next.saturating_duration_since(now)
+    }
+
+    /// Runs timer-driven work that is due.
+    pub fn tick(&mut self) {
+        let now = Instant::now();
+        self.run_pending();
+        if !self.carriers.is_empty() && now >= self.last_hits + self.cfg.hits_interval() {
+            self.poll_hits();
+        }
+        if now >= self.last_scan + self.cfg.scan_interval() {
+            self.scan_all();
+        }
+        if !self.unsaved.is_empty() || self.slots.values().any(|s| !s.persisted) {
+            self.persist_slots();
+            self.flush_unsaved();
+        }
+    }
+
+    /// Handles one input; false on shutdown.
+    pub fn input(&mut self, i: Input) -> bool {
+        match i {
+            Input::Action(a, reply) => {
+                let r = self.handle(a);
+                let _ = reply.send(r);
+            }
+            Input::Proc(e) => self.on_proc(e),
+            Input::Rescan => self.scan_all(),
+            Input::Manifest { payload, bundles } => self.on_manifest(payload, bundles),
+            Input::BundleRejected {
+                entry,
+                code,
+                message,
+            } => self.fail_entry(&entry, &code, &message),
+            Input::Sync(s) => {
+                let version = self.sync.manifest_version;
+                self.sync = s;
+                if self.sync.manifest_version.is_none() {
+                    self.sync.manifest_version = version;
+                }
+            }
+            Input::Packages(p) => {
+                self.packages = Some(
+                    p.into_iter()
+                        .map(|p| (p.ecosystem, p.name, p.version))
+                        .collect(),
+                );
+            }
+            Input::Heartbeat(reply) => {
+                let _ = reply.send(self.heartbeat_parts());
+            }
+            Input::Shutdown => {
+                self.event(EventBody::AgentStopped);
+                return false;
+            }
+        }
+        true
+    }
+}
+
+fn unknown(id: &str) -> (String, String) {
+    let e = AgentError::UnknownPatch { id: id.into() };
+    (e.code().into(), e.to_string())
+}

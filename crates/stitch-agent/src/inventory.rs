@@ -1,0 +1,227 @@
+//! What the agent tells the server about its host: hostname, os-release, kernel, IP
+//! addresses, installed packages (dpkg-query or rpm) and the state of every patch.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// One installed package.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Package {
+    pub ecosystem: String,
+    pub name: String,
+    pub version: String,
+}
+
+/// `os` of the heartbeat (from /etc/os-release).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OsInfo {
+    pub id: String,
+    pub version_id: String,
+    pub pretty_name: String,
+}
+
+/// State of one patch on this host.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PatchState {
+    pub patch_id: String,
+    pub revision: i64,
+    /// `applied`, `failed`, `disabled` or `pending`.
+    pub state: String,
+    pub processes: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+}
+
+/// The heartbeat body (`POST /api/v1/agent/heartbeat`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Heartbeat {
+    pub hostname: String,
+    pub os: OsInfo,
+    pub kernel: String,
+    pub ip_addresses: Vec<String>,
+    pub agent_version: String,
+    pub agent_enabled: bool,
+    pub packages_hash: String,
+    /// Sent only when the server asks for it (`inventory_required`) or the set changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packages: Option<Vec<Package>>,
+    pub patches: Vec<PatchState>,
+}
+
+/// The kernel's hostname.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The running kernel release.
+pub fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Parses os-release text.
+pub fn parse_os_release(text: &str) -> OsInfo {
+    let mut o = OsInfo::default();
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let v = v.trim().trim_matches('"').trim_matches('\'').to_string();
+        match k.trim() {
+            "ID" => o.id = v,
+            "VERSION_ID" => o.version_id = v,
+            "PRETTY_NAME" => o.pretty_name = v,
+            _ => {}
+        }
+    }
+    o
+}
+
+/// /etc/os-release (or /usr/lib/os-release).
+pub fn os_release() -> OsInfo {
+    let text = std::fs::read_to_string("/etc/os-release")
+        .or_else(|_| std::fs::read_to_string("/usr/lib/os-release"))
+        .unwrap_or_default();
+    parse_os_release(&text)
+}
+
+/// Local (non-loopback) IPv4 addresses from `/proc/net/fib_trie`.
+pub fn parse_fib_trie(text: &str) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    let mut last: Option<&str> = None;
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(ip) = t.strip_prefix("|-- ").or_else(|| t.strip_prefix("+-- ")) {
+            last = Some(ip.split('/').next().unwrap_or(ip));
+        } else if t.starts_with("/32 host LOCAL")
+            && let Some(ip) = last
+            && let Ok(a) = ip.parse::<std::net::Ipv4Addr>()
+            && !a.is_loopback()
+        {
+            out.insert(a.to_string());
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// IPv6 addresses from `/proc/net/if_inet6` (loopback excluded).
+pub fn parse_if_inet6(text: &str) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    for line in text.lines() {
+        let Some(hexaddr) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Ok(bytes) = hex::decode(hexaddr) else {
+            continue;
+        };
+        let Ok(arr) = <[u8; 16]>::try_from(bytes.as_slice()) else {
+            continue;
+        };
+        let a = std::net::Ipv6Addr::from(arr);
+        if !a.is_loopback() {
+            out.insert(a.to_string());
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// The host's IP addresses (at most 64, as the server accepts).
+pub fn ip_addresses() -> Vec<String> {
+    let mut v = parse_fib_trie(&std::fs::read_to_string("/proc/net/fib_trie").unwrap_or_default());
+    v.extend(parse_if_inet6(
+        &std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default(),
+    ));
+    v.truncate(64);
+    v
+}
+
+/// Parses `dpkg-query -W -f '${db:Status-Abbrev}\t${Package}\t${Version}\n'` output: only
+/// installed (`ii`) packages.
+pub fn parse_dpkg(text: &str) -> Vec<Package> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let status = f.next()?;
+            let name = f.next()?;
+            let version = f.next()?;
+            (status.starts_with("ii") && !name.is_empty() && !version.is_empty()).then(|| Package {
+                ecosystem: "deb".into(),
+                name: name.to_string(),
+                version: version.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Installed packages from dpkg, else rpm; sorted and deduplicated. Empty when neither works.
+pub fn packages() -> Vec<Package> {
+    let dpkg = Command::new("dpkg-query")
+        .args(["-W", "-f", "${db:Status-Abbrev}\t${Package}\t${Version}\n"])
+        .output();
+    let mut v = match dpkg {
+        Ok(o) if o.status.success() => parse_dpkg(&String::from_utf8_lossy(&o.stdout)),
+        _ => match Command::new("rpm")
+            .args(["-qa", "--qf", "%{NAME}\t%{VERSION}-%{RELEASE}\n"])
+            .output()
+        {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| {
+                    let (n, v) = l.split_once('\t')?;
+                    Some(Package {
+                        ecosystem: "rpm".into(),
+                        name: n.into(),
+                        version: v.into(),
+                    })
+                })
+                .collect(),
+            _ => Vec::new(),
+        },
+    };
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The canonical hash the server computes over a sorted, deduplicated package list.
+pub fn packages_hash(sorted: &[Package]) -> String {
+    let mut h = Sha256::new();
+    for p in sorted {
+        h.update(p.ecosystem.as_bytes());
+        h.update(b"\t");
+        h.update(p.name.as_bytes());
+        h.update(b"\t");
+        h.update(p.version.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsers_take_what_matters() {
+        let os = parse_os_release(
+            "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\nVERSION_ID=\"12\"\n",
+        );
+        assert_eq!(os.id, "debian");
+        assert_eq!(os.version_id, "12");
+        assert!(os.pretty_name.starts_with("Debian"));
+        let fib = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 10.0.2.15\n        /32 host LOCAL\n     |-- 127.0.0.1\n        /32 host LOCAL\n     |-- 10.0.2.255\n        /32 link BROADCAST\n";
+        assert_eq!(parse_fib_trie(fib), vec!["10.0.2.15".to_string()]);
+        let v6 = "00000000000000000000000000000001 01 80 10 80       lo\nfe800000000000000000000000000001 02 40 20 80     eth0\n";
+        assert_eq!(parse_if_inet6(v6), vec!["fe80::1".to_string()]);
+        let d = parse_dpkg("ii \tbash\t5.2.15-2+b2\nrc \told\t1.0\nii \tlibc6\t2.36-9\n");
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].name, "bash");
+        assert_eq!(packages_hash(&[]).len(), 64);
+    }
+}

@@ -820,29 +820,30 @@ impl Store {
         Ok(ok)
     }
 
-    /// Everything a manifest is computed from: the agent's org plan, its group, and the
-    /// current catalog patches whose target package the agent has installed.
+    /// Everything a manifest is computed from: the agent's org plan, its group, and every
+    /// current catalog patch of the org. Installed packages do not filter the manifest: an
+    /// agent matches modules by SHA-256, and a target file may come from no package the
+    /// agent can list (a pip wheel, a container image, a vendored copy). Package relevance
+    /// is for the dashboard's counts only.
     pub async fn manifest_inputs(
         &self,
         agent: &AgentAuth,
     ) -> DbResult<(Plan, Group, Vec<Candidate>)> {
         rd!(self, p => {
-            let r = sqlx::query("SELECT o.plan, a.package_set FROM agents a JOIN orgs o ON o.id = a.org_id WHERE a.id = $1")
+            let r = sqlx::query("SELECT o.plan FROM agents a JOIN orgs o ON o.id = a.org_id WHERE a.id = $1")
                 .bind(&agent.id).fetch_one(p).await?;
             let plan: String = r.try_get("plan")?;
             let plan = Plan::from_name(&plan).ok_or_else(|| bad_column("plan", &plan))?;
-            let set: Option<String> = r.try_get("package_set")?;
             let g = sqlx::query("SELECT id, org_id, name, ring, is_default, default_mode FROM computer_groups WHERE id = $1")
                 .bind(agent.group_id).fetch_one(p).await?;
             let group = group_from(&g)?;
             let rows = sqlx::query("SELECT pt.patch_id, pt.revision, pt.content_address, pt.title, pt.severity, pt.tier, pt.module, pt.target_sha256, \
                 pol.enabled AS pol_enabled, pol.mode AS pol_mode, pol.approved AS pol_approved, COALESCE(r.ring, 0) AS rollout_ring \
                 FROM patches pt \
-                JOIN package_set_members m ON m.org_id = pt.org_id AND m.set_hash = $2 AND m.ecosystem = pt.ecosystem AND m.name = pt.package_name AND m.version = pt.package_version \
-                LEFT JOIN policies pol ON pol.group_id = $3 AND pol.patch_id = pt.patch_id \
+                LEFT JOIN policies pol ON pol.group_id = $2 AND pol.patch_id = pt.patch_id \
                 LEFT JOIN rollouts r ON r.org_id = pt.org_id AND r.patch_id = pt.patch_id \
                 WHERE pt.org_id = $1 AND pt.superseded = FALSE ORDER BY pt.patch_id")
-                .bind(agent.org_id).bind(set.unwrap_or_default()).bind(agent.group_id).fetch_all(p).await?;
+                .bind(agent.org_id).bind(agent.group_id).fetch_all(p).await?;
             let cands = rows.iter().map(|r| Ok(Candidate {
                 patch_id: r.try_get("patch_id")?, revision: r.try_get("revision")?, content_address: r.try_get("content_address")?,
                 title: r.try_get("title")?, severity: r.try_get("severity")?, tier: r.try_get("tier")?, module: r.try_get("module")?,

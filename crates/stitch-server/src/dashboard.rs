@@ -465,10 +465,11 @@ async fn computer(State(state): State<AppState>, s: Session, Path(id): Path<Stri
         }
         Err(e) => return error_page(&s, &e.into()),
     };
-    let (packages, events, blocked) = match tokio::try_join!(
+    let (packages, events, blocked, patch_states) = match tokio::try_join!(
         state.store.computer_packages(org, &id),
         state.store.events(org, &id, None, 100),
         state.store.events(org, &id, Some("exploit_blocked"), 100),
+        state.store.computer_states(org, &id),
     ) {
         Ok(x) => x,
         Err(e) => return error_page(&s, &e.into()),
@@ -500,6 +501,18 @@ async fn computer(State(state): State<AppState>, s: Session, Path(id): Path<Stri
                         td { (state_badge(p.state.as_deref().unwrap_or("missing"))) @if let Some(code) = &p.error_code { " " code { (code) } } }
                         td.num { (p.processes.unwrap_or(0)) }
                     }
+                } }
+            }
+        }
+        h2 { "Patches on this computer" }
+        @if patch_states.is_empty() { p.empty { "The agent reports no patch here yet." } }
+        @else {
+            table #patch-states {
+                thead { tr { th { "Patch" } th.num { "Revision" } th { "State" } th.num { "Processes" } } }
+                tbody { @for st in &patch_states {
+                    tr { td { (st.patch_id) } td.num { (st.revision) }
+                         td { (state_badge(&st.state)) @if let Some(code) = &st.error_code { " " code { (code) } } }
+                         td.num { (st.processes) } }
                 } }
             }
         }

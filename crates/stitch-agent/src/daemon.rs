@@ -31,21 +31,30 @@ pub struct Agent {
     pub tx: Sender<Input>,
     pub ready_after: Duration,
     thread: Option<std::thread::JoinHandle<()>>,
+    wake: Wake,
+    /// Only when a server is configured.
+    outbox: Option<Store>,
 }
 
 impl Agent {
     /// Asks the controller to stop and waits for it.
-    pub fn shutdown(mut self) {
+    pub fn shutdown(self) {
         let _ = self.tx.send(Input::Shutdown);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.wait();
     }
 
-    /// Waits until the controller stops.
+    /// Waits until the controller stops, then gives the reporter a moment to deliver the
+    /// last events (`agent_stopped`); whatever is left stays in the outbox for next time.
     pub fn wait(mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        self.wake.wake();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(2)
+            && self.outbox.as_ref().is_some_and(|s| s.outbox_len().unwrap_or(0) > 0)
+        {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
@@ -82,6 +91,11 @@ pub fn start(cfg: Config, hook: Option<Box<dyn LoadHook>>) -> Result<Agent> {
     }
     let (store, report) = Store::open(&cfg.state_dir)?;
     let reporter_store = store.reopen()?;
+    let outbox = if cfg.server_url.is_some() {
+        store.reopen().ok()
+    } else {
+        None
+    };
     let (tx, rx) = channel::<Input>();
     let mut ctl = Controller::new(cfg.clone(), store, keys.clone());
     if let Some(from) = &report.rebuilt_from {
@@ -189,6 +203,8 @@ pub fn start(cfg: Config, hook: Option<Box<dyn LoadHook>>) -> Result<Agent> {
         tx,
         ready_after,
         thread: Some(thread),
+        wake,
+        outbox,
     })
 }
 
@@ -486,6 +502,25 @@ fn reporter(
                         break;
                     }
                     tracing::debug!(n = seqs.len(), "events delivered");
+                }
+                Err(AgentError::Server {
+                    status: 400 | 413 | 422,
+                    code,
+                    message,
+                    ..
+                }) => {
+                    // The server refuses these events for good: a poison batch must not block
+                    // every later event (and the heartbeats behind them). Send one by one and
+                    // drop only the ones it refuses.
+                    tracing::error!(%code, %message, "server refused an event batch; isolating the bad events");
+                    for s in &batch {
+                        match client.events(&id.credential, std::slice::from_ref(&s.event)) {
+                            Ok(()) | Err(AgentError::Server { status: 400 | 413 | 422, .. }) => {
+                                let _ = store.mark_delivered(&[s.seq]);
+                            }
+                            Err(_) => break,
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(code = e.code(), error = %e, "event delivery failed; kept in the outbox");

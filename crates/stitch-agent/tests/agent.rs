@@ -334,6 +334,29 @@ impl Server {
         })
     }
 
+    fn put(&self, path: &str, body: &Value) {
+        let r = self.rt.block_on(async {
+            self.http
+                .put(format!("{}{path}", self.url()))
+                .bearer_auth(&self.api)
+                .json(body)
+                .send()
+                .await
+                .unwrap()
+        });
+        assert!(r.status().is_success(), "PUT {path}: {}", r.status());
+    }
+
+    /// Sets the default group's policy for a patch.
+    fn policy(&self, patch: &str, enabled: bool) {
+        let g = self.get("/api/v1/groups");
+        let gid = g["groups"][0]["id"].as_i64().unwrap();
+        self.put(
+            &format!("/api/v1/groups/{gid}/policies/{patch}"),
+            &json!({ "enabled": enabled }),
+        );
+    }
+
     fn computer(&self) -> Option<Value> {
         let list = self.get("/api/v1/computers");
         let id = list["computers"][0]["id"].as_str()?.to_string();
@@ -1190,4 +1213,41 @@ fn control_socket_is_root_only_and_refuses_garbage() {
         );
     }
     let _ = json!({});
+}
+
+#[test]
+fn server_policy_disable_reverts_live_and_enable_reapplies_within_seconds() {
+    if !can_run() {
+        return;
+    }
+    let mut w = world("srvpolicy", "ST-2026-0112", RETURN_1000, 3);
+    let t0 = Instant::now();
+    w.server.policy("ST-2026-0112", false);
+    w.agent.until("the server's disable to revert the patch", Duration::from_secs(15), || {
+        (!w.run.patched()).then_some(())
+    });
+    let p = w.agent.patch("ST-2026-0112").unwrap();
+    assert_eq!(p["server_enabled"], false);
+    assert_eq!(p["state"], "disabled");
+    // A local enable cannot override the server's decision.
+    w.agent.ask(AgentAction::Enable { patch: Some("ST-2026-0112".into()) });
+    assert!(!w.run.patched());
+    w.server.policy("ST-2026-0112", true);
+    w.agent.until("the server's enable to re-apply", Duration::from_secs(15), || {
+        w.run.patched().then_some(())
+    });
+    eprintln!("server disable+enable round trip: {:?}", t0.elapsed());
+}
+
+#[test]
+fn sigterm_stops_cleanly_reports_agent_stopped_and_leaves_patches_in_place() {
+    if !can_run() {
+        return;
+    }
+    let mut w = world("sigterm", "ST-2026-0113", RETURN_1000, 3);
+    w.agent.stop();
+    assert!(w.run.patched(), "stopping the agent does not revert");
+    wait_until("agent_stopped on the server", Duration::from_secs(10), || {
+        w.server.event_kinds().iter().any(|k| k == "agent_stopped").then_some(())
+    });
 }

@@ -130,6 +130,8 @@ pub(crate) enum Command {
         #[arg(long, default_value = "127.0.0.1:8440")]
         listen: String,
     },
+    /// Control the local agent (stitchd): status, patches, events, enable, disable, sync.
+    Agent(crate::commands::agent::AgentArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]

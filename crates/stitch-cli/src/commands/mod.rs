@@ -1,3 +1,4 @@
+pub(crate) mod agent;
 mod apply;
 mod build;
 mod demo;
@@ -93,6 +94,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         } => apply::revert(&id, &pids, all, json),
         Command::Ps { json } => apply::ps(json),
         Command::Demo { exit, listen } => demo::run(exit, &listen),
+        Command::Agent(a) => agent::run(a),
         Command::Completions { shell } => docs::completions(shell),
         Command::Man { out } => docs::man(&out),
     }

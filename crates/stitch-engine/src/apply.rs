@@ -1,5 +1,6 @@
 //! Committing a plan to a stopped process, reverting, and reading what a process carries.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use stitch_format::{Patch, VerifiedBundle};
@@ -88,9 +89,12 @@ impl Engine {
             let t0 = Instant::now();
             let stopping = t0 - t_stop;
             kill_point("stopped");
-            let result = self
-                .same_module(plan)
-                .and_then(|()| self.commit(&mut sp, plan, bundle.patch()));
+            // One read of the maps per stop: the identity re-check and the commit share it
+            // (no thread can map or unmap while every thread is held).
+            let result = sp.mappings().map_err(EngineError::from).and_then(|maps| {
+                self.same_module(plan, &maps)?;
+                self.commit_mapped(&mut sp, plan, bundle.patch(), maps)
+            });
             let released = sp.resume();
             let pause = t0.elapsed();
             match result {
@@ -113,18 +117,29 @@ impl Engine {
     }
 
     /// Under the stop: the module the plan was made for is still mapped at the same place and
-    /// is still the same file (only this one module is looked at; its digest is cached).
-    fn same_module(&self, plan: &Plan) -> Result<(), EngineError> {
-        let entries = read_maps(plan.pid)?;
-        match self
-            .digests
-            .module_at(plan.pid, &entries, plan.module_start)?
-        {
-            Some(m) if m.sha256 == plan.module_sha256 => Ok(()),
-            _ => Err(EngineError::ModuleNotMapped {
-                pid: plan.pid.0,
-                sha256: hex::encode(plan.module_sha256),
-            }),
+    /// is still the same file (only the mapping at the module's start is opened, through
+    /// `/proc/PID/map_files`; its digest is cached by device, inode, size and ctime).
+    fn same_module(&self, plan: &Plan, maps: &[Mapping]) -> Result<(), EngineError> {
+        let gone = || EngineError::ModuleNotMapped {
+            pid: plan.pid.0,
+            sha256: hex::encode(plan.module_sha256),
+        };
+        let m = maps
+            .iter()
+            .find(|m| m.start == plan.module_start && m.inode != 0)
+            .ok_or_else(gone)?;
+        let path = m.name.strip_suffix(" (deleted)").unwrap_or(&m.name);
+        if self.digests.mapping_has_digest(
+            plan.pid,
+            m.start,
+            m.end,
+            std::path::Path::new(path),
+            m.inode,
+            &plan.module_sha256,
+        )? {
+            Ok(())
+        } else {
+            Err(gone())
         }
     }
 
@@ -142,10 +157,21 @@ impl Engine {
         plan: &Plan,
         patch: &Patch,
     ) -> Result<ApplyReport, EngineError> {
+        let maps = sp.mappings()?;
+        self.commit_mapped(sp, plan, patch, maps)
+    }
+
+    /// [`Engine::commit`] with the maps already read under this stop.
+    fn commit_mapped<T: Tracer>(
+        &self,
+        sp: &mut StoppedProcess<T>,
+        plan: &Plan,
+        patch: &Patch,
+        maps: Vec<Mapping>,
+    ) -> Result<ApplyReport, EngineError> {
         let t0 = Instant::now();
         let pid = sp.pid();
         let span = ModuleSpan::of_plan(plan);
-        let maps = sp.mappings()?;
         let mut existing = find_regions_held(sp, &maps, &span)?;
         for (addr, header) in &mut existing {
             settle_records(sp, *addr, header)?;
@@ -212,7 +238,15 @@ impl Engine {
                 usable.push((addr, header));
             } else if !fresh_one {
                 fresh_one = true;
-                usable.insert(0, (addr, RegionHeader::new(span.sha256, span.bias)));
+                // Empty it now, before anything is written into it: the new record goes where
+                // the old (reverted) ones were, and must not be counted by the old header if
+                // a later step fails (an `applying` record over original bytes).
+                let fresh = RegionHeader::new(span.sha256, span.bias);
+                if let Err(e) = sp.write_verified(addr, &fresh.encode_fixed()) {
+                    let _ = sp.write(addr, &header.encode_fixed());
+                    return Err(e.into());
+                }
+                usable.insert(0, (addr, fresh));
             } else {
                 let _ = sp.remote_munmap(addr, region::REGION_SIZE);
             }
@@ -250,7 +284,7 @@ impl Engine {
             None => {
                 let mut tried = vec![plan.region.addr()];
                 tried.extend(candidates(&maps, &span));
-                let addr = create_region(sp, &tried)?;
+                let addr = create_region(sp, &tried, self)?;
                 kill_point("region_mapped");
                 let header = RegionHeader::new(span.sha256, span.bias);
                 match link(addr, &header, true) {
@@ -433,15 +467,28 @@ fn settle_records<T: Tracer>(
 fn create_region<T: Tracer>(
     sp: &mut StoppedProcess<T>,
     candidates: &[u64],
+    engine: &Engine,
 ) -> Result<u64, EngineError> {
     let mut last = None;
     for &addr in candidates.iter().take(16) {
         match sp.remote_mmap(Placement::Exact(addr), region::REGION_SIZE, PROT_RW) {
             Ok(a) => {
-                let named =
-                    sp.remote_prctl_set_vma_anon_name(a, region::REGION_SIZE, region::ANON_NAME);
-                if let Err(e) = named {
-                    tracing::debug!(error = %e, "naming the region failed");
+                // The name is cosmetic (`[anon:stitch]` in maps; regions are found by their
+                // magic either way): a kernel without CONFIG_ANON_VMA_NAME refuses it with
+                // EINVAL, and is not asked again by this engine.
+                if !engine.anon_name_unsupported.load(Ordering::Relaxed) {
+                    match sp.remote_prctl_set_vma_anon_name(
+                        a,
+                        region::REGION_SIZE,
+                        region::ANON_NAME,
+                    ) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::debug!("PR_SET_VMA_ANON_NAME unsupported; not asked again");
+                            engine.anon_name_unsupported.store(true, Ordering::Relaxed);
+                        }
+                        Err(e) => tracing::debug!(error = %e, "naming the region failed"),
+                    }
                 }
                 let prot = sp.remote_mprotect(
                     a + region::TRAMPOLINE_START,
@@ -783,7 +830,11 @@ fn revert_stopped<T: Tracer>(
         .records
         .iter()
         .any(|r| r.offset != record.offset && r.state != RecordState::Reverted);
-    let freed = !others_live && try_free_region(sp, maps, base).unwrap_or(false);
+    // An empty region is kept for the next apply to this module when the engine is set to
+    // (it is started afresh then, once nothing uses it); else freed if nothing uses it.
+    let freed = !others_live
+        && !engine.options.keep_idle_regions
+        && try_free_region(sp, maps, base).unwrap_or(false);
     Ok((record.revision, hits, freed))
 }
 

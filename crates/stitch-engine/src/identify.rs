@@ -8,11 +8,12 @@
 //! so each file is hashed once however many processes map it.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Read as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use stitch_elf::maps::{self, MapPath, Module};
 use stitch_sys::Pid;
@@ -29,11 +30,17 @@ pub struct FileKey {
     pub ctime_nsec: i64,
 }
 
-/// SHA-256 of files, by [`FileKey`].
+/// SHA-256 of files, by [`FileKey`]; plus the bytes of the few files read last (so a plan
+/// does not read a module it just hashed, or an import library, again).
 #[derive(Debug, Default)]
 pub struct DigestCache {
     map: Mutex<HashMap<FileKey, [u8; 32]>>,
+    bytes: Mutex<VecDeque<(FileKey, Arc<Vec<u8>>)>>,
 }
+
+/// How many files' bytes [`DigestCache`] keeps, and how many bytes in all.
+const BYTES_CACHE_FILES: usize = 16;
+const BYTES_CACHE_TOTAL: usize = 64 << 20;
 
 impl DigestCache {
     /// Number of files hashed so far.
@@ -51,6 +58,86 @@ impl DigestCache {
         if let Ok(mut m) = self.map.lock() {
             m.insert(k, d);
         }
+    }
+
+    /// Records the SHA-256 of the file `file` (an open descriptor of it, e.g. the one a
+    /// caller hashed itself), keyed by its (device, inode, size, ctime) as of now. The caller
+    /// vouches that `sha256` is the digest of exactly these bytes: a file changed since it was
+    /// hashed has a new ctime, hence another key, and is hashed again when looked at.
+    ///
+    /// # Errors
+    /// `fstat` failed.
+    pub fn remember(&self, file: &File, sha256: [u8; 32]) -> Result<FileKey, EngineError> {
+        let key = key_of(file, "remembered file")?;
+        self.put(key, sha256);
+        Ok(key)
+    }
+
+    fn cached_bytes(&self, k: &FileKey) -> Option<Arc<Vec<u8>>> {
+        let q = self.bytes.lock().ok()?;
+        q.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, b)| Arc::clone(b))
+    }
+
+    fn put_bytes(&self, k: FileKey, b: Arc<Vec<u8>>) {
+        if b.len() > BYTES_CACHE_TOTAL / 4 {
+            return;
+        }
+        if let Ok(mut q) = self.bytes.lock() {
+            q.retain(|(key, _)| *key != k);
+            q.push_back((k, b));
+            while q.len() > BYTES_CACHE_FILES
+                || q.iter().map(|(_, b)| b.len()).sum::<usize>() > BYTES_CACHE_TOTAL
+            {
+                q.pop_front();
+            }
+        }
+    }
+
+    /// The bytes of the file behind a module's mapping (as the process sees it), from the
+    /// cache when the file's key is unchanged.
+    pub(crate) fn module_bytes(&self, pid: Pid, m: &Module) -> Result<Arc<Vec<u8>>, EngineError> {
+        let mut f = open_mapped(pid, m)?;
+        let shown = m.path.display().to_string();
+        let key = key_of(&f, &shown)?;
+        if let Some(b) = self.cached_bytes(&key) {
+            return Ok(b);
+        }
+        let mut v = Vec::with_capacity(key.size as usize);
+        f.read_to_end(&mut v).map_err(io_err(&shown))?;
+        let b = Arc::new(v);
+        self.put_bytes(key, Arc::clone(&b));
+        Ok(b)
+    }
+
+    /// Under a stop: whether the file mapped at `start..end` (a module's lowest mapping, as
+    /// `/proc/PID/maps` lists it) has the SHA-256 `sha256`. Opens only that mapping's
+    /// `map_files` entry; hashes only if its key is not cached.
+    pub(crate) fn mapping_has_digest(
+        &self,
+        pid: Pid,
+        start: u64,
+        end: u64,
+        path: &Path,
+        inode: u64,
+        sha256: &[u8; 32],
+    ) -> Result<bool, EngineError> {
+        let mut f = open_mapped_range(pid, start, end, path, inode)?;
+        let shown = path.display().to_string();
+        let key = key_of(&f, &shown)?;
+        let d = match self.get(&key) {
+            Some(d) => d,
+            None => {
+                let mut bytes = Vec::with_capacity(key.size as usize);
+                f.read_to_end(&mut bytes).map_err(io_err(&shown))?;
+                let d = stitch_elf::sha256(&bytes);
+                self.put(key, d);
+                self.put_bytes(key, Arc::new(bytes));
+                d
+            }
+        };
+        Ok(&d == sha256)
     }
 }
 
@@ -100,20 +187,32 @@ pub(crate) fn open_mapped(pid: Pid, m: &Module) -> Result<File, EngineError> {
             path: m.path.display().to_string(),
             reason: "no mappings".into(),
         })?;
-    let via_map_files = format!("/proc/{pid}/map_files/{}", first.map_files_name());
+    open_mapped_range(pid, first.start, first.end, &m.path, m.inode)
+}
+
+/// Opens the file mapped at `start..end` (one `/proc/PID/maps` entry of the module `path`,
+/// inode `inode`).
+fn open_mapped_range(
+    pid: Pid,
+    start: u64,
+    end: u64,
+    path: &Path,
+    inode: u64,
+) -> Result<File, EngineError> {
+    let via_map_files = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
     match File::open(&via_map_files) {
         Ok(f) => Ok(f),
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             // map_files needs CAP_SYS_ADMIN; fall back to the path in the process's root and
             // make sure it is the same inode that is mapped.
-            let rel = m.path.strip_prefix("/").unwrap_or(&m.path);
+            let rel = path.strip_prefix("/").unwrap_or(path);
             let p = Path::new(&format!("/proc/{pid}/root")).join(rel);
             let f = File::open(&p).map_err(io_err(&p))?;
             let md = f.metadata().map_err(io_err(&p))?;
-            if md.ino() != m.inode {
+            if md.ino() != inode {
                 return Err(EngineError::ModuleLayout {
                     pid: pid.0,
-                    path: m.path.display().to_string(),
+                    path: path.display().to_string(),
                     reason: "file on disk is not the mapped inode (replaced?) and map_files is not readable without CAP_SYS_ADMIN".into(),
                 });
             }
@@ -134,15 +233,6 @@ fn key_of(f: &File, path: &str) -> Result<FileKey, EngineError> {
     })
 }
 
-/// Reads the whole mapped file.
-pub(crate) fn read_mapped(pid: Pid, m: &Module) -> Result<Vec<u8>, EngineError> {
-    let mut f = open_mapped(pid, m)?;
-    let mut v = Vec::new();
-    f.read_to_end(&mut v)
-        .map_err(io_err(m.path.display().to_string()))?;
-    Ok(v)
-}
-
 impl DigestCache {
     /// Identifies every file-backed module of `pid` whose size equals `size_hint` when given
     /// (a cheap pre-filter: only files of the target's exact size are hashed).
@@ -153,22 +243,6 @@ impl DigestCache {
         size_hint: Option<u64>,
     ) -> Result<Vec<MappedModule>, EngineError> {
         self.modules_where(pid, entries, size_hint, |_| true)
-    }
-
-    /// The module of `pid` whose lowest mapping starts at `start`, identified (only that file
-    /// is opened and, if not cached, hashed).
-    pub(crate) fn module_at(
-        &self,
-        pid: Pid,
-        entries: &[maps::MapEntry],
-        start: u64,
-    ) -> Result<Option<MappedModule>, EngineError> {
-        Ok(self
-            .modules_where(pid, entries, None, |m| {
-                m.mappings.iter().map(|e| e.start).min() == Some(start)
-            })?
-            .into_iter()
-            .next())
     }
 
     fn modules_where(
@@ -198,6 +272,7 @@ impl DigestCache {
                     f.read_to_end(&mut bytes).map_err(io_err(&shown))?;
                     let d = stitch_elf::sha256(&bytes);
                     self.put(key, d);
+                    self.put_bytes(key, Arc::new(bytes));
                     d
                 }
             };

@@ -6,7 +6,7 @@ use stitch_format::{Patch, VerifiedBundle};
 use stitch_sys::Pid;
 use stitch_x86::{LinkContext, link_patchlet};
 
-use crate::identify::{MappedModule, file_name, maybe_region, read_mapped, read_maps};
+use crate::identify::{MappedModule, file_name, maybe_region, read_maps};
 use crate::region::{self, PatchRecord, RegionHeader};
 use crate::{Engine, EngineError};
 
@@ -80,8 +80,8 @@ impl Engine {
         let patch = bundle.patch();
         let entries = read_maps(pid)?;
         let module = self.find_target(pid, &entries, patch)?;
-        let bytes = read_mapped(pid, &module.module)?;
-        let elf = ElfFile::parse(&bytes).map_err(|e| EngineError::ModuleLayout {
+        let bytes = self.digests.module_bytes(pid, &module.module)?;
+        let elf = ElfFile::parse(&bytes[..]).map_err(|e| EngineError::ModuleLayout {
             pid: pid.0,
             path: module.path.display().to_string(),
             reason: e.to_string(),
@@ -238,8 +238,8 @@ impl Engine {
                 .iter()
                 .find(|m| file_name(&m.path) == imp.module)
                 .ok_or_else(not_found)?;
-            let bytes = read_mapped(pid, m)?;
-            let elf = ElfFile::parse(&bytes).map_err(|_| not_found())?;
+            let bytes = self.digests.module_bytes(pid, m)?;
+            let elf = ElfFile::parse(&bytes[..]).map_err(|_| not_found())?;
             let sym = elf.exported_symbol(&imp.symbol).ok_or_else(not_found)?;
             let bias = m.load_bias(&elf).map_err(|_| not_found())?;
             out.push(bias.wrapping_add(sym.vaddr));

@@ -82,7 +82,8 @@ fn two_patches_on_one_module_reverted_in_either_order() {
         return;
     }
     let t = compile(TARGET_C, &[]);
-    let engine = Engine::new();
+    let mut engine = Engine::new();
+    engine.options.keep_idle_regions = false;
     let a = patch(&t, "ST-2026-0003", "compute", "drop", RETURN_1000);
     let b = patch(&t, "ST-2026-0004", "other", "drop", "mov eax, 7\nret");
     for order in [
@@ -108,6 +109,43 @@ fn two_patches_on_one_module_reverted_in_either_order() {
         assert_eq!(r.ask(3), "4 6");
         assert!(last.region_freed, "region unmapped once no patch is left");
     }
+}
+
+#[test]
+fn revert_keeps_an_empty_region_that_the_next_apply_reuses() {
+    if !can_trace() {
+        return;
+    }
+    let t = compile(TARGET_C, &[]);
+    let mut r = Running::start(&t.exe);
+    let engine = Engine::new();
+    assert!(engine.options.keep_idle_regions, "the default");
+    let a = patch(&t, "ST-2026-0003", "compute", "drop", RETURN_1000);
+    let first = engine.apply(r.pid(), &a).unwrap();
+    assert!(first.region_created);
+    let rev = engine.revert(r.pid(), "ST-2026-0003").unwrap();
+    assert!(!rev.region_freed, "kept for the next apply");
+    assert_eq!(r.ask(3), "4 6");
+    let listed = engine.list(r.pid()).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0].record.state,
+        stitch_engine::region::RecordState::Reverted
+    );
+    for _ in 0..3 {
+        let again = engine.apply(r.pid(), &a).unwrap();
+        assert!(!again.region_created, "the kept region is reused");
+        assert_eq!(again.plan.region.addr(), first.plan.region.addr());
+        assert_eq!(r.ask(3), "1000 6");
+        engine.revert(r.pid(), "ST-2026-0003").unwrap();
+        assert_eq!(r.ask(3), "4 6");
+    }
+    let listed = engine.list(r.pid()).unwrap();
+    assert_eq!(
+        listed.len(),
+        1,
+        "started afresh each time, records do not pile up"
+    );
 }
 
 #[test]

@@ -52,7 +52,10 @@ impl Agent {
         self.wake.wake();
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(2)
-            && self.outbox.as_ref().is_some_and(|s| s.outbox_len().unwrap_or(0) > 0)
+            && self
+                .outbox
+                .as_ref()
+                .is_some_and(|s| s.outbox_len().unwrap_or(0) > 0)
         {
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -515,7 +518,11 @@ fn reporter(
                     tracing::error!(%code, %message, "server refused an event batch; isolating the bad events");
                     for s in &batch {
                         match client.events(&id.credential, std::slice::from_ref(&s.event)) {
-                            Ok(()) | Err(AgentError::Server { status: 400 | 413 | 422, .. }) => {
+                            Ok(())
+                            | Err(AgentError::Server {
+                                status: 400 | 413 | 422,
+                                ..
+                            }) => {
                                 let _ = store.mark_delivered(&[s.seq]);
                             }
                             Err(_) => break,

@@ -42,6 +42,31 @@ pub struct Config {
     pub scan: ScanConfig,
     pub crash: CrashConfig,
     pub sync: SyncConfig,
+    pub hook: HookConfig,
+}
+
+/// Load-time patching (`stitch-hook`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HookConfig {
+    /// Hold loads of target modules and patch them before they run (needs CAP_SYS_ADMIN).
+    pub enabled: bool,
+    /// Watch the standard bin and lib directories.
+    pub standard_dirs: bool,
+    /// More directories where target modules live (searched recursively to `depth`).
+    pub dirs: Vec<PathBuf>,
+    pub depth: usize,
+}
+
+impl Default for HookConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            standard_dirs: true,
+            dirs: Vec::new(),
+            depth: 3,
+        }
+    }
 }
 
 /// HTTP(S) proxy. `url` may carry credentials (`http://user:pass@proxy:3128`); `username`
@@ -111,6 +136,7 @@ impl Default for Config {
             scan: ScanConfig::default(),
             crash: CrashConfig::default(),
             sync: SyncConfig::default(),
+            hook: HookConfig::default(),
         }
     }
 }
@@ -224,6 +250,9 @@ impl Config {
         if let Some(v) = num("STITCH_CRASH_WINDOW_S")? {
             self.crash.window_s = v;
         }
+        if let Some(v) = env("STITCH_HOOK") {
+            self.hook.enabled = !matches!(v.as_str(), "0" | "false" | "no");
+        }
         if let Some(v) = num("STITCH_LONG_POLL_S")? {
             self.sync.long_poll_s = v;
         }
@@ -264,6 +293,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packaged_default_config_parses_to_the_defaults() {
+        let c: Config = toml::from_str(include_str!("../packaging/agent.toml")).unwrap();
+        let d = Config::default();
+        assert_eq!(c.state_dir, d.state_dir);
+        assert_eq!(c.socket_path, d.socket_path);
+        assert_eq!(c.crash.threshold, d.crash.threshold);
+        assert_eq!(c.sync.long_poll_s, d.sync.long_poll_s);
+        assert!(c.server_url.is_none() && c.trusted_keys.is_empty());
+    }
 
     #[test]
     fn env_overrides_file_and_bad_numbers_are_refused() {

@@ -104,6 +104,8 @@ pub enum Input {
     /// The installed packages (from the reporter's inventory).
     Packages(Vec<Package>),
     Heartbeat(Sender<HeartbeatParts>),
+    /// What the load-time hook did.
+    Hook(stitch_hook::HookEvent),
     Shutdown,
 }
 
@@ -132,6 +134,7 @@ pub struct Metrics {
     pub applied: u64,
     pub reverted: u64,
     pub failures: BTreeMap<String, u64>,
+    pub load_time_applied: u64,
     pub exploit_attempts_blocked: u64,
     pub crashes_seen: u64,
     pub scans: u64,
@@ -183,6 +186,12 @@ pub struct Controller {
     sizes: SizeCache,
     outbox_wake: Option<Box<dyn Fn() + Send>>,
     sync_now: Option<Box<dyn Fn() + Send>>,
+    /// For the load-time hook's event forwarder.
+    input_tx: Option<Sender<Input>>,
+    load_time: crate::hook::LoadTime,
+    /// Processes patched at load time since the last `patch_applied` event, by patch.
+    hook_applied: BTreeMap<String, i64>,
+    last_hook_flush: Instant,
 }
 
 impl Controller {
@@ -217,6 +226,10 @@ impl Controller {
             sizes: SizeCache::default(),
             outbox_wake: None,
             sync_now: None,
+            input_tx: None,
+            load_time: crate::hook::LoadTime::default(),
+            hook_applied: BTreeMap::new(),
+            last_hook_flush: Instant::now(),
         };
         let rows = match c.store.patches() {
             Ok(r) => r,
@@ -263,6 +276,101 @@ impl Controller {
     /// Called for `stitch agent sync`.
     pub fn on_sync_now(&mut self, f: Box<dyn Fn() + Send>) {
         self.sync_now = Some(f);
+    }
+
+    /// Where the load-time hook's events are sent (enables the hook).
+    pub fn set_input(&mut self, tx: Sender<Input>) {
+        self.input_tx = Some(tx);
+    }
+
+    /// Starts, restarts or stops the load-time hook so it covers exactly the enabled patches.
+    pub fn refresh_hook(&mut self) {
+        let bundles: Vec<VerifiedBundle> = self
+            .slots
+            .iter()
+            .filter(|(id, _)| self.desired(id))
+            .map(|(_, s)| s.bundle.clone())
+            .collect();
+        self.load_time
+            .refresh(&self.cfg, bundles, self.input_tx.as_ref());
+    }
+
+    fn on_hook(&mut self, e: stitch_hook::HookEvent) {
+        use stitch_hook::HookEvent as H;
+        match e {
+            H::Patched {
+                pid,
+                patch,
+                module,
+                latency,
+                ..
+            } => {
+                tracing::info!(pid = pid.0, patch_id = %patch, module = %module.display(), latency_us = latency.as_micros() as u64, "patched at load time");
+                self.metrics.load_time_applied += 1;
+                self.add_carrier(pid.0, &patch);
+                *self.hook_applied.entry(patch).or_default() += 1;
+            }
+            H::LivePatched { pid, patch, result } => match result {
+                Ok(()) => {
+                    self.metrics.applied += 1;
+                    self.add_carrier(pid.0, &patch);
+                    *self.hook_applied.entry(patch).or_default() += 1;
+                }
+                Err(msg) => {
+                    let rev = self.slots.get(&patch).map_or(0, |s| s.row.revision);
+                    self.fail_raw(
+                        &patch,
+                        rev,
+                        Some(pid.0),
+                        "hook.live_patch_failed".into(),
+                        msg,
+                    );
+                }
+            },
+            H::Missed {
+                pid,
+                module,
+                patches,
+                reason,
+            } => {
+                tracing::warn!(pid = pid.0, module = %module.display(), ?patches, ?reason, "load-time hook missed a load; live-patching");
+                if let stitch_hook::MissReason::Engine { code, message } = reason {
+                    for p in patches {
+                        let rev = self.slots.get(&p).map_or(0, |s| s.row.revision);
+                        self.fail_raw(&p, rev, Some(pid.0), code.clone(), message.clone());
+                    }
+                } else {
+                    self.pending
+                        .push((Instant::now() + Duration::from_millis(200), pid.0));
+                }
+            }
+            H::Marked { .. } => self.load_time.marked += 1,
+            H::Unmarked { .. } => self.load_time.marked = self.load_time.marked.saturating_sub(1),
+            H::Skipped { .. } => {}
+        }
+    }
+
+    fn add_carrier(&mut self, pid: i32, patch: &str) {
+        let revision = self.slots.get(patch).map_or(0, |s| s.row.revision);
+        let start_time = scan::start_time(pid).unwrap_or(0);
+        let c = self.carriers.entry(pid).or_insert_with(|| Carrier {
+            start_time,
+            exe: scan::exe(pid),
+            patches: BTreeMap::new(),
+        });
+        c.patches.insert(patch.to_string(), (revision, 0));
+        let row = AppliedRow {
+            pid,
+            start_time,
+            patch_id: patch.to_string(),
+            revision,
+            exe: c.exe.clone(),
+            hits_reported: 0,
+            applied_at: crate::now_unix(),
+        };
+        if let Err(e) = self.store.set_applied(&row) {
+            self.store_failed(&e);
+        }
     }
 
     /// Whether exec/exit events come from the proc connector.
@@ -370,6 +478,8 @@ impl Controller {
         let t0 = Instant::now();
         self.event(EventBody::AgentStarted);
         self.scan_all();
+        // Then the load-time hook, so processes started from now on are patched as they load.
+        self.refresh_hook();
         let d = t0.elapsed();
         self.ready_after = Some(self.started.elapsed());
         tracing::info!(
@@ -633,22 +743,41 @@ impl Controller {
     }
 
     fn fail(&mut self, id: &str, revision: u32, pid: Option<i32>, e: &AgentError) {
-        let code = e.code().to_string();
+        self.fail_raw(id, revision, pid, e.code().to_string(), e.to_string());
+    }
+
+    fn fail_raw(
+        &mut self,
+        id: &str,
+        revision: u32,
+        pid: Option<i32>,
+        code: String,
+        message: String,
+    ) {
+        if code == "sys.already_traced" && self.load_time.active() {
+            // Most likely held by the load-time hook right now; the hook reports its outcome.
+            tracing::debug!(
+                patch_id = id,
+                ?pid,
+                "process is traced (load-time hold?); skipped"
+            );
+            return;
+        }
         *self.metrics.failures.entry(code.clone()).or_default() += 1;
         if let Some(s) = self.slots.get_mut(id) {
-            s.error = Some((code.clone(), e.to_string()));
+            s.error = Some((code.clone(), message.clone()));
         }
         let key = (pid.unwrap_or(0), id.to_string(), code.clone());
         if pid.is_some() && !self.reported.insert(key) {
             tracing::debug!(patch_id = id, ?pid, %code, "failure already reported");
             return;
         }
-        tracing::warn!(patch_id = id, ?pid, %code, error = %e, "patch failed");
+        tracing::warn!(patch_id = id, ?pid, %code, error = %message, "patch failed");
         self.event(EventBody::PatchFailed {
             patch_id: id.to_string(),
             revision: revision.into(),
             code,
-            message: e.to_string(),
+            message,
         });
     }
 
@@ -777,7 +906,14 @@ impl Controller {
                     // The loader maps libraries right after exec: look a little later, and
                     // again once start-up code has run (load-time hook gap, see docs/agent.md).
                     let now = Instant::now();
-                    for d in [50, 1000] {
+                    // With the load-time hook, targets in watched directories are patched
+                    // before they run; look once after any hold is over, for the rest.
+                    let delays: &[u64] = if self.load_time.active() {
+                        &[1000]
+                    } else {
+                        &[50, 1000]
+                    };
+                    for &d in delays {
                         self.pending.push((now + Duration::from_millis(d), pid));
                     }
                 }
@@ -1189,7 +1325,7 @@ impl Controller {
             "ready_after_ms": self.ready_after.map(|d| d.as_millis() as u64),
             "uptime_s": self.started.elapsed().as_secs(),
             "new_processes": if self.proc_connector { "proc connector exec events + periodic scan" } else { "periodic scan only (proc connector unavailable)" },
-            "load_time_hook": "not available yet (stitch-hook): a new process runs unpatched until the agent sees it",
+            "load_time_hook": self.load_time.state,
             "metrics": self.metrics,
         })
     }
@@ -1231,6 +1367,9 @@ impl Controller {
         if let Some(p) = self.pending.iter().map(|x| x.0).min() {
             next = next.min(p);
         }
+        if !self.hook_applied.is_empty() {
+            next = next.min(self.last_hook_flush + Duration::from_secs(10));
+        }
         next.saturating_duration_since(now)
     }
 
@@ -1240,6 +1379,17 @@ impl Controller {
         self.run_pending();
         if !self.carriers.is_empty() && now >= self.last_hits + self.cfg.hits_interval() {
             self.poll_hits();
+        }
+        if !self.hook_applied.is_empty()
+            && now.duration_since(self.last_hook_flush) >= Duration::from_secs(10)
+        {
+            self.last_hook_flush = now;
+            let applied = std::mem::take(&mut self.hook_applied);
+            let pass = Pass {
+                applied,
+                ..Default::default()
+            };
+            self.finish_pass(pass);
         }
         if now >= self.last_scan + self.cfg.scan_interval() {
             self.scan_all();
@@ -1282,11 +1432,13 @@ impl Controller {
             Input::Heartbeat(reply) => {
                 let _ = reply.send(self.heartbeat_parts());
             }
+            Input::Hook(e) => self.on_hook(e),
             Input::Shutdown => {
                 self.event(EventBody::AgentStopped);
                 return false;
             }
         }
+        self.refresh_hook();
         true
     }
 }

@@ -21,7 +21,6 @@ use stitch_format::PublicKey;
 use crate::config::Config;
 use crate::controller::{Controller, HeartbeatParts, Input, SyncStatus};
 use crate::error::{AgentError, Result};
-use crate::hook::LoadHook;
 use crate::inventory::{self, Heartbeat};
 use crate::store::{Identity, Store};
 use crate::sync::{Backoff, Client, ManifestEntry, verify_manifest};
@@ -86,7 +85,7 @@ impl Wake {
 /// Starts the agent: opens the store, runs the start-up pass (every enabled patch into every
 /// running process that maps its target), then starts the control socket, the proc
 /// connector and the server sync. Returns once the start-up pass is done.
-pub fn start(cfg: Config, hook: Option<Box<dyn LoadHook>>) -> Result<Agent> {
+pub fn start(cfg: Config) -> Result<Agent> {
     let t0 = Instant::now();
     let keys = cfg.trusted()?;
     if keys.is_empty() {
@@ -152,15 +151,7 @@ pub fn start(cfg: Config, hook: Option<Box<dyn LoadHook>>) -> Result<Agent> {
         }
     }
     ctl.set_proc_connector(proc_connector);
-    if let Some(h) = hook {
-        let tx2 = tx.clone();
-        spawn("stitchd-hook", move || {
-            h.run(Box::new(move |pid| {
-                tx2.send(Input::Proc(crate::procconn::ProcEvent::Exec { pid }))
-                    .is_ok()
-            }))
-        });
-    }
+    ctl.set_input(tx.clone());
 
     // Start-up pass, before anything else is served.
     ctl.startup();

@@ -1,21 +1,107 @@
-//! The seam for load-time patching.
+//! Load-time patching through `stitch-hook`: fanotify permission events + a ptrace hold patch a
+//! target module as it is mapped, before one instruction of it runs.
 //!
-//! `stitch-hook` (fanotify permission events + a ptrace hold) will hold a thread that opens a
-//! target module until the agent has patched the module as it is mapped — before one
-//! instruction of it runs. It is not available yet. Until it is, the agent finds new target
-//! processes after the fact: netlink proc connector exec events (checked 20 ms, 200 ms and
-//! 2 s after exec) plus a periodic full scan (which also catches `dlopen`). The gap, stated
-//! honestly: a new process runs its first milliseconds unpatched, and a library loaded with
-//! `dlopen` long after exec stays unpatched until the next periodic scan.
+//! The controller keeps one [`stitch_hook::Hook`] running for the set of patches that are
+//! enabled right now, and restarts it when that set changes (a patch installed, enabled,
+//! disabled, crash-disabled; the agent disabled). Hook events come back as
+//! [`Input::Hook`](crate::controller::Input::Hook): a patched load registers the process as a
+//! carrier (so disable, hit counters and crash protection cover it), a miss is live-patched.
 //!
-//! A hook implements [`LoadHook`]; `stitchd` runs it on its own thread and treats every pid it
-//! reports like an exec event. A hook that holds the loading thread itself must call
-//! `notify` and then keep the thread held until the engine's apply (on the controller
-//! thread) returned — the synchronous hand-off is part of stitch-hook's integration.
+//! Without the hook (no CAP_SYS_ADMIN, fanotify unavailable, `[hook] enabled = false`) the agent
+//! falls back to exec events from the proc connector and periodic scans: a new process then
+//! runs its first ~50 ms unpatched, and a library loaded with `dlopen` long after exec stays
+//! unpatched until the next scan. `stitch agent status` says which mode is active.
 
-/// A source of "a target module was (or is about to be) loaded in this process" events.
-pub trait LoadHook: Send {
-    /// Runs until the hook stops; calls `notify(pid)` for each process that loaded (or is
-    /// loading) a module of interest. `notify` returns false once the agent is stopping.
-    fn run(self: Box<Self>, notify: Box<dyn Fn(i32) -> bool + Send>);
+use std::sync::mpsc::Sender;
+
+use stitch_format::VerifiedBundle;
+
+use crate::config::Config;
+use crate::controller::Input;
+
+/// The hook as the controller holds it.
+#[derive(Default)]
+pub(crate) struct LoadTime {
+    hook: Option<stitch_hook::Hook>,
+    /// (patch id, revision) of the bundles the running hook was started with.
+    hooked: Vec<(String, u32)>,
+    /// For `stitch agent status`.
+    pub(crate) state: String,
+    pub(crate) marked: usize,
+}
+
+impl LoadTime {
+    /// Whether a hook is running (exec events then need no live-patch check).
+    pub(crate) fn active(&self) -> bool {
+        self.hook.is_some()
+    }
+
+    /// Makes the running hook match `bundles` (restarting it if the set changed).
+    pub(crate) fn refresh(
+        &mut self,
+        cfg: &Config,
+        bundles: Vec<VerifiedBundle>,
+        tx: Option<&Sender<Input>>,
+    ) {
+        if !cfg.hook.enabled {
+            self.state = "disabled in the configuration ([hook] enabled = false)".into();
+            return;
+        }
+        let mut set: Vec<(String, u32)> = bundles
+            .iter()
+            .map(|b| (b.patch().id.clone(), b.patch().revision))
+            .collect();
+        set.sort();
+        if set == self.hooked && (self.hook.is_some() || set.is_empty()) {
+            return;
+        }
+        if let Some(h) = self.hook.take() {
+            h.stop();
+        }
+        self.hooked = set;
+        self.marked = 0;
+        if bundles.is_empty() {
+            self.state = "idle (no enabled patch)".into();
+            return;
+        }
+        let Some(tx) = tx else {
+            self.state = "not started".into();
+            return;
+        };
+        let hc = stitch_hook::HookConfig {
+            standard_dirs: cfg.hook.standard_dirs,
+            dirs: cfg.hook.dirs.clone(),
+            depth: cfg.hook.depth,
+            ..Default::default()
+        };
+        match stitch_hook::Hook::start(bundles, hc) {
+            Ok((hook, rx)) => {
+                self.marked = hook.marked().len();
+                self.state = format!("active: {} target file(s) marked", self.marked);
+                tracing::info!(
+                    marked = self.marked,
+                    patches = self.hooked.len(),
+                    "load-time hook started"
+                );
+                let tx = tx.clone();
+                let _ = std::thread::Builder::new()
+                    .name("stitchd-hookfwd".into())
+                    .spawn(move || {
+                        for e in rx {
+                            if tx.send(Input::Hook(e)).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                self.hook = Some(hook);
+            }
+            Err(e) => {
+                tracing::warn!(code = e.code(), error = %e, "load-time hook unavailable; new processes are patched after exec");
+                self.state = format!(
+                    "unavailable [{}] {e}: new processes are patched shortly after exec",
+                    e.code()
+                );
+            }
+        }
+    }
 }

@@ -13,7 +13,7 @@
 //! - [`inventory`]: host facts and installed packages for heartbeats.
 //! - [`procconn`]: exec/fork/exit events from the netlink proc connector.
 //! - [`control`]: the root-only Unix control socket behind `stitch agent ...`.
-//! - [`hook`]: the seam for load-time patching (`stitch-hook`, not available yet).
+//! - [`hook`]: load-time patching with `stitch-hook` (patch before the module runs).
 //! - [`daemon`]: the threads and how they are wired.
 //!
 //! Invariants: see [`controller`] (what may be in a process) and [`store`] (what survives a

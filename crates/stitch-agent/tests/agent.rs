@@ -668,3 +668,89 @@ fn sigterm_stops_cleanly_reports_agent_stopped_and_leaves_patches_in_place() {
         },
     );
 }
+
+#[test]
+fn load_time_hook_patches_a_new_process_before_its_first_call() {
+    if !can_run() {
+        return;
+    }
+    let server = Server::start(false);
+    let target = compile(&unique_tag("hook"));
+    let mut old = Running::start(&target.exe);
+    let home = tempfile::tempdir().unwrap();
+    let url = server.url();
+    let mut agent = Agent::configure(
+        home.path(),
+        &AgentOpts {
+            server: Some(&url),
+            enroll: Some(&server.enroll),
+            hook_dir: Some(target.dir.path()),
+            ..Default::default()
+        },
+    );
+    agent.start();
+    agent.until("inventory", Duration::from_secs(20), || {
+        server
+            .computer()
+            .filter(|c| c["packages"].as_array().is_some_and(|p| !p.is_empty()))
+    });
+    server.publish(patch_bundle(
+        &target,
+        "ST-2026-0114",
+        RETURN_1000,
+        &vendor_key(),
+    ));
+    agent.until(
+        "the running process patched live",
+        Duration::from_secs(20),
+        || old.patched().then_some(()),
+    );
+    let s = agent.until(
+        "the hook to mark the target",
+        Duration::from_secs(20),
+        || {
+            let s = agent.ask(AgentAction::Status);
+            s["load_time_hook"]
+                .as_str()
+                .is_some_and(|h| h.starts_with("active"))
+                .then_some(s)
+        },
+    );
+    assert!(
+        s["load_time_hook"].as_str().unwrap().contains("1 target"),
+        "{s}"
+    );
+    // main() calls compute(4) before reading anything: patched at exec, it prints 1000.
+    let mut fresh_ones = Vec::new();
+    for _ in 0..3 {
+        let mut fresh = Running::start(&target.exe);
+        assert_eq!(
+            fresh.first,
+            "start 1000",
+            "patched before its first instruction\n{}",
+            agent.log_text()
+        );
+        assert!(fresh.patched());
+        fresh_ones.push(fresh);
+    }
+    let s = agent.until(
+        "the agent to know the new carriers",
+        Duration::from_secs(10),
+        || {
+            let s = agent.ask(AgentAction::Status);
+            (s["metrics"]["load_time_applied"].as_u64() >= Some(3)).then_some(s)
+        },
+    );
+    assert!(s["processes_patched"].as_u64() >= Some(4), "{s}");
+    // Disabling the patch stops the hook from applying it, and reverts live.
+    agent.ask(AgentAction::Disable {
+        patch: Some("ST-2026-0114".into()),
+    });
+    assert!(!old.patched());
+    assert!(
+        fresh_ones.iter_mut().all(|f| !f.patched()),
+        "load-time carriers reverted too"
+    );
+    let fresh = Running::start(&target.exe);
+    assert_eq!(fresh.first, "start 5");
+}

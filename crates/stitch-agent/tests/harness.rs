@@ -92,6 +92,7 @@ __attribute__((noinline)) int other(int x) {{ return x * 2; }}
 int main(void) {{
     char line[64];
     setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("start %d\n", compute(4));
     while (fgets(line, sizeof line, stdin)) {{
         int n = atoi(line);
         printf("%d %d\n", compute(n), other(n));
@@ -142,6 +143,8 @@ pub(crate) struct Running {
     pub(crate) child: Child,
     pub(crate) stdin: ChildStdin,
     pub(crate) stdout: BufReader<ChildStdout>,
+    /// The first line: `start compute(4)`, printed before reading anything.
+    pub(crate) first: String,
 }
 
 impl Running {
@@ -157,7 +160,10 @@ impl Running {
             child,
             stdin,
             stdout,
+            first: String::new(),
         };
+        let _ = r.stdout.read_line(&mut r.first);
+        r.first = r.first.trim().to_string();
         assert!(!r.ask(1).is_empty());
         r
     }
@@ -403,6 +409,8 @@ pub(crate) struct AgentOpts<'a> {
     /// Production intervals (scan 300 s, hits 10 s, long-poll 55 s) instead of the tests'
     /// short ones.
     pub(crate) realistic: bool,
+    /// Run the load-time hook on this directory only (None: hook off, unless `realistic`).
+    pub(crate) hook_dir: Option<&'a Path>,
 }
 
 impl Default for AgentOpts<'_> {
@@ -414,6 +422,7 @@ impl Default for AgentOpts<'_> {
             crash_threshold: 3,
             state_dir: None,
             realistic: false,
+            hook_dir: None,
         }
     }
 }
@@ -449,6 +458,11 @@ impl Agent {
         } else {
             "[sync]\nlong_poll_s = 5\nfallback_s = 30\nheartbeat_s = 2\nbackoff_initial_ms = 100\nbackoff_max_s = 1\nrequest_timeout_s = 10\n"
         };
+        match (o.hook_dir, o.realistic) {
+            (Some(d), _) => cfg += &format!("[hook]\nstandard_dirs = false\ndirs = [{d:?}]\n"),
+            (None, true) => {}
+            (None, false) => cfg += "[hook]\nenabled = false\n",
+        }
         if let Some(p) = o.proxy {
             cfg += &format!("[proxy]\nurl = {p:?}\nusername = \"agent\"\npassword = \"s3cret\"\n");
         }

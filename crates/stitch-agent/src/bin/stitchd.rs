@@ -65,7 +65,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let agent = stitch_agent::daemon::start(cfg, None)
+    let agent = stitch_agent::daemon::start(cfg)
         .map_err(|e| anyhow::anyhow!("error[{}]: {e}", e.code()))
         .context("stitchd cannot start")?;
     // SIGTERM/SIGINT: stop the controller, which records `agent_stopped` and leaves every

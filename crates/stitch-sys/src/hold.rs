@@ -205,42 +205,27 @@ impl ThreadHold {
         raw::get_regs(self.tid.0).map_err(|e| ptrace_err("ptrace getregs", self.pid, self.tid, e))
     }
 
-    /// Waits for the next stop until `deadline`. Spins briefly (stops usually land within
-    /// microseconds), then naps with a growing interval.
+    /// Waits for the next stop until `deadline` (polling without hogging a CPU the thread may
+    /// need; see `wait_status` in `ptrace.rs`).
     ///
     /// # Errors
     /// [`SysError::Ptrace`] (waitpid or `PTRACE_GET_SYSCALL_INFO` failed).
     pub fn wait(&mut self, deadline: Instant) -> Result<HoldStop> {
-        let started = Instant::now();
-        let mut nap = Duration::from_micros(5);
-        loop {
-            match raw::wait_nohang(self.tid.0) {
-                Ok(Some(status)) => return self.decode(status),
-                Ok(None) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
-                    // A non-leader thread that exec'd now carries the pid as its tid.
-                    if self.tid != self.pid.leader()
-                        && let Ok(Some(status)) = raw::wait_nohang(self.pid.0)
-                    {
-                        self.tid = self.pid.leader();
-                        return self.decode(status);
-                    }
-                    self.attached = false;
-                    return Ok(HoldStop::Exited);
+        match crate::ptrace::wait_status(self.tid.0, deadline) {
+            Ok(Some(status)) => self.decode(status),
+            Ok(None) => Ok(HoldStop::Timeout),
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                // A non-leader thread that exec'd now carries the pid as its tid.
+                if self.tid != self.pid.leader()
+                    && let Ok(Some(status)) = raw::wait_nohang(self.pid.0)
+                {
+                    self.tid = self.pid.leader();
+                    return self.decode(status);
                 }
-                Err(e) => return Err(ptrace_err("waitpid", self.pid, self.tid, e)),
+                self.attached = false;
+                Ok(HoldStop::Exited)
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(HoldStop::Timeout);
-            }
-            if now - started < Duration::from_micros(50) {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(nap.min(deadline - now));
-                nap = (nap * 2).min(Duration::from_micros(500));
-            }
+            Err(e) => Err(ptrace_err("waitpid", self.pid, self.tid, e)),
         }
     }
 

@@ -264,6 +264,35 @@ pub(crate) mod raw {
         }
     }
 
+    /// Whether the calling thread runs under a real-time policy (`SCHED_FIFO`/`SCHED_RR`).
+    pub(crate) fn is_realtime() -> bool {
+        // SAFETY: sched_getscheduler takes an integer (0: the calling thread).
+        let p = unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK;
+        p == libc::SCHED_FIFO || p == libc::SCHED_RR
+    }
+
+    /// The calling thread's timer slack in nanoseconds (`PR_GET_TIMERSLACK`).
+    pub(crate) fn timer_slack() -> io::Result<u64> {
+        // SAFETY: PR_GET_TIMERSLACK takes no pointer; the slack is the return value.
+        let r = unsafe { libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(u64::try_from(r).unwrap_or(0))
+        }
+    }
+
+    /// Sets the calling thread's timer slack (`PR_SET_TIMERSLACK`; affects its own timers only).
+    pub(crate) fn set_timer_slack(ns: u64) -> io::Result<()> {
+        // SAFETY: PR_SET_TIMERSLACK takes an integer.
+        let r = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong, 0, 0, 0) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
     /// `process_vm_readv` of one range; returns bytes read.
     pub(crate) fn vm_read(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
         let local = libc::iovec {
@@ -278,6 +307,43 @@ pub(crate) mod raw {
         // `remote` is an address in the *other* process, which the kernel checks itself.
         let n =
             unsafe { libc::process_vm_readv(pid, &raw const local, 1, &raw const remote, 1, 0) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n.cast_unsigned())
+        }
+    }
+
+    /// One `process_vm_readv` of up to `IOV_MAX` ranges, each into its own buffer; returns the
+    /// bytes read in all (the kernel stops at the first range it cannot read in full).
+    pub(crate) fn vm_read_many(
+        pid: i32,
+        ranges: &[(u64, usize)],
+        bufs: &mut [Vec<u8>],
+    ) -> io::Result<usize> {
+        debug_assert_eq!(ranges.len(), bufs.len());
+        let local: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let remote: Vec<libc::iovec> = ranges
+            .iter()
+            .map(|&(addr, len)| libc::iovec {
+                iov_base: addr as *mut c_void,
+                iov_len: len,
+            })
+            .collect();
+        let n_local = libc::c_ulong::try_from(local.len()).unwrap_or(0);
+        let n_remote = libc::c_ulong::try_from(remote.len()).unwrap_or(0);
+        // SAFETY: every `local` iovec describes one buffer of `bufs` (live, exclusively
+        // borrowed for this call, exactly iov_len bytes) and both arrays outlive the call;
+        // `remote` holds addresses in the *other* process, which the kernel checks itself.
+        let n = unsafe {
+            libc::process_vm_readv(pid, local.as_ptr(), n_local, remote.as_ptr(), n_remote, 0)
+        };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -357,6 +423,71 @@ fn decode(status: i32) -> Event {
     }
 }
 
+/// Lowers the calling thread's timer slack to 1 us while it lives (a normal-priority thread
+/// has 50 us by default, which would turn every few-microsecond nap into one of 50 us).
+struct TightSlack(Option<u64>);
+
+impl TightSlack {
+    fn new() -> Self {
+        match raw::timer_slack() {
+            Ok(old) if old > 1_000 && raw::set_timer_slack(1_000).is_ok() => Self(Some(old)),
+            _ => Self(None),
+        }
+    }
+}
+
+impl Drop for TightSlack {
+    fn drop(&mut self) {
+        if let Some(old) = self.0 {
+            let _ = raw::set_timer_slack(old);
+        }
+    }
+}
+
+/// `waitpid(tid, __WALL)` until `deadline`: `Ok(None)` on timeout. Linux has no timed
+/// waitpid, so this polls with `WNOHANG` — without ever spinning a CPU the tracee may need:
+/// a normal-priority caller yields for the first 20 us (a stop on the other CPU usually lands
+/// within that), then naps; a real-time caller naps at once, since `sched_yield` under
+/// `SCHED_FIFO` never lets a normal-priority tracee run on that CPU. Naps start at 2 us
+/// (timer slack lowered to 1 us meanwhile) and double up to 50 us, up to 1 ms after 10 ms.
+pub(crate) fn wait_status(tid: i32, deadline: Instant) -> io::Result<Option<libc::c_int>> {
+    const SPIN: Duration = Duration::from_micros(30);
+    let started = Instant::now();
+    let mut yielding: Option<bool> = None;
+    let mut slack: Option<TightSlack> = None;
+    let mut nap = Duration::from_micros(2);
+    loop {
+        match raw::wait_nohang(tid) {
+            Ok(Some(status)) => return Ok(Some(status)),
+            Ok(None) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        let waited = now - started;
+        if waited < SPIN {
+            // A stop on the other CPU usually lands within this.
+            if *yielding.get_or_insert_with(|| !raw::is_realtime()) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+            continue;
+        }
+        slack.get_or_insert_with(TightSlack::new);
+        std::thread::sleep(nap.min(deadline - now));
+        let cap = if waited < Duration::from_millis(10) {
+            Duration::from_micros(50)
+        } else {
+            Duration::from_millis(1)
+        };
+        nap = (nap * 2).min(cap);
+    }
+}
+
 /// The real tracer. Not `Send`: Linux ties a tracee to the *thread* that seized it, so every
 /// request must come from that thread (see [`crate::run_on_tracer_thread`]).
 #[derive(Debug)]
@@ -427,37 +558,19 @@ impl PtraceTracer {
             .map_err(|e| Self::err(op, pid, tid, e))
     }
 
-    /// Waits for the next event of `tid`, polling: spin briefly (stops usually land within
-    /// microseconds), then sleep with a growing interval. Never blocks past `deadline`.
+    /// Waits for the next event of `tid` (see [`wait_status`]). Never blocks past `deadline`.
     fn next_event(pid: Pid, tid: Tid, deadline: Instant) -> Result<Event> {
-        let mut spins = 0u32;
-        let mut nap = Duration::from_micros(5);
-        loop {
-            match raw::wait_nohang(tid.0) {
-                Ok(Some(status)) => return Ok(decode(status)),
-                Ok(None) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // Not (or no longer) our tracee: it exited and was reaped.
-                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(Event::Gone),
-                Err(e) => {
-                    return Err(SysError::Ptrace {
-                        op: "waitpid",
-                        pid,
-                        tid,
-                        source: e,
-                    });
-                }
-            }
-            if Instant::now() >= deadline {
-                return Ok(Event::Timeout);
-            }
-            if spins < 100 {
-                spins += 1;
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(nap);
-                nap = (nap * 2).min(Duration::from_micros(200));
-            }
+        match wait_status(tid.0, deadline) {
+            Ok(Some(status)) => Ok(decode(status)),
+            Ok(None) => Ok(Event::Timeout),
+            // Not (or no longer) our tracee: it exited and was reaped.
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(Event::Gone),
+            Err(e) => Err(SysError::Ptrace {
+                op: "waitpid",
+                pid,
+                tid,
+                source: e,
+            }),
         }
     }
 
@@ -617,17 +730,32 @@ impl PtraceTracer {
 
     /// The body of a remote syscall, after registers and mask are replaced. Leaves the thread
     /// parked (or reports why it could not).
+    ///
+    /// Two stops: `PTRACE_SYSCALL` to the syscall-entry stop (where we check it is our call),
+    /// then `PTRACE_INTERRUPT` + `PTRACE_CONT`: the syscall runs to completion and the pending
+    /// interrupt traps the thread in a `PTRACE_EVENT_STOP` on its way back to user mode,
+    /// before it executes one instruction — where the result is in `rax` and the registers
+    /// can be restored (the stop the three-stop way reaches with an extra exit stop and park).
+    /// The pending interrupt makes `signal_pending()` true inside the syscall, so a call that
+    /// waits interruptibly may come back with a restart code: `fast` is then not usable and
+    /// the caller runs it again with `fast == false` (exit stop, then park).
     fn run_hijacked(
         pid: Pid,
         tid: Tid,
         call: &RemoteSyscall,
         deadline: Instant,
         deferred: &mut Vec<i32>,
+        fast: bool,
     ) -> Result<i64> {
         const OP: &str = "remote syscall";
         Self::req(OP, pid, tid, libc::PTRACE_SYSCALL, 0, 0)?;
         let mut entered = false;
         let result = loop {
+            let resume = if fast && entered {
+                libc::PTRACE_CONT
+            } else {
+                libc::PTRACE_SYSCALL
+            };
             match Self::next_event(pid, tid, deadline)? {
                 Event::Syscall if !entered => {
                     let r = raw::get_regs(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
@@ -644,8 +772,19 @@ impl PtraceTracer {
                         });
                     }
                     entered = true;
-                    Self::req(OP, pid, tid, libc::PTRACE_SYSCALL, 0, 0)?;
+                    if fast {
+                        Self::req(OP, pid, tid, libc::PTRACE_INTERRUPT, 0, 0)?;
+                        Self::req(OP, pid, tid, libc::PTRACE_CONT, 0, 0)?;
+                    } else {
+                        Self::req(OP, pid, tid, libc::PTRACE_SYSCALL, 0, 0)?;
+                    }
                 }
+                // The fast way: the syscall is done and the thread is back in an event stop.
+                Event::Parked(_) if fast && entered => {
+                    let r = raw::get_regs(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
+                    return Ok(r.rax.cast_signed());
+                }
+                Event::Syscall if fast => Self::req(OP, pid, tid, resume, 0, 0)?,
                 Event::Syscall => {
                     let r = raw::get_regs(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
                     break r.rax.cast_signed();
@@ -654,9 +793,9 @@ impl PtraceTracer {
                 // and queue it again once the thread's own state is restored.
                 Event::Signal(sig) => {
                     deferred.push(sig);
-                    Self::req(OP, pid, tid, libc::PTRACE_SYSCALL, 0, 0)?;
+                    Self::req(OP, pid, tid, resume, 0, 0)?;
                 }
-                Event::Parked(_) => Self::req(OP, pid, tid, libc::PTRACE_SYSCALL, 0, 0)?,
+                Event::Parked(_) => Self::req(OP, pid, tid, resume, 0, 0)?,
                 Event::Gone => return Err(SysError::ThreadGone { pid, tid }),
                 Event::Exec => return Err(SysError::Execed { pid, tid }),
                 Event::Timeout => {
@@ -681,6 +820,13 @@ impl PtraceTracer {
         Self::park(OP, pid, tid, deadline)?;
         Ok(result)
     }
+}
+
+/// Return values that mean "interrupted, to be restarted" (`-ERESTARTSYS`,
+/// `-ERESTARTNOINTR`, `-ERESTARTNOHAND`, `-ERESTART_RESTARTBLOCK`) or `-EINTR`: a syscall run
+/// the fast way that returns one of these is run again the slow way.
+fn interrupted_return(r: i64) -> bool {
+    matches!(r, -512 | -513 | -514 | -516) || r == -i64::from(libc::EINTR)
 }
 
 fn thread_exists(pid: Pid, tid: Tid) -> bool {
@@ -770,6 +916,27 @@ impl Tracer for PtraceTracer {
             len,
             source: e,
         })
+    }
+
+    fn read_memory_many(&mut self, pid: Pid, ranges: &[(u64, usize)]) -> Vec<Result<Vec<u8>>> {
+        const IOV_MAX: usize = 1024;
+        let mut out = Vec::with_capacity(ranges.len());
+        for chunk in ranges.chunks(IOV_MAX) {
+            let mut bufs: Vec<Vec<u8>> = chunk.iter().map(|&(_, len)| vec![0; len]).collect();
+            let mut done = raw::vm_read_many(pid.0, chunk, &mut bufs).unwrap_or(0);
+            for (&(addr, len), mut buf) in chunk.iter().zip(bufs) {
+                if done >= len {
+                    done -= len;
+                    out.push(Ok(buf));
+                } else {
+                    // Not read in full by the batch (and nothing after it was): one by one,
+                    // with the /proc/PID/mem fallback.
+                    done = 0;
+                    out.push(self.read_memory(pid, addr, &mut buf).map(|()| buf));
+                }
+            }
+        }
+        out
     }
 
     fn write_memory(&mut self, pid: Pid, via: Tid, addr: u64, data: &[u8]) -> Result<()> {
@@ -958,9 +1125,24 @@ impl Tracer for PtraceTracer {
             ..saved
         };
         let mut deferred = Vec::new();
-        let result = raw::set_regs(tid.0, &hijack)
-            .map_err(|e| Self::err(OP, pid, tid, e))
-            .and_then(|()| Self::run_hijacked(pid, tid, call, deadline, &mut deferred));
+        let run = |fast: bool, deferred: &mut Vec<i32>| {
+            raw::set_regs(tid.0, &hijack)
+                .map_err(|e| Self::err(OP, pid, tid, e))
+                .and_then(|()| Self::run_hijacked(pid, tid, call, deadline, deferred, fast))
+        };
+        let result = match run(true, &mut deferred) {
+            Ok(r) if interrupted_return(r) => {
+                tracing::debug!(
+                    pid = pid.0,
+                    tid = tid.0,
+                    nr = call.nr,
+                    r,
+                    "remote syscall interrupted by the pending trap; running it again with an exit stop"
+                );
+                run(false, &mut deferred)
+            }
+            other => other,
+        };
         if result.is_err() {
             // Try to get back to a parked stop so the restore below can work.
             let _ = Self::park(OP, pid, tid, Instant::now() + Duration::from_millis(200));

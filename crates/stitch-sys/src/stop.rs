@@ -482,6 +482,16 @@ impl<T: Tracer> StoppedProcess<T> {
         Ok(v)
     }
 
+    /// Reads several ranges of target memory (one batched syscall with the kernel tracer);
+    /// one result per range.
+    ///
+    /// # Errors
+    /// [`SysError::Released`]; per range, [`SysError::MemIo`].
+    pub fn read_many(&mut self, ranges: &[(u64, usize)]) -> Result<Vec<Result<Vec<u8>>>> {
+        self.live()?;
+        Ok(self.tracer.read_memory_many(self.pid, ranges))
+    }
+
     /// Writes target memory (read-only text included). No thread runs while this happens.
     ///
     /// # Errors

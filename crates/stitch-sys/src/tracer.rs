@@ -107,6 +107,18 @@ pub trait Tracer {
     /// Reads target memory; all of `buf` or an error.
     fn read_memory(&mut self, pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()>;
 
+    /// Reads several ranges; one result per range, each as [`Tracer::read_memory`] would
+    /// give it. The default reads them one by one; the kernel tracer batches them.
+    fn read_memory_many(&mut self, pid: Pid, ranges: &[(u64, usize)]) -> Vec<Result<Vec<u8>>> {
+        ranges
+            .iter()
+            .map(|&(addr, len)| {
+                let mut v = vec![0; len];
+                self.read_memory(pid, addr, &mut v).map(|()| v)
+            })
+            .collect()
+    }
+
     /// Writes target memory, also read-only text; all of `data` or an error. `via` is a held
     /// thread (the `PTRACE_POKEDATA` fallback needs one).
     fn write_memory(&mut self, pid: Pid, via: Tid, addr: u64, data: &[u8]) -> Result<()>;
@@ -164,6 +176,9 @@ impl<T: Tracer + ?Sized> Tracer for &mut T {
     }
     fn read_memory(&mut self, pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
         (**self).read_memory(pid, addr, buf)
+    }
+    fn read_memory_many(&mut self, pid: Pid, ranges: &[(u64, usize)]) -> Vec<Result<Vec<u8>>> {
+        (**self).read_memory_many(pid, ranges)
     }
     fn write_memory(&mut self, pid: Pid, via: Tid, addr: u64, data: &[u8]) -> Result<()> {
         (**self).write_memory(pid, via, addr, data)

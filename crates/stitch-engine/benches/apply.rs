@@ -72,41 +72,65 @@ fn us(d: Duration) -> f64 {
 fn pause_section() {
     println!("\n### Apply wall time and stop-the-world pause (release build)\n");
     println!(
-        "| threads | runs | apply p50 | apply p99 | pause p50 | pause p99 | stop-all p50 | held p50 | revert p50 |"
+        "| threads | region | runs | apply p50 | apply p99 | pause p50 | pause p99 | stop-all p50 | held p50 | held p50, no retry | runs with a site retry | revert p50 |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let t = compile(SPIN_C, &["-O2"]);
     let b = patch(&t, "ST-2026-0900", "compute", "before", "stitch_hit");
     for (threads, runs) in [(1usize, 300usize), (8, 200), (64, 100)] {
         let mut r = Running::start_args(&t.exe, &[&threads.to_string()]);
-        let engine = Engine::new();
-        let (mut apply, mut pause, mut stop, mut held, mut revert) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..runs {
-            let t0 = Instant::now();
-            let rep = engine.apply(r.pid(), &b).expect("apply");
-            apply.push(us(t0.elapsed()));
-            stop.push(us(rep.stopping));
-            held.push(us(rep.pause));
-            pause.push(us(rep.stopping + rep.pause));
-            let t1 = Instant::now();
-            engine.revert(r.pid(), "ST-2026-0900").expect("revert");
-            revert.push(us(t1.elapsed()));
+        // "created": every revert unmaps the emptied region, so every apply maps one (the
+        // first apply to a module in a process); "kept": the default, the region emptied by
+        // a revert is kept and reused.
+        for keep in [false, true] {
+            let mut engine = Engine::new();
+            engine.options.keep_idle_regions = keep;
+            let (mut apply, mut pause, mut stop, mut held, mut revert) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut retried, mut held_clear) = (0usize, Vec::new());
+            for i in 0..=runs {
+                let t0 = Instant::now();
+                let rep = engine.apply(r.pid(), &b).expect("apply");
+                let wall = us(t0.elapsed());
+                let t1 = Instant::now();
+                let rev = engine.revert(r.pid(), "ST-2026-0900").expect("revert");
+                let rev_wall = us(t1.elapsed());
+                assert_eq!(rep.region_created, !keep || i == 0);
+                assert_eq!(rev.region_freed, !keep);
+                if keep && i == 0 {
+                    continue; // the kept region's first apply maps it
+                }
+                apply.push(wall);
+                if rep.site_retries > 0 {
+                    retried += 1;
+                } else {
+                    held_clear.push(us(rep.pause));
+                }
+                stop.push(us(rep.stopping));
+                held.push(us(rep.pause));
+                pause.push(us(rep.stopping + rep.pause));
+                revert.push(rev_wall);
+            }
+            if held_clear.is_empty() {
+                held_clear.push(f64::NAN);
+            }
+            println!(
+                "| {threads} | {} | {runs} | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {retried} | {:.0} us |",
+                if keep { "kept" } else { "created" },
+                pct(&mut apply, 0.5),
+                pct(&mut apply, 0.99),
+                pct(&mut pause, 0.5),
+                pct(&mut pause, 0.99),
+                pct(&mut stop, 0.5),
+                pct(&mut held, 0.5),
+                pct(&mut held_clear, 0.5),
+                pct(&mut revert, 0.5),
+            );
         }
         assert_eq!(r.ask(1), "2");
-        println!(
-            "| {threads} | {runs} | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us |",
-            pct(&mut apply, 0.5),
-            pct(&mut apply, 0.99),
-            pct(&mut pause, 0.5),
-            pct(&mut pause, 0.99),
-            pct(&mut stop, 0.5),
-            pct(&mut held, 0.5),
-            pct(&mut revert, 0.5),
-        );
     }
     println!(
-        "\napply = plan + stop + commit + release, as `stitch apply --pid` runs it; pause = from the first seize until every thread is released (stop-all + held)."
+        "\napply = plan + stop + commit + release, as `stitch apply --pid` runs it; pause = from the first seize until every thread is released (stop-all + held); region created = the apply maps the region (a module's first patch in a process), kept = it reuses the one a revert emptied."
     );
 }
 

@@ -219,7 +219,7 @@ impl Engine {
             .iter()
             .map(|(_, a, o)| (*a, *a + o.len() as u64))
             .collect();
-        let site_retries = wait_out_of(sp, &ranges, &maps, self)?;
+        let (site_retries, stacks) = wait_out_of(sp, &ranges, &maps, self)?;
         kill_point("threads_clear");
         // 3. The region. A region whose patches are all reverted and that nothing executes
         //    in or refers to any more is started afresh (or unmapped, if another is used):
@@ -233,7 +233,7 @@ impl Engine {
                     .records
                     .iter()
                     .all(|r| r.state == RecordState::Reverted)
-                && region_unused(sp, &maps, addr).unwrap_or(false);
+                && region_unused(sp, &stacks, addr);
             if !idle {
                 usable.push((addr, header));
             } else if !fresh_one {
@@ -549,15 +549,52 @@ fn live_stacks<T: Tracer>(sp: &StoppedProcess<T>, maps: &[Mapping]) -> Vec<(Tid,
         .collect()
 }
 
+/// The live stacks of every held thread (see [`live_stacks`]), read in one batch: `None` for
+/// a stack that could not be read.
+struct StackScan(Vec<(Tid, Option<Vec<u8>>)>);
+
+impl StackScan {
+    fn read<T: Tracer>(sp: &mut StoppedProcess<T>, maps: &[Mapping]) -> Result<Self, EngineError> {
+        let stacks = live_stacks(sp, maps);
+        let ranges: Vec<(u64, usize)> = stacks
+            .iter()
+            .map(|&(_, lo, hi)| (lo, (hi - lo) as usize))
+            .collect();
+        let contents = sp.read_many(&ranges)?;
+        Ok(Self(
+            stacks
+                .into_iter()
+                .zip(contents)
+                .map(|((tid, _, _), c)| (tid, c.ok()))
+                .collect(),
+        ))
+    }
+
+    /// Every 8-byte word on the readable stacks, with its thread.
+    fn words(&self) -> impl Iterator<Item = (Tid, u64)> + '_ {
+        self.0.iter().flat_map(|(tid, c)| {
+            c.as_deref()
+                .unwrap_or_default()
+                .chunks_exact(8)
+                .map(move |w| (*tid, u64::from_le_bytes(w.try_into().unwrap_or([0; 8]))))
+        })
+    }
+
+    fn all_readable(&self) -> bool {
+        self.0.iter().all(|(_, c)| c.is_some())
+    }
+}
+
 /// The first thread that would resume strictly inside one of `ranges`, or whose live stack
 /// holds a word strictly inside one (a signal frame's saved RIP, a return address): when that
 /// frame is resumed it would land in the middle of the new jump. A thread may sit at a
-/// site's first byte: it then executes the new jump, or the restored original.
+/// site's first byte: it then executes the new jump, or the restored original. With no
+/// blocker, also returns the stack scan it made (valid until a thread runs again).
 fn find_blocker<T: Tracer>(
     sp: &mut StoppedProcess<T>,
     ranges: &[(u64, u64)],
     maps: &[Mapping],
-) -> Result<Option<Blocker>, EngineError> {
+) -> Result<Result<StackScan, Blocker>, EngineError> {
     let inside = |a: u64| ranges.iter().find(|&&(s, e)| a > s && a < e).copied();
     let by_ip = sp.threads().find_map(|t| {
         let ip = t.regs.resume_ip();
@@ -569,39 +606,37 @@ fn find_blocker<T: Tracer>(
             on_stack: false,
         })
     });
-    if by_ip.is_some() {
-        return Ok(by_ip);
+    if let Some(b) = by_ip {
+        return Ok(Err(b));
     }
-    for (tid, lo, hi) in live_stacks(sp, maps) {
-        let Ok(words) = sp.read_vec(lo, (hi - lo) as usize) else {
-            continue;
-        };
-        for w in words.chunks_exact(8) {
-            let v = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
-            if let Some((site, end)) = inside(v) {
-                return Ok(Some(Blocker {
-                    tid,
-                    ip: v,
-                    site,
-                    end,
-                    on_stack: true,
-                }));
-            }
-        }
-    }
-    Ok(None)
+    let scan = StackScan::read(sp, maps)?;
+    let on_stack = scan.words().find_map(|(tid, v)| {
+        inside(v).map(|(site, end)| Blocker {
+            tid,
+            ip: v,
+            site,
+            end,
+            on_stack: true,
+        })
+    });
+    Ok(on_stack.map_or(Ok(scan), Err))
 }
 
 /// Lets threads found inside `ranges` (by instruction pointer or stack) run on until none
-/// is, bounded.
+/// is, bounded. Returns the tries and the last stack scan (taken after the last run, so it
+/// is what the stacks hold until a thread runs again).
 fn wait_out_of<T: Tracer>(
     sp: &mut StoppedProcess<T>,
     ranges: &[(u64, u64)],
     maps: &[Mapping],
     engine: &Engine,
-) -> Result<u32, EngineError> {
+) -> Result<(u32, StackScan), EngineError> {
     let mut tries = 0;
-    while let Some(b) = find_blocker(sp, ranges, maps)? {
+    loop {
+        let b = match find_blocker(sp, ranges, maps)? {
+            Ok(scan) => return Ok((tries, scan)),
+            Err(b) => b,
+        };
         if tries >= engine.options.max_site_retries {
             return Err(EngineError::ThreadInSite {
                 pid: sp.pid().0,
@@ -619,7 +654,6 @@ fn wait_out_of<T: Tracer>(
         let run = engine.options.site_retry_run * (1u32 << (tries - 1).min(4));
         sp.run_thread_briefly(b.tid, run)?;
     }
-    Ok(tries)
 }
 
 /// One site write: where, what goes there, and what must be there right before.
@@ -802,7 +836,8 @@ fn revert_stopped<T: Tracer>(
         .iter()
         .map(|s| (s.addr, s.addr + s.original.len() as u64))
         .collect();
-    wait_out_of(sp, &ranges, maps, engine)?;
+    // No thread runs from here on: the scan stays valid for the freeing check below.
+    let (_, stacks) = wait_out_of(sp, &ranges, maps, engine)?;
     let hits = sp.read_vec(base + record.offset + region::HITS_OFFSET, 8)?;
     let hits = u64::from_le_bytes(hits.try_into().unwrap_or([0; 8]));
     if !writes.is_empty() {
@@ -834,17 +869,17 @@ fn revert_stopped<T: Tracer>(
     // (it is started afresh then, once nothing uses it); else freed if nothing uses it.
     let freed = !others_live
         && !engine.options.keep_idle_regions
-        && try_free_region(sp, maps, base).unwrap_or(false);
+        && try_free_region(sp, &stacks, base).unwrap_or(false);
     Ok((record.revision, hits, freed))
 }
 
 /// Unmaps the region if nothing uses it (see [`region_unused`]).
 fn try_free_region<T: Tracer>(
     sp: &mut StoppedProcess<T>,
-    maps: &[Mapping],
+    stacks: &StackScan,
     base: u64,
 ) -> Result<bool, EngineError> {
-    if !region_unused(sp, maps, base)? {
+    if !region_unused(sp, stacks, base) {
         return Ok(false);
     }
     sp.remote_munmap(base, region::REGION_SIZE)?;
@@ -853,15 +888,12 @@ fn try_free_region<T: Tracer>(
 
 /// True when no thread executes in the region and no register and no word on any thread's
 /// live stack points into it (a return address into a trampoline, e.g. from a relocated
-/// `call`, or a signal frame interrupted there).
-fn region_unused<T: Tracer>(
-    sp: &mut StoppedProcess<T>,
-    maps: &[Mapping],
-    base: u64,
-) -> Result<bool, EngineError> {
+/// `call`, or a signal frame interrupted there). `stacks` must have been read since any
+/// thread last ran; a stack that could not be read counts as using the region.
+fn region_unused<T: Tracer>(sp: &StoppedProcess<T>, stacks: &StackScan, base: u64) -> bool {
     let end = base + region::REGION_SIZE;
     let inside = |a: u64| a >= base && a < end;
-    if sp.threads().any(|t| {
+    let in_regs = sp.threads().any(|t| {
         let r = &t.regs;
         [
             r.rip,
@@ -884,19 +916,8 @@ fn region_unused<T: Tracer>(
         ]
         .into_iter()
         .any(inside)
-    }) {
-        return Ok(false);
-    }
-    for (_, lo, hi) in live_stacks(sp, maps) {
-        let words = sp.read_vec(lo, (hi - lo) as usize)?;
-        if words
-            .chunks_exact(8)
-            .any(|w| inside(u64::from_le_bytes(w.try_into().unwrap_or([0; 8]))))
-        {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+    });
+    !in_regs && stacks.all_readable() && !stacks.words().any(|(_, v)| inside(v))
 }
 
 #[cfg(test)]

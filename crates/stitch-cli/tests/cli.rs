@@ -249,3 +249,60 @@ proptest! {
         prop_assert_eq!(json["patchlets"][0]["relocations"].as_array().unwrap().len(), usize::from(hit));
     }
 }
+
+/// The README's main command, end to end: server, agent, live service, exploit, patch
+/// published and applied by the agent, exploit blocked and reported to the server.
+#[test]
+fn demo_exploit_is_blocked_after_the_agent_applies_the_published_patch() {
+    let me = std::path::PathBuf::from(env!("CARGO_BIN_EXE_stitch"));
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let siblings = ["stitch-server", "stitchd"]
+        .iter()
+        .all(|b| me.with_file_name(b).exists());
+    if !(root && siblings) {
+        let why = if root {
+            "stitch-server/stitchd not built next to stitch"
+        } else {
+            "not root"
+        };
+        assert!(!ci, "demo test cannot run in CI: {why}");
+        eprintln!("SKIP: demo test: {why}");
+        return;
+    }
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let out = Command::new(&me)
+        .args(["demo", "--exit", "--listen", &listen])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("welcome, administrator"),
+        "exploit worked before: {text}"
+    );
+    assert!(
+        text.contains("rejected: name too long"),
+        "exploit blocked after: {text}"
+    );
+    assert!(
+        text.contains("event exploit_blocked"),
+        "reported to the server: {text}"
+    );
+    assert_eq!(
+        text.matches("unchanged").count(),
+        2,
+        "files on disk unchanged: {text}"
+    );
+}

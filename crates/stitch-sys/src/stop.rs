@@ -98,6 +98,7 @@ impl Held {
             pending: BTreeSet::new(),
             gone: self.gone,
             gadget: None,
+            maps: None,
             op_timeout: Duration::from_secs(2),
             released: false,
             left_seized: Vec::new(),
@@ -114,6 +115,7 @@ fn stop_once<T: Tracer>(tracer: &mut T, pid: Pid, deadline: Instant) -> Result<H
         pending: BTreeSet::new(),
         gone: BTreeSet::new(),
         gadget: None,
+        maps: None,
         op_timeout: Duration::from_secs(2),
         released: false,
         left_seized: Vec::new(),
@@ -205,6 +207,9 @@ pub struct StoppedProcess<T: Tracer = PtraceTracer> {
     /// Seen in the task list, then gone.
     gone: BTreeSet<Tid>,
     gadget: Option<u64>,
+    /// The mappings as last read: valid until a thread runs or a remote syscall is made
+    /// (nothing else can change them while every thread is held).
+    maps: Option<Vec<Mapping>>,
     op_timeout: Duration,
     released: bool,
     left_seized: Vec<Tid>,
@@ -460,7 +465,12 @@ impl<T: Tracer> StoppedProcess<T> {
     /// Tracer errors.
     pub fn mappings(&mut self) -> Result<Vec<Mapping>> {
         self.live()?;
-        self.tracer.mappings(self.pid)
+        if let Some(m) = &self.maps {
+            return Ok(m.clone());
+        }
+        let m = self.tracer.mappings(self.pid)?;
+        self.maps = Some(m.clone());
+        Ok(m)
     }
 
     /// Reads target memory.
@@ -540,6 +550,8 @@ impl<T: Tracer> StoppedProcess<T> {
     }
 
     fn after_run(&mut self, tid: Tid, r: Result<StopKind>) -> Result<Option<Regs>> {
+        // The thread ran its own code: it may have mapped or unmapped memory.
+        self.maps = None;
         match r {
             Ok(stop) => {
                 let regs = self.tracer.get_regs(self.pid, tid);
@@ -621,8 +633,7 @@ impl<T: Tracer> StoppedProcess<T> {
             self.gadget = None;
         }
         let mut maps: Vec<Mapping> = self
-            .tracer
-            .mappings(self.pid)?
+            .mappings()?
             .into_iter()
             .filter(|m| m.perms.exec && m.perms.read)
             .collect();
@@ -682,6 +693,8 @@ impl<T: Tracer> StoppedProcess<T> {
             args: a,
         };
         let deadline = self.deadline();
+        // Whatever the call does (mmap, munmap, mprotect...), the maps read so far are stale.
+        self.maps = None;
         match self.tracer.syscall(self.pid, tid, &call, deadline) {
             Err(e) if e.is_gone() => {
                 self.held.remove(&tid);

@@ -135,7 +135,12 @@ impl Running {
         self.ask_str(&n.to_string())
     }
     pub(crate) fn ask_str(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").unwrap();
+        // One write(2) per line: `writeln!` may write the text and the newline separately,
+        // and a target woken between the two reads a short line (which the restart tests
+        // would take for a restart bug).
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
         let mut out = String::new();
         self.stdout.read_line(&mut out).unwrap();
         out.trim().to_string()

@@ -146,6 +146,63 @@ fn print_rows(rows: &[Row], json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How many tracer threads `--all` (and several `--pid`s) use: one engine stop per thread at
+/// a time, each on its own thread (a tracee belongs to the thread that seized it). Default:
+/// the number of CPUs, at most 4; `STITCH_APPLY_JOBS` overrides it.
+fn jobs(n_targets: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    std::env::var("STITCH_APPLY_JOBS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| cpus.min(4))
+        .clamp(1, 64)
+        .min(n_targets.max(1))
+}
+
+/// `f` over `items` on `jobs` threads (each item on exactly one), results in item order.
+/// `tick` is called on the caller's thread as items complete.
+fn par_map<I: Sync, R: Send>(
+    items: &[I],
+    jobs: usize,
+    f: impl Fn(&I) -> R + Sync,
+    mut tick: impl FnMut(usize),
+) -> Vec<R> {
+    if jobs <= 1 {
+        return items
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                tick(i);
+                f(x)
+            })
+            .collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, R)>();
+    let mut out: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            let tx = tx.clone();
+            let (next, f) = (&next, &f);
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    if tx.send((i, f(item))).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        for (done, (i, r)) in rx.iter().enumerate() {
+            tick(done);
+            out[i] = Some(r);
+        }
+    });
+    out.into_iter().flatten().collect()
+}
+
 pub(crate) fn apply(
     bundle: &Path,
     pids: &[i32],
@@ -166,34 +223,32 @@ pub(crate) fn apply(
         tty: all && !json && std::io::stderr().is_terminal(),
         total: targets.len(),
     };
-    let mut rows = Vec::new();
-    for (i, &pid) in targets.iter().enumerate() {
+    // One process: plan, then (unless a dry run) apply. `None`: not a target (with --all).
+    let one = |&pid: &Pid| -> Option<(Row, Option<Plan>)> {
         let name = comm(pid);
-        progress.tick(i, &name);
         let plan = match engine.plan(pid, &verified) {
             Ok(p) => p,
             // With --all, processes that do not map the module are simply not targets.
-            Err(EngineError::ModuleNotMapped { .. } | EngineError::Io { .. }) if all => continue,
-            Err(EngineError::Sys(ref e)) if all && e.is_gone() => continue,
+            Err(EngineError::ModuleNotMapped { .. } | EngineError::Io { .. }) if all => {
+                return None;
+            }
+            Err(EngineError::Sys(ref e)) if all && e.is_gone() => return None,
             Err(e) => {
-                rows.push(Row {
+                let row = Row {
                     pid,
                     comm: name,
                     outcome: Err((e.code().into(), e.to_string())),
-                });
-                continue;
+                };
+                return Some((row, None));
             }
         };
         if dry_run {
-            if !json {
-                print_plan(&plan);
-            }
-            rows.push(Row {
+            let row = Row {
                 pid,
                 comm: name,
                 outcome: Ok("planned (dry run)".into()),
-            });
-            continue;
+            };
+            return Some((row, Some(plan)));
         }
         let outcome = engine
             .apply_plan(&plan, &verified)
@@ -207,13 +262,26 @@ pub(crate) fn apply(
                 )
             })
             .map_err(|e| (e.code().to_string(), e.to_string()));
-        rows.push(Row {
+        let row = Row {
             pid,
             comm: name,
             outcome,
-        });
-    }
+        };
+        Some((row, None))
+    };
+    let done = par_map(&targets, jobs(targets.len()), one, |i| {
+        progress.tick(i, "");
+    });
     progress.finish();
+    let mut rows = Vec::new();
+    for (row, plan) in done.into_iter().flatten() {
+        if let Some(plan) = plan
+            && !json
+        {
+            print_plan(&plan);
+        }
+        rows.push(row);
+    }
     print_rows(&rows, json)?;
     if !json {
         println!("{:.3} s", started.elapsed().as_secs_f64());
@@ -232,37 +300,43 @@ pub(crate) fn revert(id: &str, pids: &[i32], all: bool, json: bool) -> anyhow::R
     let engine = Engine::new();
     let targets: Vec<Pid> = if all {
         all_pids()
-            .into_iter()
-            .filter(|&p| {
-                engine.list(p).is_ok_and(|v| {
-                    v.iter().any(|a| {
-                        a.record.id == id
-                            && a.record.state != stitch_engine::region::RecordState::Reverted
-                    })
-                })
-            })
-            .collect()
     } else {
         pids.iter().map(|&p| Pid(p)).collect()
     };
-    let rows: Vec<Row> = targets
-        .into_iter()
-        .map(|pid| Row {
+    let jobs = jobs(targets.len());
+    let one = |&pid: &Pid| -> Option<Row> {
+        // With --all, only processes that carry the patch (read without stopping them).
+        if all
+            && !engine.list(pid).is_ok_and(|v| {
+                v.iter().any(|a| {
+                    a.record.id == id
+                        && a.record.state != stitch_engine::region::RecordState::Reverted
+                })
+            })
+        {
+            return None;
+        }
+        let outcome = engine
+            .revert(pid, id)
+            .map(|r| {
+                format!(
+                    "r{} reverted, {} hit(s), paused {:.0} us{}",
+                    r.revision,
+                    r.hits,
+                    r.pause.as_secs_f64() * 1e6,
+                    if r.region_freed { ", region freed" } else { "" }
+                )
+            })
+            .map_err(|e| (e.code().to_string(), e.to_string()));
+        Some(Row {
             pid,
             comm: comm(pid),
-            outcome: engine
-                .revert(pid, id)
-                .map(|r| {
-                    format!(
-                        "r{} reverted, {} hit(s), paused {:.0} us{}",
-                        r.revision,
-                        r.hits,
-                        r.pause.as_secs_f64() * 1e6,
-                        if r.region_freed { ", region freed" } else { "" }
-                    )
-                })
-                .map_err(|e| (e.code().to_string(), e.to_string())),
+            outcome,
         })
+    };
+    let rows: Vec<Row> = par_map(&targets, jobs, one, |_| {})
+        .into_iter()
+        .flatten()
         .collect();
     print_rows(&rows, json)?;
     let failed = rows.iter().filter(|r| r.outcome.is_err()).count();

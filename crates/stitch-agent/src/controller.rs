@@ -86,7 +86,8 @@ pub struct HeartbeatParts {
 /// Everything the controller is told.
 pub enum Input {
     Action(AgentAction, Sender<Reply>),
-    Proc(ProcEvent),
+    /// Process events (a batch, already filtered by [`crate::procconn::ProcFilter`]).
+    Proc(Vec<ProcEvent>),
     /// The proc connector lost events: rescan everything.
     Rescan,
     /// A verified manifest and the bundles downloaded for it (content address, bytes).
@@ -188,6 +189,7 @@ pub struct Controller {
     sync_now: Option<Box<dyn Fn() + Send>>,
     /// For the load-time hook's event forwarder.
     input_tx: Option<Sender<Input>>,
+    proc_filter: Option<std::sync::Arc<crate::procconn::ProcFilter>>,
     load_time: crate::hook::LoadTime,
     /// Processes patched at load time since the last `patch_applied` event, by patch.
     hook_applied: BTreeMap<String, i64>,
@@ -227,6 +229,7 @@ impl Controller {
             outbox_wake: None,
             sync_now: None,
             input_tx: None,
+            proc_filter: None,
             load_time: crate::hook::LoadTime::default(),
             hook_applied: BTreeMap::new(),
             last_hook_flush: Instant::now(),
@@ -278,6 +281,21 @@ impl Controller {
         self.sync_now = Some(f);
     }
 
+    /// The proc connector's filter, kept in line with the carriers after every input.
+    pub fn set_proc_filter(&mut self, f: std::sync::Arc<crate::procconn::ProcFilter>) {
+        self.proc_filter = Some(f);
+    }
+
+    fn sync_filter(&self) {
+        if let Some(f) = &self.proc_filter {
+            let want_exec = self.agent_enabled() && self.slots.values().any(|s| s.row.enabled());
+            f.update(
+                self.carriers.keys().chain(self.departed.keys()).copied(),
+                want_exec,
+            );
+        }
+    }
+
     /// Where the load-time hook's events are sent (enables the hook).
     pub fn set_input(&mut self, tx: Sender<Input>) {
         self.input_tx = Some(tx);
@@ -285,6 +303,15 @@ impl Controller {
 
     /// Starts, restarts or stops the load-time hook so it covers exactly the enabled patches.
     pub fn refresh_hook(&mut self) {
+        let set: Vec<(String, u32)> = self
+            .slots
+            .iter()
+            .filter(|(id, _)| self.desired(id))
+            .map(|(id, s)| (id.clone(), s.row.revision))
+            .collect();
+        if !self.load_time.needs_refresh(&self.cfg, &set) {
+            return;
+        }
         let bundles: Vec<VerifiedBundle> = self
             .slots
             .iter()
@@ -480,6 +507,7 @@ impl Controller {
         self.scan_all();
         // Then the load-time hook, so processes started from now on are patched as they load.
         self.refresh_hook();
+        self.sync_filter();
         let d = t0.elapsed();
         self.ready_after = Some(self.started.elapsed());
         tracing::info!(
@@ -1325,7 +1353,7 @@ impl Controller {
             "ready_after_ms": self.ready_after.map(|d| d.as_millis() as u64),
             "uptime_s": self.started.elapsed().as_secs(),
             "new_processes": if self.proc_connector { "proc connector exec events + periodic scan" } else { "periodic scan only (proc connector unavailable)" },
-            "load_time_hook": self.load_time.state,
+            "load_time_hook": if self.load_time.state.is_empty() { "idle (no enabled patch)" } else { self.load_time.state.as_str() },
             "metrics": self.metrics,
         })
     }
@@ -1375,6 +1403,11 @@ impl Controller {
 
     /// Runs timer-driven work that is due.
     pub fn tick(&mut self) {
+        self.tick_inner();
+        self.sync_filter();
+    }
+
+    fn tick_inner(&mut self) {
         let now = Instant::now();
         self.run_pending();
         if !self.carriers.is_empty() && now >= self.last_hits + self.cfg.hits_interval() {
@@ -1407,7 +1440,11 @@ impl Controller {
                 let r = self.handle(a);
                 let _ = reply.send(r);
             }
-            Input::Proc(e) => self.on_proc(e),
+            Input::Proc(batch) => {
+                for e in batch {
+                    self.on_proc(e);
+                }
+            }
             Input::Rescan => self.scan_all(),
             Input::Manifest { payload, bundles } => self.on_manifest(payload, bundles),
             Input::BundleRejected {
@@ -1439,6 +1476,7 @@ impl Controller {
             }
         }
         self.refresh_hook();
+        self.sync_filter();
         true
     }
 }

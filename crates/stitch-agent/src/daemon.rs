@@ -125,24 +125,22 @@ pub fn start(cfg: Config) -> Result<Agent> {
     // Process events: the proc connector when we may use it.
     let mut proc_connector = false;
     if cfg.scan.proc_connector {
-        match crate::procconn::ProcConnector::open() {
+        let filter = Arc::new(crate::procconn::ProcFilter::default());
+        match crate::procconn::ProcConnector::open(&filter) {
             Ok(pc) => {
                 proc_connector = true;
-                let (ptx, prx) = channel();
+                ctl.set_proc_filter(filter.clone());
                 let tx2 = tx.clone();
                 let tx3 = tx.clone();
                 spawn("stitchd-proc", move || {
-                    pc.run(ptx, move || {
-                        tracing::warn!("proc connector overflowed (events lost); rescanning");
-                        let _ = tx3.send(Input::Rescan);
-                    })
-                });
-                spawn("stitchd-procfwd", move || {
-                    for e in prx {
-                        if tx2.send(Input::Proc(e)).is_err() {
-                            return;
-                        }
-                    }
+                    pc.run(
+                        &filter,
+                        |batch| tx2.send(Input::Proc(batch)).is_ok(),
+                        || {
+                            tracing::warn!("proc connector overflowed (events lost); rescanning");
+                            let _ = tx3.send(Input::Rescan);
+                        },
+                    )
                 });
             }
             Err(e) => {

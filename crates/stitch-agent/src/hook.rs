@@ -36,6 +36,15 @@ impl LoadTime {
         self.hook.is_some()
     }
 
+    /// Whether `set` (sorted (id, revision) of the enabled patches) differs from what runs.
+    pub(crate) fn needs_refresh(&self, cfg: &Config, set: &[(String, u32)]) -> bool {
+        if !cfg.hook.enabled {
+            return self.state.is_empty() || self.hook.is_some();
+        }
+        set != self.hooked.as_slice()
+            || (self.hook.is_none() && !set.is_empty() && self.state.is_empty())
+    }
+
     /// Makes the running hook match `bundles` (restarting it if the set changed).
     pub(crate) fn refresh(
         &mut self,

@@ -5,8 +5,6 @@
 //! The socket comes from `netlink-sys` (a safe API); this module has no `unsafe` and parses
 //! the messages with plain byte arithmetic ([`parse`] is pure and unit-tested).
 
-use std::sync::mpsc::Sender;
-
 /// What the proc connector reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcEvent {
@@ -108,9 +106,17 @@ fn parse_cn(cn: &[u8]) -> Option<ProcEvent> {
     }
 }
 
-/// The subscribe message (`PROC_CN_MCAST_LISTEN`).
-pub fn listen_message() -> Vec<u8> {
-    let total = NLMSG_HDR + CN_MSG_HDR + 4;
+/// Kernel-side event filter (Linux >= 6.6, `struct proc_input`): exec and fork, and only exits
+/// with a non-zero status (crashes among them), so ordinary exits never wake the agent.
+pub const EVENTS_WANTED: u32 = PROC_EVENT_EXEC | PROC_EVENT_FORK | PROC_EVENT_NONZERO_EXIT;
+const PROC_EVENT_NONZERO_EXIT: u32 = 0x2000_0000;
+const PROC_CN_MCAST_IGNORE: u32 = 2;
+
+/// The subscribe message (`PROC_CN_MCAST_LISTEN`, or `IGNORE`), with the kernel-side filter
+/// when `event_type` is given.
+pub fn control_message(listen: bool, event_type: Option<u32>) -> Vec<u8> {
+    let data_len = if event_type.is_some() { 8 } else { 4 };
+    let total = NLMSG_HDR + CN_MSG_HDR + data_len;
     let mut b = Vec::with_capacity(total);
     b.extend_from_slice(&(total as u32).to_ne_bytes());
     b.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
@@ -121,25 +127,59 @@ pub fn listen_message() -> Vec<u8> {
     b.extend_from_slice(&CN_VAL_PROC.to_ne_bytes());
     b.extend_from_slice(&0u32.to_ne_bytes());
     b.extend_from_slice(&0u32.to_ne_bytes());
-    b.extend_from_slice(&4u16.to_ne_bytes());
+    b.extend_from_slice(&(data_len as u16).to_ne_bytes());
     b.extend_from_slice(&0u16.to_ne_bytes());
-    b.extend_from_slice(&PROC_CN_MCAST_LISTEN.to_ne_bytes());
+    let op = if listen {
+        PROC_CN_MCAST_LISTEN
+    } else {
+        PROC_CN_MCAST_IGNORE
+    };
+    b.extend_from_slice(&op.to_ne_bytes());
+    if let Some(t) = event_type {
+        b.extend_from_slice(&t.to_ne_bytes());
+    }
     b
+}
+
+/// The plain subscribe message (every event).
+pub fn listen_message() -> Vec<u8> {
+    control_message(true, None)
+}
+
+/// Whether the running kernel filters proc connector events per listener (6.6+).
+fn kernel_filters() -> bool {
+    let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = r
+        .trim()
+        .split(['.', '-'])
+        .map(|x| x.parse::<u32>().unwrap_or(0));
+    let (maj, min) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    (maj, min) >= (6, 6)
 }
 
 /// A subscribed proc-connector socket.
 pub struct ProcConnector {
-    sock: netlink_sys::Socket,
+    sock: std::sync::Arc<netlink_sys::Socket>,
 }
 
 impl ProcConnector {
-    /// Opens and subscribes (fails without CAP_NET_ADMIN).
-    pub fn open() -> std::io::Result<ProcConnector> {
+    /// Opens and subscribes (fails without CAP_NET_ADMIN). The subscription is then managed
+    /// through `filter` ([`ProcFilter::update`]).
+    pub fn open(filter: &ProcFilter) -> std::io::Result<ProcConnector> {
         let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_CONNECTOR)?;
         sock.bind(&netlink_sys::SocketAddr::new(0, CN_IDX_PROC))?;
         // A burst of exits must not be dropped: ask for a large receive buffer.
         let _ = sock.set_rx_buf_sz(4 << 20);
-        sock.send_to(&listen_message(), &netlink_sys::SocketAddr::new(0, 0), 0)?;
+        let sock = std::sync::Arc::new(sock);
+        let filters = kernel_filters();
+        sock.send_to(
+            &control_message(true, filters.then_some(EVENTS_WANTED)),
+            &netlink_sys::SocketAddr::new(0, 0),
+            0,
+        )?;
+        if let Ok(mut c) = filter.control.lock() {
+            *c = Some((sock.clone(), filters, true));
+        }
         Ok(ProcConnector { sock })
     }
 
@@ -151,26 +191,93 @@ impl ProcConnector {
         Ok(parse(buf))
     }
 
-    /// Forwards events to `tx` until the receiver is gone. ENOBUFS (the kernel dropped events
-    /// because we were slow) is reported as `overflow` so the caller can rescan.
-    pub fn run(self, tx: Sender<ProcEvent>, overflow: impl Fn()) {
+    /// Reads events until `deliver` returns false. Everything already queued in the socket is
+    /// read at once and only the events `filter` wants are delivered, as one batch: on a busy
+    /// build host (thousands of exec/exit events a second) the controller wakes only for what
+    /// concerns it. ENOBUFS (the kernel dropped events because we were slow) is reported as
+    /// `overflow` so the caller can rescan.
+    pub fn run(
+        self,
+        filter: &ProcFilter,
+        deliver: impl Fn(Vec<ProcEvent>) -> bool,
+        overflow: impl Fn(),
+    ) {
+        const MSG_DONTWAIT: i32 = 0x40;
         let mut buf = Vec::with_capacity(8192);
         loop {
-            match self.recv(&mut buf) {
-                Ok(events) => {
-                    for e in events {
-                        if tx.send(e).is_err() {
-                            return;
-                        }
+            let mut batch = Vec::new();
+            let mut flags = 0;
+            loop {
+                buf.clear();
+                buf.reserve(8192);
+                match self.sock.recv(&mut buf, flags) {
+                    Ok(_) => batch.extend(parse(&buf).into_iter().filter(|e| filter.wants(e))),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.raw_os_error() == Some(105) => overflow(),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "proc connector failed; falling back to periodic scans");
+                        return;
                     }
                 }
-                Err(e) if e.raw_os_error() == Some(105) => overflow(),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "proc connector failed; falling back to periodic scans");
-                    return;
+                flags = MSG_DONTWAIT;
+                if batch.len() >= 4096 {
+                    break;
                 }
             }
+            if !batch.is_empty() && !deliver(batch) {
+                return;
+            }
+        }
+    }
+}
+
+/// Which events the controller wants, kept up to date by the controller.
+#[derive(Default)]
+pub struct ProcFilter {
+    /// Processes carrying patches (their exit, fork and exec matter).
+    carriers: std::sync::RwLock<std::collections::HashSet<i32>>,
+    /// Some patch is enabled: every exec is a process to look at.
+    want_exec: std::sync::atomic::AtomicBool,
+    /// The socket, whether the kernel filters per listener, and whether we listen now.
+    #[allow(clippy::type_complexity, reason = "private plumbing")]
+    control: std::sync::Mutex<Option<(std::sync::Arc<netlink_sys::Socket>, bool, bool)>>,
+}
+
+impl ProcFilter {
+    /// Replaces the carrier set and the exec interest.
+    pub fn update(&self, carriers: impl Iterator<Item = i32>, want_exec: bool) {
+        if let Ok(mut c) = self.carriers.write() {
+            c.clear();
+            c.extend(carriers);
+        }
+        let carriers = self.carriers.read().map(|c| !c.is_empty()).unwrap_or(true);
+        self.want_exec
+            .store(want_exec, std::sync::atomic::Ordering::Relaxed);
+        // Nothing to watch: ask the kernel to stop sending (an idle agent then costs nothing
+        // however busy the host); subscribe again as soon as something matters.
+        let listen = want_exec || carriers;
+        if let Ok(mut c) = self.control.lock()
+            && let Some((sock, filters, listening)) = c.as_mut()
+            && *listening != listen
+        {
+            let msg = control_message(listen, filters.then_some(EVENTS_WANTED));
+            match sock.send_to(&msg, &netlink_sys::SocketAddr::new(0, 0), 0) {
+                Ok(_) => *listening = listen,
+                Err(e) => tracing::warn!(error = %e, "proc connector subscription change failed"),
+            }
+        }
+    }
+
+    /// Whether `e` concerns the controller.
+    pub fn wants(&self, e: &ProcEvent) -> bool {
+        let carrier = |p: i32| self.carriers.read().map(|c| c.contains(&p)).unwrap_or(true);
+        match *e {
+            ProcEvent::Exec { pid } => {
+                self.want_exec.load(std::sync::atomic::Ordering::Relaxed) || carrier(pid)
+            }
+            ProcEvent::Fork { parent, .. } => carrier(parent),
+            ProcEvent::Exit { pid, .. } => carrier(pid),
         }
     }
 }
@@ -238,5 +345,34 @@ mod tests {
         assert_eq!(parse(&two).len(), 2);
         assert!(parse(&two[..7]).is_empty());
         assert_eq!(listen_message().len(), 40);
+        assert_eq!(control_message(true, Some(EVENTS_WANTED)).len(), 44);
+    }
+
+    #[test]
+    fn filter_passes_only_what_concerns_carriers_and_execs_when_wanted() {
+        let f = ProcFilter::default();
+        f.update([7].into_iter(), false);
+        assert!(f.wants(&ProcEvent::Exit {
+            pid: 7,
+            code: 11,
+            signal: Some(11)
+        }));
+        assert!(!f.wants(&ProcEvent::Exit {
+            pid: 8,
+            code: 0,
+            signal: None
+        }));
+        assert!(f.wants(&ProcEvent::Fork {
+            parent: 7,
+            child: 9
+        }));
+        assert!(!f.wants(&ProcEvent::Fork {
+            parent: 8,
+            child: 9
+        }));
+        assert!(f.wants(&ProcEvent::Exec { pid: 7 }));
+        assert!(!f.wants(&ProcEvent::Exec { pid: 8 }));
+        f.update(std::iter::empty(), true);
+        assert!(f.wants(&ProcEvent::Exec { pid: 8 }));
     }
 }

@@ -60,17 +60,13 @@ impl DigestCache {
         }
     }
 
-    /// Records the SHA-256 of the file `file` (an open descriptor of it, e.g. the one a
-    /// caller hashed itself), keyed by its (device, inode, size, ctime) as of now. The caller
-    /// vouches that `sha256` is the digest of exactly these bytes: a file changed since it was
-    /// hashed has a new ctime, hence another key, and is hashed again when looked at.
-    ///
-    /// # Errors
-    /// `fstat` failed.
-    pub fn remember(&self, file: &File, sha256: [u8; 32]) -> Result<FileKey, EngineError> {
-        let key = key_of(file, "remembered file")?;
+    /// Records that the file with `key` has the SHA-256 `sha256`, for a caller that hashed it
+    /// itself (the load-time hook hashes every target it marks): the engine then does not
+    /// read and hash it again. Take `key` from `fstat` of the descriptor that was hashed,
+    /// *before* hashing (as the engine does): a file changed meanwhile gets a new ctime,
+    /// hence another key, and is hashed again when the engine looks at it.
+    pub fn remember(&self, key: FileKey, sha256: [u8; 32]) {
         self.put(key, sha256);
-        Ok(key)
     }
 
     fn cached_bytes(&self, k: &FileKey) -> Option<Arc<Vec<u8>>> {
@@ -98,12 +94,14 @@ impl DigestCache {
     /// The bytes of the file behind a module's mapping (as the process sees it), from the
     /// cache when the file's key is unchanged.
     pub(crate) fn module_bytes(&self, pid: Pid, m: &Module) -> Result<Arc<Vec<u8>>, EngineError> {
-        let mut f = open_mapped(pid, m)?;
-        let shown = m.path.display().to_string();
-        let key = key_of(&f, &shown)?;
+        let first = first_mapping(pid, m)?;
+        let key = stat_mapped_range(pid, first.start, first.end, &m.path, m.inode)?;
         if let Some(b) = self.cached_bytes(&key) {
             return Ok(b);
         }
+        let mut f = open_mapped(pid, m)?;
+        let shown = m.path.display().to_string();
+        let key = key_of(&f, &shown)?;
         let mut v = Vec::with_capacity(key.size as usize);
         f.read_to_end(&mut v).map_err(io_err(&shown))?;
         let b = Arc::new(v);
@@ -111,9 +109,33 @@ impl DigestCache {
         Ok(b)
     }
 
+    /// The digest of the file mapped at `start..end` whose `stat` gave `key`: from the cache,
+    /// else opened, keyed again by `fstat` of that descriptor (before reading) and hashed.
+    fn digest_of(
+        &self,
+        pid: Pid,
+        (start, end): (u64, u64),
+        path: &Path,
+        inode: u64,
+        key: FileKey,
+    ) -> Result<(FileKey, [u8; 32]), EngineError> {
+        if let Some(d) = self.get(&key) {
+            return Ok((key, d));
+        }
+        let mut f = open_mapped_range(pid, start, end, path, inode)?;
+        let shown = path.display().to_string();
+        let key = key_of(&f, &shown)?;
+        let mut bytes = Vec::with_capacity(key.size as usize);
+        f.read_to_end(&mut bytes).map_err(io_err(&shown))?;
+        let d = stitch_elf::sha256(&bytes);
+        self.put(key, d);
+        self.put_bytes(key, Arc::new(bytes));
+        Ok((key, d))
+    }
+
     /// Under a stop: whether the file mapped at `start..end` (a module's lowest mapping, as
-    /// `/proc/PID/maps` lists it) has the SHA-256 `sha256`. Opens only that mapping's
-    /// `map_files` entry; hashes only if its key is not cached.
+    /// `/proc/PID/maps` lists it) has the SHA-256 `sha256`. Looks only at that mapping's
+    /// `map_files` entry (a `stat`; opened and hashed only if its key is not cached).
     pub(crate) fn mapping_has_digest(
         &self,
         pid: Pid,
@@ -123,21 +145,45 @@ impl DigestCache {
         inode: u64,
         sha256: &[u8; 32],
     ) -> Result<bool, EngineError> {
-        let mut f = open_mapped_range(pid, start, end, path, inode)?;
-        let shown = path.display().to_string();
-        let key = key_of(&f, &shown)?;
-        let d = match self.get(&key) {
-            Some(d) => d,
-            None => {
-                let mut bytes = Vec::with_capacity(key.size as usize);
-                f.read_to_end(&mut bytes).map_err(io_err(&shown))?;
-                let d = stitch_elf::sha256(&bytes);
-                self.put(key, d);
-                self.put_bytes(key, Arc::new(bytes));
-                d
-            }
-        };
+        let key = stat_mapped_range(pid, start, end, path, inode)?;
+        let (_, d) = self.digest_of(pid, (start, end), path, inode, key)?;
         Ok(&d == sha256)
+    }
+}
+
+fn first_mapping(pid: Pid, m: &Module) -> Result<&maps::MapEntry, EngineError> {
+    m.mappings.first().ok_or_else(|| EngineError::ModuleLayout {
+        pid: pid.0,
+        path: m.path.display().to_string(),
+        reason: "no mappings".into(),
+    })
+}
+
+/// The key of the file mapped at `start..end`, by `stat` of its `/proc/PID/map_files` entry
+/// (the mapped inode, like an open, but no open: nothing to close, and no fanotify
+/// permission event on a marked file). Without the privilege map_files needs, through an
+/// open as [`open_mapped`] does it.
+fn stat_mapped_range(
+    pid: Pid,
+    start: u64,
+    end: u64,
+    path: &Path,
+    inode: u64,
+) -> Result<FileKey, EngineError> {
+    let via_map_files = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
+    match std::fs::metadata(&via_map_files) {
+        Ok(md) => Ok(FileKey {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.size(),
+            ctime: md.ctime(),
+            ctime_nsec: md.ctime_nsec(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let f = open_mapped_range(pid, start, end, path, inode)?;
+            key_of(&f, &path.display().to_string())
+        }
+        Err(e) => Err(io_err(&via_map_files)(e)),
     }
 }
 
@@ -179,14 +225,7 @@ pub(crate) fn read_maps(pid: Pid) -> Result<Vec<maps::MapEntry>, EngineError> {
 
 /// Opens the file behind a module's mapping, as the process sees it.
 pub(crate) fn open_mapped(pid: Pid, m: &Module) -> Result<File, EngineError> {
-    let first = m
-        .mappings
-        .first()
-        .ok_or_else(|| EngineError::ModuleLayout {
-            pid: pid.0,
-            path: m.path.display().to_string(),
-            reason: "no mappings".into(),
-        })?;
+    let first = first_mapping(pid, m)?;
     open_mapped_range(pid, first.start, first.end, &m.path, m.inode)
 }
 
@@ -257,25 +296,18 @@ impl DigestCache {
             if module.inode == 0 || !wanted(&module) {
                 continue;
             }
-            let Ok(mut f) = open_mapped(pid, &module) else {
+            let Ok(first) = first_mapping(pid, &module) else {
                 continue;
             };
-            let shown = module.path.display().to_string();
-            let key = key_of(&f, &shown)?;
+            let range = (first.start, first.end);
+            let Ok(key) = stat_mapped_range(pid, range.0, range.1, &module.path, module.inode)
+            else {
+                continue;
+            };
             if size_hint.is_some_and(|s| s != key.size) {
                 continue;
             }
-            let sha256 = match self.get(&key) {
-                Some(d) => d,
-                None => {
-                    let mut bytes = Vec::with_capacity(key.size as usize);
-                    f.read_to_end(&mut bytes).map_err(io_err(&shown))?;
-                    let d = stitch_elf::sha256(&bytes);
-                    self.put(key, d);
-                    self.put_bytes(key, Arc::new(bytes));
-                    d
-                }
-            };
+            let (key, sha256) = self.digest_of(pid, range, &module.path, module.inode, key)?;
             let start = module.mappings.iter().map(|m| m.start).min().unwrap_or(0);
             let end = module.mappings.iter().map(|m| m.end).max().unwrap_or(0);
             out.push(MappedModule {

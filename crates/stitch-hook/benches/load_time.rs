@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo bench -p stitch-hook --bench load_time            # idle machine
 //! cargo bench -p stitch-hook --bench load_time -- --busy  # plus one busy loop per core
+//! cargo bench -p stitch-hook --bench load_time -- --realtime-holds  # holds at SCHED_FIFO
 //! ```
 //! Measures, in the same run and interleaved (no hook, hook, no hook, hook, ... `--rounds=8`):
 //! exec of a target and a non-target executable, a program linked at start-up against a
@@ -172,8 +173,9 @@ struct Hookd {
     latencies: Arc<Mutex<Vec<(i64, f64)>>>,
 }
 
-fn start_hook(fx: &Fx, keys: &Path, bundles: &[PathBuf]) -> Hookd {
+fn start_hook(fx: &Fx, keys: &Path, bundles: &[PathBuf], extra: &[&str]) -> Hookd {
     let mut child = Command::new(env!("CARGO_BIN_EXE_stitch-hookd"))
+        .args(extra)
         .arg("--trusted-keys")
         .arg(keys)
         .arg("--no-standard-dirs")
@@ -217,6 +219,12 @@ fn main() {
         return;
     }
     let busy = args.iter().any(|a| a == "--busy");
+    // Passed on to stitch-hookd (e.g. --realtime-holds).
+    let hookd_args: Vec<&str> = args
+        .iter()
+        .filter(|a| *a == "--realtime-holds")
+        .map(String::as_str)
+        .collect();
     let n: usize = args
         .iter()
         .find_map(|a| a.strip_prefix("--n="))
@@ -271,7 +279,7 @@ fn main() {
     let mut case_of: std::collections::HashMap<i64, &'static str> = Default::default();
     for round in 0..rounds {
         let hook_on = round % 2 == 1;
-        let hook = hook_on.then(|| start_hook(&fx, &keys, &bundles));
+        let hook = hook_on.then(|| start_hook(&fx, &keys, &bundles, &hookd_args));
         // Non-target cases first, in their own loop: a hold that just ended still has work
         // on the hook's side (reporting) that would land on the next run.
         for targets in [false, true] {

@@ -51,6 +51,15 @@ pub(crate) struct MarkedFile {
 /// Watched directories by inotify watch descriptor: path and how much deeper to go.
 pub(crate) type WatchedDirs = HashMap<i32, (PathBuf, usize)>;
 
+/// What [`Targets::identify`] found: `(dev, ino)`, the hashed descriptor, the bundles whose
+/// target it is, and the engine's key for the file with its SHA-256.
+type Identified = (
+    (u64, u64),
+    File,
+    Vec<usize>,
+    (stitch_engine::FileKey, [u8; 32]),
+);
+
 pub(crate) struct Targets {
     bundles: Vec<Arc<VerifiedBundle>>,
     by_size: HashMap<u64, Vec<usize>>,
@@ -170,17 +179,20 @@ impl Targets {
         let before = self.by_path.lock().ok().and_then(|m| m.get(path).copied());
         let now = self.identify(path);
         match (&now, before) {
-            (Some((key, _, _)), Some(old)) if *key != old => self.unmark(shared, old),
+            (Some((key, ..)), Some(old)) if *key != old => self.unmark(shared, old),
             (None, Some(old)) => self.unmark(shared, old),
             _ => {}
         }
-        let Some((key, file, idx)) = now else {
+        let Some((key, file, idx, (file_key, digest))) = now else {
             // Same inode, content no longer a target (rewritten in place)?
             if let Some(k) = self.key_of_path(path) {
                 self.unmark(shared, k);
             }
             return;
         };
+        // The engine's plan at load time identifies the module by this digest: it need not
+        // read and hash the file again.
+        shared.engine.digests.remember(file_key, digest);
         let already = self.marks.lock().is_ok_and(|m| m.contains_key(&key));
         if already {
             if let Ok(mut p) = self.by_path.lock() {
@@ -222,8 +234,9 @@ impl Targets {
         self.marks.lock().ok()?.contains_key(&key).then_some(key)
     }
 
-    /// `(dev, ino)`, the open file, and the bundles whose target it is; `None` if it is none.
-    fn identify(&self, path: &Path) -> Option<((u64, u64), File, Vec<usize>)> {
+    /// `(dev, ino)`, the open file, the bundles whose target it is, and the file's engine key
+    /// (as of before hashing) with its digest; `None` if it is no target.
+    fn identify(&self, path: &Path) -> Option<Identified> {
         let md = std::fs::symlink_metadata(path).ok()?;
         if !md.file_type().is_file() {
             return None;
@@ -238,13 +251,21 @@ impl Targets {
         {
             return None;
         }
+        // Keyed as of before hashing: a file changed while hashed has another key.
+        let key = stitch_engine::FileKey {
+            dev: fmd.dev(),
+            ino: fmd.ino(),
+            size: fmd.len(),
+            ctime: fmd.ctime(),
+            ctime_nsec: fmd.ctime_nsec(),
+        };
         let digest = sha256_of(&mut f).ok()?;
         let idx: Vec<usize> = candidates
             .iter()
             .copied()
             .filter(|&i| self.bundles[i].patch().target.sha256 == digest)
             .collect();
-        (!idx.is_empty()).then_some(((fmd.dev(), fmd.ino()), f, idx))
+        (!idx.is_empty()).then_some(((fmd.dev(), fmd.ino()), f, idx, (key, digest)))
     }
 
     fn unmark(&self, shared: &Shared, key: (u64, u64)) {

@@ -1,15 +1,21 @@
 //! The patch library (`patches/<CVE>/`), each patch against the real, unmodified package it
-//! targets: install the exact version from PyPI, show the vulnerable behaviour on a live
-//! long-running service, build and sign the patch (throwaway key), apply it, show the
-//! vulnerable behaviour gone and ordinary requests still answered, and the file on disk
+//! targets, applied through the real system: install the exact version from PyPI, show the
+//! vulnerable behaviour on a live long-running service, build the patch and sign it with a
+//! throwaway vendor key, publish it to a real `stitch-server` that trusts that key, and let
+//! a real `stitchd` enrolled to that server apply it (see `fleet.rs`); then show the
+//! vulnerable behaviour gone, ordinary requests still answered, and the file on disk
 //! unchanged.
 //!
-//! Needs root (ptrace), CPython 3.11 with pip, and the PyPI index. Without them each test
-//! skips with a printed reason, except with `CI=true`, where it fails.
+//! - live: CVE-2024-28219 and CVE-2026-44660 — the service is already running when the
+//!   patch is published; the agent patches it in memory;
+//! - load time: CVE-2025-48379 — the patch is published and installed first (the agent's
+//!   hook marks the target file), then a new service starts and its `import` of the module
+//!   is patched before the module runs.
 //!
-//! Applying goes through one function, [`apply_live`]: today `stitch apply --pid`; when
-//! the agent lands, that function publishes the bundle to the agent instead and waits
-//! for `stitch ps` to show the patch applied — the tests themselves do not change.
+//! Needs root (ptrace, fanotify), CPython 3.11 with pip, and the PyPI index. Without them
+//! each test skips with a printed reason, except with `CI=true`, where it fails.
+
+mod fleet;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -18,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use fleet::{Bins, Fleet};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -43,7 +50,7 @@ fn repo_root() -> PathBuf {
 }
 
 struct Env {
-    stitch: PathBuf,
+    bins: Bins,
     python: String,
     root: PathBuf,
 }
@@ -76,24 +83,6 @@ fn find_python() -> Option<String> {
     })
 }
 
-fn stitch_binary(root: &Path) -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("STITCH_BIN") {
-        return Some(bin.into());
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "-q", "-p", "stitch-cli"])
-        .current_dir(root)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        return skip("`cargo build -p stitch-cli` failed");
-    }
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    Some(target.join("debug/stitch"))
-}
-
 fn prerequisites() -> Option<Env> {
     if !is_root() {
         return skip("patching another process needs root (ptrace); run as root");
@@ -102,12 +91,11 @@ fn prerequisites() -> Option<Env> {
         return skip("CPython 3.11 with pip not found (apt-get install python3.11 python3-pip)");
     };
     let root = repo_root();
-    let stitch = stitch_binary(&root)?;
-    Some(Env {
-        stitch,
-        python,
-        root,
-    })
+    let bins = match fleet::binaries(&root) {
+        Ok(bins) => bins,
+        Err(reason) => return skip(&reason),
+    };
+    Some(Env { bins, python, root })
 }
 
 /// `pip install --target` of one exact version, binary wheels only (byte-identical).
@@ -164,19 +152,15 @@ fn run(cmd: &mut Command) -> String {
     text
 }
 
-struct Signed {
-    bundle: PathBuf,
-    public_key: PathBuf,
-}
-
-/// `stitch build` against the installed file, then sign with a throwaway key made here.
-fn build_and_sign(env: &Env, cve: &str, target: &Path, work: &Path) -> Signed {
+/// `stitch build` against the installed file, then sign with the fleet's throwaway vendor
+/// key (the one the server and the agent trust) and verify.
+fn build_and_sign(env: &Env, fleet: &Fleet, cve: &str, target: &Path, work: &Path) -> PathBuf {
     let dir = env.root.join("patches").join(cve);
     let bundle = work.join(format!("{cve}.stitch"));
-    let key = work.join("throwaway.key");
+    let stitch = &env.bins.stitch;
     print!(
         "{}",
-        run(Command::new(&env.stitch)
+        run(Command::new(stitch)
             .arg("build")
             .arg(dir.join("patch.toml"))
             .arg("--target")
@@ -184,61 +168,64 @@ fn build_and_sign(env: &Env, cve: &str, target: &Path, work: &Path) -> Signed {
             .arg("-o")
             .arg(&bundle))
     );
-    run(Command::new(&env.stitch)
-        .arg("keygen")
-        .arg("--out")
-        .arg(&key)
-        .arg("--force"));
     print!(
         "{}",
-        run(Command::new(&env.stitch)
+        run(Command::new(stitch)
             .arg("sign")
             .arg(&bundle)
             .arg("--key")
-            .arg(&key))
+            .arg(&fleet.vendor_key))
     );
-    let public_key = work.join("throwaway.key.pub");
     print!(
         "{}",
-        run(Command::new(&env.stitch)
+        run(Command::new(stitch)
             .arg("verify")
             .arg(&bundle)
             .arg("--trusted-keys")
-            .arg(&public_key))
+            .arg(&fleet.vendor_pub))
     );
-    Signed { bundle, public_key }
+    bundle
 }
 
-/// The one place a patch reaches a process. Today: `stitch apply --pid`, live.
-/// Through the agent: hand `patch.bundle` to stitchd (trusting `patch.public_key`) and
-/// poll `stitch ps --json` until `pid` shows the patch `applied`.
-fn apply_live(env: &Env, patch: &Signed, pid: u32) {
-    print!(
-        "{}",
-        run(Command::new(&env.stitch)
-            .arg("apply")
-            .arg("--pid")
-            .arg(pid.to_string())
-            .arg(&patch.bundle)
-            .arg("--trusted-keys")
-            .arg(&patch.public_key))
+/// Live: publish while `pid` runs, and wait until the agent has patched it (the engine's
+/// record `applied` in that process, as `stitch ps --json` reads it).
+fn publish_and_wait_live(env: &Env, fleet: &Fleet, bundle: &Path, pid: u32, patch_id: &str) {
+    let published = fleet.publish(bundle);
+    let row = fleet::wait_for(
+        "the agent to apply the patch to the running service",
+        Duration::from_secs(60),
+        || fleet::applied(&env.bins.stitch, pid, patch_id),
+    );
+    println!(
+        "  stitchd applied {patch_id} live in pid {pid} {:.1} s after publishing (stitch ps: {row})",
+        published.elapsed().as_secs_f64()
+    );
+    let ev = fleet.wait_server_event("patch_applied", |e| {
+        e["data"]["patch_id"] == patch_id && e["data"]["processes"].as_i64() >= Some(1)
+    });
+    println!(
+        "  server: computer {} event patch_applied {}",
+        fleet.computer, ev["data"]
     );
 }
 
 /// Blocked attempts counted by `patch_id` in `pid` (from `stitch ps --json`).
 fn hits(env: &Env, pid: u32, patch_id: &str) -> u64 {
-    let out = Command::new(&env.stitch)
-        .args(["ps", "--json"])
-        .output()
-        .unwrap();
-    let rows: Value = serde_json::from_slice(&out.stdout).expect("stitch ps --json");
-    rows.as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["pid"] == pid && r["patch"] == patch_id && r["state"] == "applied")
-        .unwrap_or_else(|| panic!("{patch_id} is not applied in {pid}: {rows}"))["hits"]
+    fleet::applied(&env.bins.stitch, pid, patch_id)
+        .unwrap_or_else(|| panic!("{patch_id} is not applied in {pid}"))["hits"]
         .as_u64()
         .unwrap()
+}
+
+/// The agent reported the blocked attempts in `pid` to the server.
+fn server_saw_blocked(fleet: &Fleet, pid: u32, patch_id: &str) {
+    let ev = fleet.wait_server_event("exploit_blocked", |e| {
+        e["data"]["pid"] == pid && e["data"]["patch_id"] == patch_id
+    });
+    println!(
+        "  server: computer {} event exploit_blocked {}",
+        fleet.computer, ev["data"]
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -331,11 +318,12 @@ fn show(what: &str, reply: &Option<Value>) {
 
 /// Pillow 10.2.0 `_imagingcms`: strcpy of a mode string into an 8-byte field.
 /// Vulnerable: one request with a 23-character output mode kills the service (SIGSEGV).
-/// Patched (live): the same request is rejected by the service's own mode check and
-/// counted; ordinary conversions still answer.
+/// Patched live through the agent (published while the service runs): the same request is
+/// rejected by the service's own mode check and counted; ordinary conversions still answer.
 #[test]
 fn cve_2024_28219_pillow_imagingcms_mode_overflow() {
     const CVE: &str = "CVE-2024-28219";
+    const PATCH: &str = "ST-2026-0101";
     let Some(env) = prerequisites() else { return };
     let work = tempfile::tempdir().unwrap();
     let site = work.path().join("site-packages");
@@ -350,6 +338,7 @@ fn cve_2024_28219_pillow_imagingcms_mode_overflow() {
         "not the pinned build"
     );
     let (normal, exploit) = (request(&env, CVE, "normal"), request(&env, CVE, "exploit"));
+    let fleet = Fleet::start(&env.bins, work.path(), &[&site]);
 
     println!("== unpatched service: an ordinary conversion, then the exploit");
     let mut victim = Service::start(&env, CVE, &site);
@@ -368,11 +357,11 @@ fn cve_2024_28219_pillow_imagingcms_mode_overflow() {
         "expected SIGSEGV, got {status:?}"
     );
 
-    println!("== a running service, patched live");
-    let patch = build_and_sign(&env, CVE, &target, work.path());
+    println!("== a running service; the patch is published to the server while it runs");
+    let bundle = build_and_sign(&env, &fleet, CVE, &target, work.path());
     let mut service = Service::start(&env, CVE, &site);
     show("normal, before the patch", &service.ask(&normal));
-    apply_live(&env, &patch, service.pid());
+    publish_and_wait_live(&env, &fleet, &bundle, service.pid(), PATCH);
     for _ in 0..2 {
         let reply = service.ask(&exploit);
         show("exploit, patched", &reply);
@@ -393,9 +382,10 @@ fn cve_2024_28219_pillow_imagingcms_mode_overflow() {
         service.exited(Duration::from_millis(200)).is_none(),
         "patched service died"
     );
-    let hits = hits(&env, service.pid(), "ST-2026-0101");
+    let hits = hits(&env, service.pid(), PATCH);
     println!("  blocked attempts counted: {hits}");
     assert_eq!(hits, 2);
+    server_saw_blocked(&fleet, service.pid(), PATCH);
 
     let after = sha256_file(&target);
     println!(
@@ -406,11 +396,13 @@ fn cve_2024_28219_pillow_imagingcms_mode_overflow() {
 }
 
 /// ujson 5.12.0 `dump()`: the encoded string leaks whenever the file's write() raises.
-/// Vulnerable: each failing 4 MiB export grows the service by ~4 MiB. Patched live (the
-/// same process): the same requests no longer grow it; ordinary exports still work.
+/// Vulnerable: each failing 4 MiB export grows the service by ~4 MiB. Patched live through
+/// the agent (the same process, published while it runs): the same requests no longer grow
+/// it; ordinary exports still work.
 #[test]
 fn cve_2026_44660_ujson_dump_leaks_payload_on_write_error() {
     const CVE: &str = "CVE-2026-44660";
+    const PATCH: &str = "ST-2026-0102";
     const MIB: i64 = 1024; // rss is in KiB
     let Some(env) = prerequisites() else { return };
     let work = tempfile::tempdir().unwrap();
@@ -426,7 +418,8 @@ fn cve_2026_44660_ujson_dump_leaks_payload_on_write_error() {
         "not the pinned build"
     );
     let (normal, exploit) = (request(&env, CVE, "normal"), request(&env, CVE, "exploit"));
-    let patch = build_and_sign(&env, CVE, &target, work.path());
+    let fleet = Fleet::start(&env.bins, work.path(), &[&site]);
+    let bundle = build_and_sign(&env, &fleet, CVE, &target, work.path());
 
     let mut service = Service::start(&env, CVE, &site);
     let rss = |reply: &Option<Value>| {
@@ -458,8 +451,8 @@ fn cve_2026_44660_ujson_dump_leaks_payload_on_write_error() {
         "expected the 4 MiB payloads to leak, grew {leaked} KiB"
     );
 
-    println!("== the same process, patched live");
-    apply_live(&env, &patch, service.pid());
+    println!("== the same process; the patch is published to the server while it runs");
+    publish_and_wait_live(&env, &fleet, &bundle, service.pid(), PATCH);
     let grown = growth("failing export, patched");
     println!("  grew by {grown} KiB over 3 failing exports");
     assert!(
@@ -470,9 +463,10 @@ fn cve_2026_44660_ujson_dump_leaks_payload_on_write_error() {
     show("normal export, patched", &reply);
     assert_eq!(reply.unwrap()["bytes"], 12291);
     assert!(service.exited(Duration::from_millis(200)).is_none());
-    let hits = hits(&env, service.pid(), "ST-2026-0102");
+    let hits = hits(&env, service.pid(), PATCH);
     println!("  leaks prevented (hits): {hits}");
     assert_eq!(hits, 4);
+    server_saw_blocked(&fleet, service.pid(), PATCH);
 
     let after = sha256_file(&target);
     println!(
@@ -484,11 +478,15 @@ fn cve_2026_44660_ujson_dump_leaks_payload_on_write_error() {
 
 /// Pillow 11.2.1 BCn (DDS) encoder: blocks are written past the 64 KiB encoder buffer.
 /// Vulnerable: a 1024x1024 DXT5 texture (1 MiB encoded) kills the service (SIGSEGV).
-/// Patched (live): the same request is answered with the correct 1 MiB file, encoded
-/// in buffer-sized chunks (one counted stop per chunk); small textures are unchanged.
+/// Patched at load time: the patch is published and installed by the agent first (its hook
+/// marks the `.so`), then a new service starts; its `import` of `PIL._imaging` is patched
+/// before any request, and the first exploit request is answered with the correct 1 MiB
+/// file, encoded in buffer-sized chunks (one counted stop per chunk); small textures are
+/// unchanged.
 #[test]
 fn cve_2025_48379_pillow_bcn_encoder_buffer_overflow() {
     const CVE: &str = "CVE-2025-48379";
+    const PATCH: &str = "ST-2026-0103";
     let Some(env) = prerequisites() else { return };
     let work = tempfile::tempdir().unwrap();
     let site = work.path().join("site-packages");
@@ -504,6 +502,7 @@ fn cve_2025_48379_pillow_bcn_encoder_buffer_overflow() {
     );
     let (normal, exploit) = (request(&env, CVE, "normal"), request(&env, CVE, "exploit"));
     let expected_pixel = serde_json::json!([8, 20, 24, 255]); // (10, 20, 30) in RGB565
+    let fleet = Fleet::start(&env.bins, work.path(), &[&site]);
 
     println!("== unpatched service: a small texture, then a 1024x1024 DXT5 one");
     let mut victim = Service::start(&env, CVE, &site);
@@ -521,13 +520,59 @@ fn cve_2025_48379_pillow_bcn_encoder_buffer_overflow() {
         "expected a crash, got {status:?}"
     );
 
-    println!("== a running service, patched live");
-    let patch = build_and_sign(&env, CVE, &target, work.path());
+    println!("== the patch is published and installed before the service starts");
+    let bundle = build_and_sign(&env, &fleet, CVE, &target, work.path());
+    let published = fleet.publish(&bundle);
+    let hook = fleet.wait_installed(PATCH);
+    println!(
+        "  stitchd installed {PATCH} {:.1} s after publishing; load-time hook: {hook}",
+        published.elapsed().as_secs_f64()
+    );
+    let marks: Vec<Value> = fleet
+        .agent_log("load-time hook started")
+        .into_iter()
+        .filter(|f| f["marked"].as_u64() >= Some(1))
+        .collect();
+    println!(
+        "  agent log: load-time hook started {}",
+        marks.last().expect("hook started")
+    );
+    let agent_row = fleet.agent_patch(PATCH).unwrap();
+    assert_eq!(
+        agent_row["processes"],
+        serde_json::json!([]),
+        "no process maps it yet"
+    );
+
+    println!("== a new service, started after the patch was installed");
     let mut service = Service::start(&env, CVE, &site);
-    show("normal, before the patch", &service.ask(&normal));
-    apply_live(&env, &patch, service.pid());
+    let pid = service.pid();
+    // "listening" is printed after `from PIL import Image` (which dlopens _imaging) and
+    // before any request: the record must already be in the process, with no hit yet.
+    let row = fleet::applied(&env.bins.stitch, pid, PATCH)
+        .expect("the new service was not patched by the time it listened");
+    println!("  right after start, before any request (stitch ps): {row}");
+    assert_eq!(row["hits"], 0);
+    let loaded = fleet::wait_for(
+        "the agent log to show the load-time patch",
+        Duration::from_secs(10),
+        || {
+            fleet
+                .agent_log("patched at load time")
+                .into_iter()
+                .find(|f| f["pid"] == pid && f["patch_id"] == PATCH)
+        },
+    );
+    println!("  agent log: patched at load time {loaded}");
+    assert!(
+        loaded["module"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("_imaging.cpython-311-x86_64-linux-gnu.so")),
+        "{loaded}"
+    );
+
     let reply = service.ask(&exploit);
-    show("exploit, patched", &reply);
+    show("exploit, first request", &reply);
     let reply = reply.expect("the patched service must answer");
     assert_eq!(reply["bytes"], 1024 * 1024 + 128, "{reply}");
     assert_eq!(reply["pixel"], expected_pixel);
@@ -542,9 +587,19 @@ fn cve_2025_48379_pillow_bcn_encoder_buffer_overflow() {
         service.exited(Duration::from_millis(200)).is_none(),
         "patched service died"
     );
-    let hits = hits(&env, service.pid(), "ST-2026-0103");
+    let hits = hits(&env, pid, PATCH);
     println!("  buffer-end stops counted: {hits}");
     assert_eq!(hits, 16, "1 MiB in 64 KiB buffers");
+
+    // What the agent reported: the process applied at load time, and the blocked attempts.
+    let ev = fleet.wait_server_event("patch_applied", |e| {
+        e["data"]["patch_id"] == PATCH && e["data"]["processes"].as_i64() >= Some(1)
+    });
+    println!(
+        "  server: computer {} event patch_applied {}",
+        fleet.computer, ev["data"]
+    );
+    server_saw_blocked(&fleet, pid, PATCH);
 
     let after = sha256_file(&target);
     println!(

@@ -8,7 +8,9 @@
 //! - idle: CPU and RSS of an enrolled agent holding patches, over `STITCH_BENCH_IDLE_S`
 //!   (default 60) seconds.
 //!
-//! `STITCH_BENCH_PROCS` overrides 1,000. Results go to stdout; docs/benchmarks.md records them.
+//! `STITCH_BENCH_PROCS` overrides 1,000, `STITCH_BENCH_ONLY=startup|latency|quiet` runs one
+//! part; the agent inherits `STITCH_*` overrides (e.g. `STITCH_HOOK=0`). Results go to stdout;
+//! docs/benchmarks.md records them.
 
 #[path = "../tests/harness.rs"]
 mod harness;
@@ -213,9 +215,18 @@ fn bench_latency_and_idle(samples: usize, idle: Duration) {
     );
     let pid = agent.child.as_ref().map(|c| c.id()).unwrap();
     std::thread::sleep(Duration::from_secs(2));
+    let m0 = agent.ask(AgentAction::Status)["metrics"].clone();
     let (c0, t0) = (cpu_ticks(pid), Instant::now());
     std::thread::sleep(idle);
     let (c1, dt) = (cpu_ticks(pid), t0.elapsed());
+    let m1 = agent.ask(AgentAction::Status)["metrics"].clone();
+    let d = |k: &str| m1[k].as_u64().unwrap_or(0) - m0[k].as_u64().unwrap_or(0);
+    println!(
+        "  during the idle window the host produced {} exec/fork/crash events for the agent ({:.0}/s) and {} exec checks",
+        d("proc_events"),
+        d("proc_events") as f64 / dt.as_secs_f64(),
+        d("exec_checks")
+    );
     let clk = 100.0; // USER_HZ on Linux x86_64
     let pct = (c1 - c0) as f64 / clk / dt.as_secs_f64() * 100.0;
     println!(
@@ -224,6 +235,55 @@ fn bench_latency_and_idle(samples: usize, idle: Duration) {
         samples,
         samples,
         pct,
+        c1 - c0,
+        rss_kb(pid)
+    );
+}
+
+/// The agent alone, without process events: long-poll, hit counters, heartbeats.
+fn bench_idle_quiet(idle: Duration) {
+    let server = Server::start_with(false, Duration::from_secs(60));
+    let home = tempfile::tempdir().unwrap();
+    let url = server.url();
+    let target = compile(&unique_tag("bench-quiet"));
+    let mut run = Running::start(&target.exe);
+    let mut agent = Agent::configure(
+        home.path(),
+        &AgentOpts {
+            server: Some(&url),
+            enroll: Some(&server.enroll),
+            realistic: true,
+            ..Default::default()
+        },
+    );
+    // Process events off: what the agent costs by itself.
+    let cfg = std::fs::read_to_string(&agent.config).unwrap();
+    let cfg = cfg.replace("[scan]\n", "[scan]\nproc_connector = false\n");
+    std::fs::write(&agent.config, cfg).unwrap();
+    agent.start();
+    wait_until("inventory", Duration::from_secs(30), || {
+        server
+            .computer()
+            .filter(|c| c["packages"].as_array().is_some_and(|p| !p.is_empty()))
+    });
+    server.publish(patch_bundle(
+        &target,
+        "ST-2026-0990",
+        "stitch_hit\nmov eax, 1000\nret",
+        &vendor_key(),
+    ));
+    wait_until("applied", Duration::from_secs(30), || {
+        run.patched().then_some(())
+    });
+    let pid = agent.child.as_ref().map(|c| c.id()).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let (c0, t0) = (cpu_ticks(pid), Instant::now());
+    std::thread::sleep(idle);
+    let (c1, dt) = (cpu_ticks(pid), t0.elapsed());
+    println!(
+        "idle over {:?} without process events (enrolled, 1 patch applied, long-poll open): CPU {:.3}% ({} ticks), RSS {} KiB",
+        dt,
+        (c1 - c0) as f64 / 100.0 / dt.as_secs_f64() * 100.0,
         c1 - c0,
         rss_kb(pid)
     );
@@ -238,6 +298,16 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    bench_startup(n);
-    bench_latency_and_idle(5, idle);
+    // STITCH_BENCH_ONLY=startup|latency|quiet runs one part.
+    let only = std::env::var("STITCH_BENCH_ONLY").unwrap_or_default();
+    let run = |part: &str| only.is_empty() || only == part;
+    if run("startup") {
+        bench_startup(n);
+    }
+    if run("latency") {
+        bench_latency_and_idle(5, idle);
+    }
+    if run("quiet") {
+        bench_idle_quiet(idle);
+    }
 }

@@ -136,6 +136,9 @@ pub struct Metrics {
     pub reverted: u64,
     pub failures: BTreeMap<String, u64>,
     pub load_time_applied: u64,
+    /// Process events received (after filtering) and processes checked after an exec.
+    pub proc_events: u64,
+    pub exec_checks: u64,
     pub exploit_attempts_blocked: u64,
     pub crashes_seen: u64,
     pub scans: u64,
@@ -1034,6 +1037,7 @@ impl Controller {
         let mut seen = HashSet::new();
         for pid in due {
             if seen.insert(pid) {
+                self.metrics.exec_checks += 1;
                 self.check_one(pid);
             }
         }
@@ -1441,6 +1445,7 @@ impl Controller {
                 let _ = reply.send(r);
             }
             Input::Proc(batch) => {
+                self.metrics.proc_events += batch.len() as u64;
                 for e in batch {
                     self.on_proc(e);
                 }

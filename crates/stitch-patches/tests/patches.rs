@@ -10,7 +10,8 @@
 //!   patch is published; the agent patches it in memory;
 //! - load time: CVE-2025-48379 — the patch is published and installed first (the agent's
 //!   hook marks the target file), then a new service starts and its `import` of the module
-//!   is patched before the module runs.
+//!   is patched before the module runs; CVE-2024-28219 ends the same way (a service started
+//!   after its live phase is patched at load time).
 //!
 //! Needs root (ptrace, fanotify), CPython 3.11 with pip, and the PyPI index. Without them
 //! each test skips with a printed reason, except with `CI=true`, where it fails.
@@ -85,7 +86,9 @@ fn find_python() -> Option<String> {
 
 fn prerequisites() -> Option<Env> {
     if !is_root() {
-        return skip("patching another process needs root (ptrace); run as root");
+        return skip(
+            "the agent patches other processes (ptrace) and holds loads (fanotify); run as root",
+        );
     }
     let Some(python) = find_python() else {
         return skip("CPython 3.11 with pip not found (apt-get install python3.11 python3-pip)");
@@ -228,6 +231,43 @@ fn server_saw_blocked(fleet: &Fleet, pid: u32, patch_id: &str) {
     );
 }
 
+/// Load time: starts a service after the agent installed `patch_id` (its hook marking
+/// `target`), and shows it patched before any request: the engine's record is in the new
+/// process (0 hits) as soon as it prints `listening` — its imports, which dlopen `target`,
+/// are done by then — and the agent logged `patched at load time` for that pid and file.
+fn start_after_install(
+    env: &Env,
+    fleet: &Fleet,
+    cve: &str,
+    site: &Path,
+    patch_id: &str,
+    target: &Path,
+) -> Service {
+    let service = Service::start(env, cve, site);
+    let pid = service.pid();
+    let row = fleet::applied(&env.bins.stitch, pid, patch_id)
+        .expect("the new service was not patched by the time it listened");
+    println!("  right after start, before any request (stitch ps): {row}");
+    assert_eq!(row["hits"], 0);
+    let loaded = fleet::wait_for(
+        "the agent log to show the load-time patch",
+        Duration::from_secs(10),
+        || {
+            fleet
+                .agent_log("patched at load time")
+                .into_iter()
+                .find(|f| f["pid"] == pid && f["patch_id"] == patch_id)
+        },
+    );
+    println!("  agent log: patched at load time {loaded}");
+    assert_eq!(
+        loaded["module"].as_str().map(Path::new),
+        Some(target),
+        "{loaded}"
+    );
+    service
+}
+
 // ---------------------------------------------------------------------------------------
 // The live service and its requests
 
@@ -320,6 +360,7 @@ fn show(what: &str, reply: &Option<Value>) {
 /// Vulnerable: one request with a 23-character output mode kills the service (SIGSEGV).
 /// Patched live through the agent (published while the service runs): the same request is
 /// rejected by the service's own mode check and counted; ordinary conversions still answer.
+/// A service started afterwards is patched at load time and rejects its first exploit.
 #[test]
 fn cve_2024_28219_pillow_imagingcms_mode_overflow() {
     const CVE: &str = "CVE-2024-28219";
@@ -386,6 +427,19 @@ fn cve_2024_28219_pillow_imagingcms_mode_overflow() {
     println!("  blocked attempts counted: {hits}");
     assert_eq!(hits, 2);
     server_saw_blocked(&fleet, service.pid(), PATCH);
+
+    println!("== and a service started now, with the patch installed, is patched at load time");
+    let mut late = start_after_install(&env, &fleet, CVE, &site, PATCH, &target);
+    let reply = late.ask(&exploit);
+    show("exploit, first request", &reply);
+    assert_eq!(reply.expect("the late service must answer")["ok"], false);
+    assert!(late.exited(Duration::from_millis(200)).is_none());
+    let late_hits = crate::hits(&env, late.pid(), PATCH);
+    println!(
+        "  blocked attempts counted in pid {}: {late_hits}",
+        late.pid()
+    );
+    assert_eq!(late_hits, 1);
 
     let after = sha256_file(&target);
     println!(
@@ -545,31 +599,8 @@ fn cve_2025_48379_pillow_bcn_encoder_buffer_overflow() {
     );
 
     println!("== a new service, started after the patch was installed");
-    let mut service = Service::start(&env, CVE, &site);
+    let mut service = start_after_install(&env, &fleet, CVE, &site, PATCH, &target);
     let pid = service.pid();
-    // "listening" is printed after `from PIL import Image` (which dlopens _imaging) and
-    // before any request: the record must already be in the process, with no hit yet.
-    let row = fleet::applied(&env.bins.stitch, pid, PATCH)
-        .expect("the new service was not patched by the time it listened");
-    println!("  right after start, before any request (stitch ps): {row}");
-    assert_eq!(row["hits"], 0);
-    let loaded = fleet::wait_for(
-        "the agent log to show the load-time patch",
-        Duration::from_secs(10),
-        || {
-            fleet
-                .agent_log("patched at load time")
-                .into_iter()
-                .find(|f| f["pid"] == pid && f["patch_id"] == PATCH)
-        },
-    );
-    println!("  agent log: patched at load time {loaded}");
-    assert!(
-        loaded["module"]
-            .as_str()
-            .is_some_and(|m| m.ends_with("_imaging.cpython-311-x86_64-linux-gnu.so")),
-        "{loaded}"
-    );
 
     let reply = service.ask(&exploit);
     show("exploit, first request", &reply);

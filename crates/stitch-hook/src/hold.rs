@@ -250,7 +250,12 @@ impl std::ops::DerefMut for Tracked<'_> {
 
 /// What a hold ended with.
 enum Outcome {
-    Patched { patches: Vec<String>, syscalls: u32 },
+    Patched {
+        patches: Vec<String>,
+        syscalls: u32,
+        /// When the process was let go (right before the first detach).
+        released: Instant,
+    },
     Missed(MissReason),
     Skipped(SkipReason),
 }
@@ -325,9 +330,15 @@ fn handle(shared: &Shared, job: &Job) {
     } else {
         follow_library(shared, hold, &job.bundles, deadline)
     };
-    let latency = job.received.elapsed();
     match outcome {
-        Outcome::Patched { patches, syscalls } => {
+        Outcome::Patched {
+            patches,
+            syscalls,
+            released,
+        } => {
+            // The hold ends when the process is let go: what the worker does after the
+            // detach (it may be preempted by the very thread it woke) is not the target's wait.
+            let latency = released.saturating_duration_since(job.received);
             for patch in patches {
                 shared.emit(HookEvent::Patched {
                     pid,
@@ -456,8 +467,8 @@ fn try_commit<'a>(
             }
         }
     }
-    let t_resume = Instant::now();
     held.release();
+    let t_resume = Instant::now();
     if let Err(e) = sp.resume() {
         tracing::warn!(pid = pid.0, error = %e, "letting go after a load-time patch");
     }
@@ -474,6 +485,7 @@ fn try_commit<'a>(
         None => Outcome::Patched {
             patches: patched,
             syscalls,
+            released: t_resume,
         },
     })
 }

@@ -72,9 +72,9 @@ fn us(d: Duration) -> f64 {
 fn pause_section() {
     println!("\n### Apply wall time and stop-the-world pause (release build)\n");
     println!(
-        "| threads | region | runs | apply p50 | apply p99 | pause p50 | pause p99 | stop-all p50 | held p50 | held p50, no retry | runs with a site retry | revert p50 |"
+        "| threads | region | runs | apply p50 | apply p99 | pause p50 | pause p99 | stop-all p50 | held p50 | runs with a site retry | revert p50 |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let t = compile(SPIN_C, &["-O2"]);
     let b = patch(&t, "ST-2026-0900", "compute", "before", "stitch_hit");
     for (threads, runs) in [(1usize, 300usize), (8, 200), (64, 100)] {
@@ -87,7 +87,10 @@ fn pause_section() {
             engine.options.keep_idle_regions = keep;
             let (mut apply, mut pause, mut stop, mut held, mut revert) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            let (mut retried, mut held_clear) = (0usize, Vec::new());
+            let mut retried = 0usize;
+            // Runs of the other case: a revert that could not unmap the region (a thread was
+            // still in a trampoline) makes the next "created" apply reuse it.
+            let mut other = 0usize;
             for i in 0..=runs {
                 let t0 = Instant::now();
                 let rep = engine.apply(r.pid(), &b).expect("apply");
@@ -95,35 +98,41 @@ fn pause_section() {
                 let t1 = Instant::now();
                 let rev = engine.revert(r.pid(), "ST-2026-0900").expect("revert");
                 let rev_wall = us(t1.elapsed());
-                assert_eq!(rep.region_created, !keep || i == 0);
-                assert_eq!(rev.region_freed, !keep);
                 if keep && i == 0 {
                     continue; // the kept region's first apply maps it
+                }
+                assert!(
+                    !keep || !rev.region_freed,
+                    "a kept region is never unmapped"
+                );
+                if rep.region_created == keep {
+                    other += 1;
+                    continue;
                 }
                 apply.push(wall);
                 if rep.site_retries > 0 {
                     retried += 1;
-                } else {
-                    held_clear.push(us(rep.pause));
                 }
                 stop.push(us(rep.stopping));
                 held.push(us(rep.pause));
                 pause.push(us(rep.stopping + rep.pause));
                 revert.push(rev_wall);
             }
-            if held_clear.is_empty() {
-                held_clear.push(f64::NAN);
+            if other > 0 {
+                eprintln!(
+                    "{threads} threads, keep {keep}: {other} runs of the other case left out"
+                );
             }
             println!(
-                "| {threads} | {} | {runs} | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {retried} | {:.0} us |",
+                "| {threads} | {} | {} | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {retried} | {:.0} us |",
                 if keep { "kept" } else { "created" },
+                apply.len(),
                 pct(&mut apply, 0.5),
                 pct(&mut apply, 0.99),
                 pct(&mut pause, 0.5),
                 pct(&mut pause, 0.99),
                 pct(&mut stop, 0.5),
                 pct(&mut held, 0.5),
-                pct(&mut held_clear, 0.5),
                 pct(&mut revert, 0.5),
             );
         }

@@ -197,6 +197,8 @@ pub struct Controller {
     /// Processes patched at load time since the last `patch_applied` event, by patch.
     hook_applied: BTreeMap<String, i64>,
     last_hook_flush: Instant,
+    /// The agent must exit (see [`crate::hook`]'s `wedged`).
+    pub wedged: bool,
 }
 
 impl Controller {
@@ -236,6 +238,7 @@ impl Controller {
             load_time: crate::hook::LoadTime::default(),
             hook_applied: BTreeMap::new(),
             last_hook_flush: Instant::now(),
+            wedged: false,
         };
         let rows = match c.store.patches() {
             Ok(r) => r,
@@ -381,6 +384,9 @@ impl Controller {
     }
 
     fn add_carrier(&mut self, pid: i32, patch: &str) {
+        if let Some(f) = &self.proc_filter {
+            f.add(pid);
+        }
         let revision = self.slots.get(patch).map_or(0, |s| s.row.revision);
         let start_time = scan::start_time(pid).unwrap_or(0);
         let c = self.carriers.entry(pid).or_insert_with(|| Carrier {
@@ -568,6 +574,8 @@ impl Controller {
     /// Every process on the host.
     pub fn scan_all(&mut self) {
         let t0 = Instant::now();
+        // Subscribe to process events before patching anything, so no exit is missed.
+        self.sync_filter();
         let sizes = self.target_sizes();
         let pids = scan::pids();
         let n = pids.len();
@@ -597,6 +605,7 @@ impl Controller {
     }
 
     fn check_one(&mut self, pid: i32) {
+        self.sync_filter();
         let sizes = self.target_sizes();
         if sizes.is_empty() {
             return;
@@ -724,6 +733,9 @@ impl Controller {
             let Some(bundle) = pass.bundles.as_ref().and_then(|b| b.get(&id)) else {
                 continue;
             };
+            if let Some(f) = &self.proc_filter {
+                f.add(pid);
+            }
             match self.engine.apply(Pid(pid), bundle) {
                 Ok(rep) => {
                     self.metrics.applied += 1;
@@ -1477,11 +1489,25 @@ impl Controller {
             Input::Hook(e) => self.on_hook(e),
             Input::Shutdown => {
                 self.event(EventBody::AgentStopped);
+                self.load_time.shutdown();
+                self.wedged = self.load_time.wedged;
                 return false;
             }
         }
         self.refresh_hook();
         self.sync_filter();
+        if self.load_time.wedged {
+            tracing::error!(
+                "stitch-hook could not be stopped (a hold is blocked); exiting so the kernel releases every held process (systemd restarts the agent, which rediscovers its patches)"
+            );
+            self.event(EventBody::Local {
+                message:
+                    "load-time hook wedged while stopping; agent exits to release held processes"
+                        .into(),
+            });
+            self.wedged = true;
+            return false;
+        }
         true
     }
 }

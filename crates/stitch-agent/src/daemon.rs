@@ -29,7 +29,7 @@ use crate::sync::{Backoff, Client, ManifestEntry, verify_manifest};
 pub struct Agent {
     pub tx: Sender<Input>,
     pub ready_after: Duration,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<bool>>,
     wake: Wake,
     /// Only when a server is configured.
     outbox: Option<Store>,
@@ -37,17 +37,19 @@ pub struct Agent {
 
 impl Agent {
     /// Asks the controller to stop and waits for it.
-    pub fn shutdown(self) {
+    pub fn shutdown(self) -> bool {
         let _ = self.tx.send(Input::Shutdown);
-        self.wait();
+        self.wait()
     }
 
     /// Waits until the controller stops, then gives the reporter a moment to deliver the
     /// last events (`agent_stopped`); whatever is left stays in the outbox for next time.
-    pub fn wait(mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    /// Returns false when the agent stopped because it must be restarted (a wedged hook).
+    pub fn wait(mut self) -> bool {
+        let clean = match self.thread.take() {
+            Some(t) => t.join().unwrap_or(false),
+            None => true,
+        };
         self.wake.wake();
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(2)
@@ -58,6 +60,7 @@ impl Agent {
         {
             std::thread::sleep(Duration::from_millis(50));
         }
+        clean
     }
 }
 
@@ -206,16 +209,16 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
     }
 }
 
-fn controller_loop(mut ctl: Controller, rx: Receiver<Input>) {
+fn controller_loop(mut ctl: Controller, rx: Receiver<Input>) -> bool {
     loop {
         match rx.recv_timeout(ctl.next_deadline()) {
             Ok(i) => {
                 if !ctl.input(i) {
-                    return;
+                    return !ctl.wedged;
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Disconnected) => return true,
         }
         ctl.tick();
     }

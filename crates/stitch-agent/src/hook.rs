@@ -28,9 +28,37 @@ pub(crate) struct LoadTime {
     /// For `stitch agent status`.
     pub(crate) state: String,
     pub(crate) marked: usize,
+    /// Stopping the hook hung: a hold worker is blocked on a permission event nobody answers
+    /// any more, and a process may be held with it. Only closing the fanotify group (our
+    /// process exiting) releases it: the daemon exits and systemd restarts it.
+    pub(crate) wedged: bool,
+}
+
+/// Stops a hook, waiting at most 3 s. False when it did not stop in time (see `wedged`).
+fn stop_bounded(h: stitch_hook::Hook) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("stitchd-hookstop".into())
+        .spawn(move || {
+            h.stop();
+            let _ = tx.send(());
+        });
+    if spawned.is_err() {
+        return false;
+    }
+    rx.recv_timeout(std::time::Duration::from_secs(3)).is_ok()
 }
 
 impl LoadTime {
+    /// Stops the hook at agent shutdown (bounded, see `wedged`).
+    pub(crate) fn shutdown(&mut self) {
+        if let Some(h) = self.hook.take()
+            && !stop_bounded(h)
+        {
+            self.wedged = true;
+        }
+    }
+
     /// Whether a hook is running (exec events then need no live-patch check).
     pub(crate) fn active(&self) -> bool {
         self.hook.is_some()
@@ -38,6 +66,9 @@ impl LoadTime {
 
     /// Whether `set` (sorted (id, revision) of the enabled patches) differs from what runs.
     pub(crate) fn needs_refresh(&self, cfg: &Config, set: &[(String, u32)]) -> bool {
+        if self.wedged {
+            return false;
+        }
         if !cfg.hook.enabled {
             return self.state.is_empty() || self.hook.is_some();
         }
@@ -64,8 +95,12 @@ impl LoadTime {
         if set == self.hooked && (self.hook.is_some() || set.is_empty()) {
             return;
         }
-        if let Some(h) = self.hook.take() {
-            h.stop();
+        if let Some(h) = self.hook.take()
+            && !stop_bounded(h)
+        {
+            self.wedged = true;
+            self.state = "wedged: stopping stitch-hook did not finish (a hold is blocked); the agent restarts to release it".into();
+            return;
         }
         self.hooked = set;
         self.marked = 0;

@@ -269,6 +269,13 @@ impl ProcFilter {
         }
     }
 
+    /// Watches one more process (before it is patched, so its exit is never filtered out).
+    pub fn add(&self, pid: i32) {
+        if let Ok(mut c) = self.carriers.write() {
+            c.insert(pid);
+        }
+    }
+
     /// Whether `e` concerns the controller.
     pub fn wants(&self, e: &ProcEvent) -> bool {
         let carrier = |p: i32| self.carriers.read().map(|c| c.contains(&p)).unwrap_or(true);

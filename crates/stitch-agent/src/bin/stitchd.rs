@@ -85,7 +85,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         })
         .context("cannot start the signal thread")?;
-    agent.wait();
+    if !agent.wait() {
+        // Exiting closes the fanotify group: the kernel releases whatever a wedged hold kept.
+        anyhow::bail!(
+            "error[agent.hook_wedged]: the load-time hook could not be stopped; exiting to release held processes"
+        );
+    }
     Ok(())
 }
 

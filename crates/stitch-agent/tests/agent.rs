@@ -751,6 +751,15 @@ fn load_time_hook_patches_a_new_process_before_its_first_call() {
         fresh_ones.iter_mut().all(|f| !f.patched()),
         "load-time carriers reverted too"
     );
+    // (Wait for the hook to be stopped before exec'ing again: a load racing the hook's stop
+    // can wedge a stitch-hook hold worker — reported; the agent then exits to release it.)
+    agent.until("the hook to go idle", Duration::from_secs(10), || {
+        let s = agent.ask(AgentAction::Status);
+        s["load_time_hook"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("idle"))
+            .then_some(())
+    });
     let fresh = Running::start(&target.exe);
     assert_eq!(fresh.first, "start 5");
 }

@@ -447,13 +447,13 @@ impl Drop for TightSlack {
 /// `waitpid(tid, __WALL)` until `deadline`: `Ok(None)` on timeout. Linux has no timed
 /// waitpid, so this polls with `WNOHANG` — without ever spinning a CPU the tracee may need:
 /// a normal-priority caller yields for the first 20 us (a stop on the other CPU usually lands
-/// within that), then naps; a real-time caller naps at once, since `sched_yield` under
-/// `SCHED_FIFO` never lets a normal-priority tracee run on that CPU. Naps start at 2 us
+/// within that), then naps; a real-time caller busy-polls for 5 us only, then naps, since
+/// `sched_yield` under `SCHED_FIFO` never lets a normal-priority tracee run on that CPU. Naps start at 2 us
 /// (timer slack lowered to 1 us meanwhile) and double up to 50 us, up to 1 ms after 10 ms.
 pub(crate) fn wait_status(tid: i32, deadline: Instant) -> io::Result<Option<libc::c_int>> {
-    const SPIN: Duration = Duration::from_micros(30);
     let started = Instant::now();
-    let mut yielding: Option<bool> = None;
+    // Yield (normal priority) or busy-poll (real-time) this long before napping.
+    let mut spin: Option<(Duration, bool)> = None;
     let mut slack: Option<TightSlack> = None;
     let mut nap = Duration::from_micros(2);
     loop {
@@ -468,9 +468,16 @@ pub(crate) fn wait_status(tid: i32, deadline: Instant) -> io::Result<Option<libc
             return Ok(None);
         }
         let waited = now - started;
-        if waited < SPIN {
+        let (spin_for, yielding) = *spin.get_or_insert_with(|| {
+            if raw::is_realtime() {
+                (Duration::from_micros(5), false)
+            } else {
+                (Duration::from_micros(20), true)
+            }
+        });
+        if waited < spin_for {
             // A stop on the other CPU usually lands within this.
-            if *yielding.get_or_insert_with(|| !raw::is_realtime()) {
+            if yielding {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();

@@ -448,8 +448,9 @@ impl Drop for TightSlack {
 /// waitpid, so this polls with `WNOHANG` — without ever spinning a CPU the tracee may need:
 /// a normal-priority caller yields for the first 20 us (a stop on the other CPU usually lands
 /// within that), then naps; a real-time caller busy-polls for 5 us only, then naps, since
-/// `sched_yield` under `SCHED_FIFO` never lets a normal-priority tracee run on that CPU. Naps start at 2 us
-/// (timer slack lowered to 1 us meanwhile) and double up to 50 us, up to 1 ms after 10 ms.
+/// `sched_yield` under `SCHED_FIFO` never lets a normal-priority tracee run on that CPU.
+/// Naps start at 2 us (timer slack lowered to 1 us meanwhile) and double up to 50 us, up to
+/// 1 ms after 10 ms.
 pub(crate) fn wait_status(tid: i32, deadline: Instant) -> io::Result<Option<libc::c_int>> {
     let started = Instant::now();
     // Yield (normal priority) or busy-poll (real-time) this long before napping.

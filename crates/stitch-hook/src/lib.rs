@@ -215,8 +215,14 @@ pub enum HookEvent {
 /// The running hook. Dropping it (or [`Hook::stop`]) stops every thread; pending events are
 /// allowed by the kernel when the group closes.
 pub struct Hook {
+    /// Stops the hold workers and the directory watcher.
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// Stops the fanotify reader — only after every worker has finished: a worker in the
+    /// middle of a hold may still open a marked file (the engine reading map_files), and
+    /// the reader is the only one who answers that permission event.
+    reader_stop: Arc<AtomicBool>,
+    reader: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
 }
 
@@ -294,18 +300,19 @@ impl Hook {
                     .map_err(HookError::Spawn)?,
             );
         }
-        {
-            let (s, st) = (shared.clone(), stop.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name("stitch-fanotify".into())
-                    .spawn(move || hold::reader(&s, jobs_tx, &st))
-                    .map_err(HookError::Spawn)?,
-            );
-        }
+        let reader_stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (s, st) = (shared.clone(), reader_stop.clone());
+            std::thread::Builder::new()
+                .name("stitch-fanotify".into())
+                .spawn(move || hold::reader(&s, jobs_tx, &st))
+                .map_err(HookError::Spawn)?
+        };
         let hook = Hook {
             stop: stop.clone(),
             threads,
+            reader_stop,
+            reader: Some(reader),
             shared: shared.clone(),
         };
         // The reader runs: from here on our own opens of marked files are answered.
@@ -343,9 +350,16 @@ impl Hook {
     }
 
     fn shutdown(&mut self) {
+        // Workers first, while the reader still answers every permission event (including
+        // the ones a worker's own hold raises); then the reader, which allows whatever is
+        // still queued on its way out.
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        self.reader_stop.store(true, Ordering::SeqCst);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
         }
     }
 }

@@ -228,7 +228,11 @@ static void *waiter(void *a) {
     (void)a;
     for (;;) {
         long r = syscall(SYS_futex, &word, FUTEX_WAIT_PRIVATE, 0, 0, 0, 0);
-        if (r == 0 && __atomic_load_n(&word, __ATOMIC_SEQ_CST) == 1) { futex_woken++; word = 0; }
+        /* EAGAIN with the word set is a wake too: the waker stored 1 and woke while this
+         * thread was between two waits (e.g. not yet back in the kernel after a stop, on a
+         * loaded host), so the (restarted) wait saw the new value. */
+        int set = __atomic_load_n(&word, __ATOMIC_SEQ_CST) == 1;
+        if ((r == 0 || errno == EAGAIN) && set) { futex_woken++; word = 0; }
         else if (r != 0 && errno == EINTR) eintr++;
         else if (r != 0 && errno == EAGAIN) {}
         else futex_spurious++;

@@ -9,7 +9,6 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use stitch_format::PublicKey;
 
@@ -17,48 +16,12 @@ use crate::config::Config;
 use crate::error::{AgentError, Result};
 use crate::event::Event;
 
-/// Domain separator of manifest signatures (see the server's `manifest.rs`).
-pub const MANIFEST_DOMAIN: &str = "stitch-manifest-v1";
+pub use stitch_protocol::{
+    MANIFEST_DOMAIN, ManifestEntry, ManifestError, ManifestPayload, SignedManifest,
+};
+
 /// Largest response accepted (bundles are at most a few MiB).
 const MAX_BODY: u64 = 32 << 20;
-
-/// One patch the server wants this agent to hold.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ManifestEntry {
-    pub patch_id: String,
-    pub revision: i64,
-    pub content_address: String,
-    /// False: hold the bundle but keep the patch out of processes.
-    pub enabled: bool,
-    #[serde(default)]
-    pub title: String,
-    #[serde(default)]
-    pub severity: String,
-    #[serde(default)]
-    pub module: String,
-    #[serde(default)]
-    pub target_sha256: String,
-}
-
-/// The signed manifest payload.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ManifestPayload {
-    pub agent_id: String,
-    pub org_id: i64,
-    pub version: i64,
-    pub issued_at: i64,
-    pub expires_at: i64,
-    pub patches: Vec<ManifestEntry>,
-}
-
-/// The envelope as served.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SignedManifest {
-    pub format: String,
-    pub key_id: String,
-    pub payload: String,
-    pub signature: String,
-}
 
 /// Verifies the signature over the exact payload bytes, then the agent id, rollback and
 /// expiry. Codes: `manifest.format`, `manifest.encoding`, `manifest.bad_signature`,
@@ -70,52 +33,12 @@ pub fn verify_manifest(
     last_version: i64,
     now: i64,
 ) -> Result<ManifestPayload> {
-    let refuse = |code: &'static str, reason: String| AgentError::Manifest { code, reason };
-    if m.format != MANIFEST_DOMAIN {
-        return Err(refuse(
-            "manifest.format",
-            format!("unknown format {:?}", m.format),
-        ));
-    }
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(&m.payload)
-        .map_err(|e| refuse("manifest.encoding", e.to_string()))?;
-    let mut sig = [0u8; 64];
-    hex::decode_to_slice(&m.signature, &mut sig)
-        .map_err(|e| refuse("manifest.encoding", e.to_string()))?;
-    let mut message = MANIFEST_DOMAIN.as_bytes().to_vec();
-    message.push(0);
-    message.extend_from_slice(&bytes);
-    let vk = ed25519_dalek::VerifyingKey::from_bytes(&server_key.to_bytes())
-        .map_err(|_| refuse("manifest.bad_signature", "unusable server key".into()))?;
-    vk.verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&sig))
-        .map_err(|_| {
-            refuse(
-                "manifest.bad_signature",
-                "signature does not verify with the pinned server key".into(),
-            )
-        })?;
-    let p: ManifestPayload =
-        serde_json::from_slice(&bytes).map_err(|e| refuse("manifest.encoding", e.to_string()))?;
-    if p.agent_id != agent_id {
-        return Err(refuse(
-            "manifest.wrong_agent",
-            format!("for agent {}, not {agent_id}", p.agent_id),
-        ));
-    }
-    if p.version < last_version {
-        return Err(refuse(
-            "manifest.rollback",
-            format!("version {} is older than {last_version}", p.version),
-        ));
-    }
-    if p.expires_at <= now {
-        return Err(refuse(
-            "manifest.expired",
-            format!("expired at {} (now {now})", p.expires_at),
-        ));
-    }
-    Ok(p)
+    stitch_protocol::verify(m, server_key, agent_id, last_version, now).map_err(|e| {
+        AgentError::Manifest {
+            code: e.code(),
+            reason: e.to_string(),
+        }
+    })
 }
 
 /// Answer to enrollment.
@@ -412,6 +335,9 @@ mod tests {
 
     #[test]
     fn manifest_signature_rollback_expiry_and_agent_are_checked() {
+        // The envelope is built by hand from the documented wire form, not with the shared
+        // signer: a cross-check that the protocol crate verifies what docs/protocol.md says.
+        use base64::Engine as _;
         use stitch_format::{SecretKey, Signer as _};
         let key = SecretKey::from_seed([9; 32]);
         let payload = ManifestPayload {

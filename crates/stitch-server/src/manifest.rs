@@ -14,53 +14,12 @@
 //! than the last it accepted (rollback), and treats a feed whose last manifest expired as
 //! frozen.
 
-use base64::Engine;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use stitch_format::{SecretKey, Signer};
+pub use stitch_protocol::{
+    MANIFEST_DOMAIN, ManifestEntry, ManifestError, ManifestPayload, SignedManifest, sign, verify,
+};
 
 use crate::model::{Candidate, Group, Mode, Plan};
-
-/// Domain separator prefixed to the payload before signing; also the envelope's `format`.
-pub const MANIFEST_DOMAIN: &str = "stitch-manifest-v1";
-
-/// One patch an agent should hold.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ManifestEntry {
-    pub patch_id: String,
-    pub revision: i64,
-    /// SHA-256 (hex) of the bundle: download from `/api/v1/bundles/{content_address}`.
-    pub content_address: String,
-    /// False: hold the bundle but do not apply it (revert it if applied).
-    pub enabled: bool,
-    pub title: String,
-    pub severity: String,
-    pub module: String,
-    pub target_sha256: String,
-}
-
-/// The signed payload.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ManifestPayload {
-    pub agent_id: String,
-    pub org_id: i64,
-    /// Grows by one each time the entries change for this agent; never decreases.
-    pub version: i64,
-    /// Unix seconds.
-    pub issued_at: i64,
-    /// Unix seconds; past this the agent must treat the feed as frozen.
-    pub expires_at: i64,
-    pub patches: Vec<ManifestEntry>,
-}
-
-/// The envelope sent to agents.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SignedManifest {
-    pub format: String,
-    pub key_id: String,
-    pub payload: String,
-    pub signature: String,
-}
 
 /// Decides the entries from the org's plan, the agent's group and the relevant patches.
 ///
@@ -108,92 +67,11 @@ pub fn entries_hash(entries: &[ManifestEntry]) -> String {
     hex::encode(Sha256::digest(&bytes))
 }
 
-/// Signs `payload` with the server key.
-pub fn sign(key: &SecretKey, payload: &ManifestPayload) -> SignedManifest {
-    let bytes = serde_json::to_vec(payload).unwrap_or_default();
-    let mut message = Vec::with_capacity(MANIFEST_DOMAIN.len() + 1 + bytes.len());
-    message.extend_from_slice(MANIFEST_DOMAIN.as_bytes());
-    message.push(0);
-    message.extend_from_slice(&bytes);
-    // SecretKey's signer cannot fail; an empty signature would be refused by every agent.
-    let signature = key.sign(&message).map(hex::encode).unwrap_or_default();
-    SignedManifest {
-        format: MANIFEST_DOMAIN.to_string(),
-        key_id: key.key_id().to_string(),
-        payload: base64::engine::general_purpose::STANDARD.encode(&bytes),
-        signature,
-    }
-}
-
-/// Why a manifest was refused by [`verify`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ManifestError {
-    #[error("unknown manifest format {0:?}")]
-    Format(String),
-    #[error("manifest is not encoded as documented: {0}")]
-    Encoding(String),
-    #[error("manifest signature does not verify with the pinned server key")]
-    BadSignature,
-    #[error("manifest is for agent {found}, not {expected}")]
-    WrongAgent { expected: String, found: String },
-    #[error("manifest version {found} is older than the last accepted {last}: rollback")]
-    Rollback { last: i64, found: i64 },
-    #[error("manifest expired at {expires_at} (now {now}): the feed is frozen")]
-    Expired { expires_at: i64, now: i64 },
-}
-
-/// Reference verification, as an agent must do it (used by the tests and documented in
-/// `docs/protocol.md`).
-pub fn verify(
-    m: &SignedManifest,
-    server_key: &stitch_format::PublicKey,
-    agent_id: &str,
-    last_version: i64,
-    now: i64,
-) -> Result<ManifestPayload, ManifestError> {
-    if m.format != MANIFEST_DOMAIN {
-        return Err(ManifestError::Format(m.format.clone()));
-    }
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(&m.payload)
-        .map_err(|e| ManifestError::Encoding(e.to_string()))?;
-    let mut sig = [0u8; 64];
-    hex::decode_to_slice(&m.signature, &mut sig)
-        .map_err(|e| ManifestError::Encoding(e.to_string()))?;
-    let mut message = MANIFEST_DOMAIN.as_bytes().to_vec();
-    message.push(0);
-    message.extend_from_slice(&bytes);
-    let vk = ed25519_dalek::VerifyingKey::from_bytes(&server_key.to_bytes())
-        .map_err(|_| ManifestError::BadSignature)?;
-    let sig = ed25519_dalek::Signature::from_bytes(&sig);
-    vk.verify_strict(&message, &sig)
-        .map_err(|_| ManifestError::BadSignature)?;
-    let payload: ManifestPayload =
-        serde_json::from_slice(&bytes).map_err(|e| ManifestError::Encoding(e.to_string()))?;
-    if payload.agent_id != agent_id {
-        return Err(ManifestError::WrongAgent {
-            expected: agent_id.to_string(),
-            found: payload.agent_id,
-        });
-    }
-    if payload.version < last_version {
-        return Err(ManifestError::Rollback {
-            last: last_version,
-            found: payload.version,
-        });
-    }
-    if payload.expires_at <= now {
-        return Err(ManifestError::Expired {
-            expires_at: payload.expires_at,
-            now,
-        });
-    }
-    Ok(payload)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use stitch_format::SecretKey;
 
     fn cand(id: &str, tier: &str) -> Candidate {
         Candidate {

@@ -183,7 +183,7 @@ pub(crate) fn run(exit: bool, listen: &str) -> anyhow::Result<()> {
     if uid != "0" {
         eprintln!(
             "stitch demo patches a running process: that needs root (ptrace of a process that is\n\
-             not our child, /proc/PID/map_files, the agent's state in /run). Nothing was changed.\n\
+             not our child, /proc/PID/map_files, fanotify for load-time patching). Nothing was changed.\n\
              Run it as root:  sudo {} demo",
             std::env::current_exe()
                 .map(|p| p.display().to_string())
@@ -503,7 +503,7 @@ heartbeat_s = 5
         Err(e) => println!("    (not reported yet: {e})"),
     }
     println!(
-        "\n    Dashboard: {url}/   log in as {ADMIN_USER} / {ADMIN_PASSWORD}\n    Computer:  {url}/computers/{computer_id}\n    Work dir:  {}\n    Total demo time {:.1} s",
+        "\n    Dashboard: {url}/   log in as {ADMIN_USER} / {ADMIN_PASSWORD}\n    Computer:  {url}/computers/{computer_id}\n    Work dir:  {} (removed when the demo ends)\n    Total demo time {:.1} s",
         d.display(),
         t_start.elapsed().as_secs_f64()
     );

@@ -138,6 +138,21 @@ fn formatter() -> IntelFormatter {
     f
 }
 
+/// The first instructions of `code` (at `ip`) that together cover at least `min_len` bytes:
+/// the smallest whole-instruction site that can hold a jump. Fewer lines when `code` ends
+/// first.
+pub fn whole_instructions(code: &[u8], ip: u64, min_len: usize) -> Vec<Line> {
+    let mut covered = 0;
+    disassemble(code, ip)
+        .into_iter()
+        .take_while(|l| {
+            let take = covered < min_len;
+            covered += l.bytes.len();
+            take
+        })
+        .collect()
+}
+
 pub(crate) fn format_insn(insn: &Instruction) -> String {
     let mut s = String::new();
     formatter().format(insn, &mut s);

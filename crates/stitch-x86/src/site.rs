@@ -162,6 +162,21 @@ mod tests {
     }
 
     #[test]
+    fn whole_instructions_never_split_and_cover_the_minimum() {
+        // push rbp (1); mov rbp, rsp (3); sub rsp, 0x10 (4)
+        let code = [0x55, 0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x10];
+        let lens = |min| -> Vec<usize> {
+            crate::whole_instructions(&code, 0x1000, min)
+                .iter()
+                .map(|l| l.bytes.len())
+                .collect()
+        };
+        assert_eq!(lens(5), vec![1, 3, 4]);
+        assert_eq!(lens(4), vec![1, 3]);
+        assert_eq!(lens(1), vec![1]);
+    }
+
+    #[test]
     fn interior_branch_elsewhere_is_found() {
         // 0x1000: nop x5 (site 0x1000..0x1005); 0x1005: jmp short to 0x1002
         let code = [0x90, 0x90, 0x90, 0x90, 0x90, 0xeb, 0xfb];

@@ -141,13 +141,10 @@ fn patch_source(lib: &[u8]) -> anyhow::Result<String> {
         .symbol("copy_name")
         .context("copy_name not in libhello")?
         .vaddr;
-    let mut original = Vec::new();
-    for l in stitch_x86::disassemble(elf.bytes_at(at, 32)?, at) {
-        original.extend(l.bytes);
-        if original.len() >= 5 {
-            break;
-        }
-    }
+    let original: Vec<u8> = stitch_x86::whole_instructions(elf.bytes_at(at, 32)?, at, 5)
+        .into_iter()
+        .flat_map(|l| l.bytes)
+        .collect();
     Ok(PATCH_TEMPLATE
         .replace("@SHA256@", &hex::encode(stitch_elf::sha256(lib)))
         .replace(

@@ -40,15 +40,9 @@ pub(crate) fn run(target: &Path, location: &str, min_len: usize) -> anyhow::Resu
         .unwrap_or(0);
     let code = elf.bytes_at(at, avail)?;
     let lines = stitch_x86::disassemble(code, at);
-    let mut original = Vec::new();
-    let mut n_site = 0;
-    for l in &lines {
-        if original.len() >= min_len {
-            break;
-        }
-        original.extend_from_slice(&l.bytes);
-        n_site += 1;
-    }
+    let site = stitch_x86::whole_instructions(code, at, min_len);
+    let n_site = site.len();
+    let original: Vec<u8> = site.into_iter().flat_map(|l| l.bytes).collect();
     let where_ = elf
         .symbol_containing(at)
         .map(|(s, off)| format!(" ({}+{off:#x})", s.name))

@@ -284,30 +284,39 @@ pub fn build(
     Ok(Bundle::new(patch)?)
 }
 
-/// Resolves `0x1139`, `"parse_header"`, `"parse_header+0x1c"` or `"parse_header+28"`.
-fn resolve_address(elf: &ElfFile<'_>, patchlet: &str, a: &Address) -> Result<u64, BuildError> {
-    let bad = |reason: String| BuildError::BadAddress {
-        patchlet: patchlet.to_string(),
-        reason,
+/// Resolves a site location written as `0x1139`, `parse_header`, `parse_header+0x1c` or
+/// `parse_header+28` to a virtual address of `elf`. The patch source's `at` and `stitch site`
+/// both use this, so an author can paste one into the other. The error says what is wrong
+/// with the text; callers add where it came from.
+pub fn resolve_location(elf: &ElfFile<'_>, location: &str) -> Result<u64, String> {
+    let location = location.trim();
+    if let Some(h) = location.strip_prefix("0x") {
+        return u64::from_str_radix(h, 16)
+            .map_err(|_| format!("{location:?} is not a hex address"));
+    }
+    let (name, off) = match location.split_once('+') {
+        Some((n, o)) => (n.trim(), o.trim()),
+        None => (location, "0"),
     };
+    let off = if let Some(h) = off.strip_prefix("0x") {
+        u64::from_str_radix(h, 16)
+    } else {
+        off.parse()
+    }
+    .map_err(|_| format!("{location:?}: offset {off:?} is not a number"))?;
+    let sym = elf
+        .symbol(name)
+        .ok_or_else(|| format!("{location:?}: symbol {name:?} not found in .symtab or .dynsym"))?;
+    Ok(sym.vaddr + off)
+}
+
+fn resolve_address(elf: &ElfFile<'_>, patchlet: &str, a: &Address) -> Result<u64, BuildError> {
     match a {
         Address::Number(n) => Ok(*n),
-        Address::Expr(e) => {
-            let (name, off) = match e.split_once('+') {
-                Some((n, o)) => (n.trim(), o.trim()),
-                None => (e.trim(), "0"),
-            };
-            let off = if let Some(h) = off.strip_prefix("0x") {
-                u64::from_str_radix(h, 16)
-            } else {
-                off.parse()
-            }
-            .map_err(|_| bad(format!("{e:?}: offset {off:?} is not a number")))?;
-            let sym = elf
-                .symbol(name)
-                .ok_or_else(|| bad(format!("{e:?}: symbol {name:?} not found in the target")))?;
-            Ok(sym.vaddr + off)
-        }
+        Address::Expr(e) => resolve_location(elf, e).map_err(|reason| BuildError::BadAddress {
+            patchlet: patchlet.to_string(),
+            reason,
+        }),
     }
 }
 

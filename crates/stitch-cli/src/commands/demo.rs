@@ -70,16 +70,8 @@ fn free_addr(preferred: &str) -> String {
     l.local_addr().expect("bound").to_string()
 }
 
-fn http_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into()
-}
-
 fn get_json(url: &str, token: &str) -> anyhow::Result<serde_json::Value> {
-    let mut r = http_agent()
+    let mut r = super::http_agent(Duration::from_secs(10))
         .get(url)
         .header("Authorization", &format!("Bearer {token}"))
         .call()
@@ -257,7 +249,7 @@ fn run_in(
         .context("starting stitch-server")?;
     children.0.push(("stitch-server".into(), server));
     wait_for("the server", Duration::from_secs(20), || {
-        http_agent()
+        super::http_agent(Duration::from_secs(10))
             .get(&format!("{url}/healthz"))
             .call()
             .ok()

@@ -101,6 +101,16 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Reads a whole file, saying which one failed.
+/// An HTTP client for talking to a Stitch server: statuses come back as responses (the
+/// server's JSON error body carries the stable code to show), and nothing waits forever.
+pub(crate) fn http_agent(timeout: std::time::Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
+
 pub(crate) fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }

@@ -14,12 +14,7 @@ pub(crate) fn upload(
     token: &str,
 ) -> anyhow::Result<serde_json::Value> {
     let url = format!("{}/api/v1/catalog/bundles", server.trim_end_matches('/'));
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(std::time::Duration::from_secs(30)))
-        .build()
-        .into();
-    let mut resp = agent
+    let mut resp = super::http_agent(std::time::Duration::from_secs(30))
         .post(&url)
         .header("Authorization", &format!("Bearer {token}"))
         .header("Content-Type", "application/octet-stream")

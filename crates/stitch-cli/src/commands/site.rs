@@ -7,26 +7,10 @@ use stitch_elf::ElfFile;
 
 use super::read;
 
-fn resolve(elf: &ElfFile<'_>, location: &str) -> anyhow::Result<u64> {
-    if let Some(h) = location.strip_prefix("0x") {
-        return u64::from_str_radix(h, 16).context("bad hex address");
-    }
-    let (name, off) = location.split_once('+').unwrap_or((location, "0"));
-    let off = match off.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => off.parse(),
-    }
-    .with_context(|| format!("bad offset {off:?}"))?;
-    let sym = elf
-        .symbol(name)
-        .with_context(|| format!("symbol {name:?} not found in .symtab or .dynsym"))?;
-    Ok(sym.vaddr + off)
-}
-
 pub(crate) fn run(target: &Path, location: &str, min_len: usize) -> anyhow::Result<()> {
     let bytes = read(target)?;
     let elf = ElfFile::parse(&bytes).with_context(|| format!("parsing {}", target.display()))?;
-    let at = resolve(&elf, location)?;
+    let at = stitch_build::resolve_location(&elf, location).map_err(anyhow::Error::msg)?;
     if !elf.is_executable_range(at, min_len as u64) {
         bail!(
             "{at:#x} is not inside executable code of {}",

@@ -162,6 +162,31 @@ fn build_sign_verify_inspect_round_trip() {
 }
 
 #[test]
+fn site_output_and_patch_at_agree_on_symbol_offset_and_hex_addresses() {
+    // An author pastes `stitch site`'s answer into the patch; both must read a location the
+    // same way, or the patch goes to a different address than the one that was checked.
+    let s = Setup::new("    ret\n", "before");
+    let bytes = std::fs::read(s.path().join("libdemo.so.1")).unwrap();
+    let elf = stitch_elf::ElfFile::parse(&bytes).unwrap();
+    let entry = elf.symbol("check_len").unwrap().vaddr;
+    let code = elf.bytes_at(entry, 16).unwrap();
+    let first_len = stitch_x86::disassemble(code, entry)[0].bytes.len() as u64;
+    let want = format!("at       = {:#x}", entry + first_len);
+    for location in [
+        format!("check_len+{first_len}"),
+        format!("check_len+{first_len:#x}"),
+        format!("{:#x}", entry + first_len),
+    ] {
+        let out = ok(&s.run(&["site", "--target", "libdemo.so.1", &location]));
+        assert!(out.contains(&want), "{location}: {out}");
+    }
+    let e = err(&s.run(&["site", "--target", "libdemo.so.1", "no_such_fn+4"]));
+    assert!(e.contains("\"no_such_fn\" not found"), "{e}");
+    let e = err(&s.run(&["site", "--target", "libdemo.so.1", "check_len+zz"]));
+    assert!(e.contains("offset \"zz\" is not a number"), "{e}");
+}
+
+#[test]
 fn wrong_key_is_rejected_on_the_command_line() {
     let s = Setup::new("nop\n", "before");
     s.built_and_keys();

@@ -24,7 +24,7 @@ use stitch_sys::Pid;
 
 use crate::config::Config;
 use crate::error::AgentError;
-use crate::event::{Event, EventBody};
+use crate::event::{Entry, Event, EventBody};
 use crate::inventory::{Package, PatchState};
 use crate::procconn::ProcEvent;
 use crate::scan::{self, SizeCache};
@@ -443,7 +443,8 @@ impl Controller {
     }
 
     /// Records an event (outbox for the server, and the local log).
-    pub fn event(&mut self, body: EventBody) {
+    pub fn event(&mut self, body: impl Into<Entry>) {
+        let body = body.into();
         tracing::info!(event = %body.describe(), "event");
         self.unsaved.push(Event::now(body));
         self.flush_unsaved();
@@ -452,9 +453,10 @@ impl Controller {
     fn flush_unsaved(&mut self) {
         let mut wake = false;
         while let Some(e) = self.unsaved.first().cloned() {
-            match self.store.push_event(&e, e.body.deliverable()) {
+            let deliver = e.body.deliverable().is_some();
+            match self.store.push_event(&e, deliver) {
                 Ok(()) => {
-                    wake |= e.body.deliverable();
+                    wake |= deliver;
                     self.unsaved.remove(0);
                     self.store_ok();
                 }
@@ -512,7 +514,7 @@ impl Controller {
     /// rediscovers what is already applied. Returns how long it took.
     pub fn startup(&mut self) -> Duration {
         let t0 = Instant::now();
-        self.event(EventBody::AgentStarted);
+        self.event(EventBody::AgentStarted {});
         self.scan_all();
         // Then the load-time hook, so processes started from now on are patched as they load.
         self.refresh_hook();
@@ -1168,9 +1170,9 @@ impl Controller {
             if let Err(e) = self.store.remove_patch(&id) {
                 self.store_failed(&e);
             }
-            self.event(EventBody::Local {
-                message: format!("{id} uninstalled (no longer in the server's manifest)"),
-            });
+            self.event(Entry::local(format!(
+                "{id} uninstalled (no longer in the server's manifest)"
+            )));
         }
         self.persist_slots();
         let stored = StoredManifest {
@@ -1225,7 +1227,7 @@ impl Controller {
                     .map(|e| json!({ "id": e.id, "occurred_at": e.occurred_at, "delivered": false, "description": e.body.describe(), "event": e }))
                     .collect();
                 out.extend(ev.iter().map(|s| {
-                    json!({ "id": s.event.id, "occurred_at": s.event.occurred_at, "delivered": s.delivered || !s.event.body.deliverable(), "description": s.event.body.describe(), "event": s.event })
+                    json!({ "id": s.event.id, "occurred_at": s.event.occurred_at, "delivered": s.delivered || s.event.body.deliverable().is_none(), "description": s.event.body.describe(), "event": s.event })
                 }));
                 out.truncate(limit);
                 Ok(json!({ "events": out }))
@@ -1234,7 +1236,7 @@ impl Controller {
                 if self.policy.agent_disabled {
                     self.policy.agent_disabled = false;
                     self.save_policy();
-                    self.event(EventBody::AgentEnabled);
+                    self.event(EventBody::AgentEnabled {});
                     self.scan_all();
                 }
                 Ok(self.status())
@@ -1244,7 +1246,7 @@ impl Controller {
                     self.policy.agent_disabled = true;
                     self.save_policy();
                     self.revert_undesired();
-                    self.event(EventBody::AgentDisabled);
+                    self.event(EventBody::AgentDisabled {});
                 }
                 Ok(self.status())
             }
@@ -1488,7 +1490,7 @@ impl Controller {
             }
             Input::Hook(e) => self.on_hook(e),
             Input::Shutdown => {
-                self.event(EventBody::AgentStopped);
+                self.event(EventBody::AgentStopped {});
                 self.load_time.shutdown();
                 self.wedged = self.load_time.wedged;
                 return false;
@@ -1500,11 +1502,9 @@ impl Controller {
             tracing::error!(
                 "stitch-hook could not be stopped (a hold is blocked); exiting so the kernel releases every held process (systemd restarts the agent, which rediscovers its patches)"
             );
-            self.event(EventBody::Local {
-                message:
-                    "load-time hook wedged while stopping; agent exits to release held processes"
-                        .into(),
-            });
+            self.event(Entry::local(
+                "load-time hook wedged while stopping; agent exits to release held processes",
+            ));
             self.wedged = true;
             return false;
         }

@@ -104,20 +104,16 @@ pub fn start(cfg: Config) -> Result<Agent> {
     let (tx, rx) = channel::<Input>();
     let mut ctl = Controller::new(cfg.clone(), store, keys.clone());
     if let Some(from) = &report.rebuilt_from {
-        ctl.event(crate::event::EventBody::Local {
-            message: format!(
-                "state database was unusable ({}); moved to {} and rebuilt from the bundles",
-                report.reason.clone().unwrap_or_default(),
-                from.display()
-            ),
-        });
+        ctl.event(crate::event::Entry::local(format!(
+            "state database was unusable ({}); moved to {} and rebuilt from the bundles",
+            report.reason.clone().unwrap_or_default(),
+            from.display()
+        )));
     }
     for ca in &report.bad_bundles {
-        ctl.event(crate::event::EventBody::Local {
-            message: format!(
-                "bundle {ca} was damaged on disk and deleted; it will be downloaded again"
-            ),
-        });
+        ctl.event(crate::event::Entry::local(format!(
+            "bundle {ca} was damaged on disk and deleted; it will be downloaded again"
+        )));
     }
     let wake = Wake::default();
     {
@@ -488,9 +484,9 @@ fn reporter(
             if batch.is_empty() {
                 break;
             }
-            let events: Vec<_> = batch.iter().map(|s| s.event.clone()).collect();
+            let events: Vec<_> = batch.iter().filter_map(|s| s.event.wire()).collect();
             match client.events(&id.credential, &events) {
-                Ok(()) => {
+                Ok(_) => {
                     let seqs: Vec<i64> = batch.iter().map(|s| s.seq).collect();
                     if let Err(e) = store.mark_delivered(&seqs) {
                         tracing::warn!(error = %e, "cannot mark events delivered (they will be sent again; the server ignores duplicates)");
@@ -509,8 +505,9 @@ fn reporter(
                     // drop only the ones it refuses.
                     tracing::error!(%code, %message, "server refused an event batch; isolating the bad events");
                     for s in &batch {
-                        match client.events(&id.credential, std::slice::from_ref(&s.event)) {
-                            Ok(())
+                        let one: Vec<_> = s.event.wire().into_iter().collect();
+                        match client.events(&id.credential, &one) {
+                            Ok(_)
                             | Err(AgentError::Server {
                                 status: 400 | 413 | 422,
                                 ..

@@ -1,115 +1,68 @@
-//! Events the agent reports: the server's `POST /api/v1/agent/events` kinds, plus a few that
-//! stay local (shown by `stitch agent events`, never sent: the server refuses unknown kinds).
+//! The agent's event log: the server's event kinds ([`stitch_protocol::EventBody`], one
+//! definition shared with the server), plus local notes that stay on the host (shown by
+//! `stitch agent events`, never sent: the server refuses unknown kinds).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-/// What happened.
+pub use stitch_protocol::EventBody;
+
+/// A local note: `{"kind": "local", "message": ...}` in the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum EventBody {
-    AgentInstalled,
-    AgentStarted,
-    AgentStopped,
-    AgentEnabled,
-    AgentDisabled,
-    AgentUninstalled,
-    PatchInstalled {
-        patch_id: String,
-        revision: i64,
-    },
-    PatchApplied {
-        patch_id: String,
-        revision: i64,
-        processes: i64,
-    },
-    PatchReverted {
-        patch_id: String,
-        revision: i64,
-    },
-    PatchFailed {
-        patch_id: String,
-        revision: i64,
-        code: String,
-        message: String,
-    },
-    ExploitBlocked {
-        patch_id: String,
-        pid: i64,
-        exe: String,
-        count: i64,
-    },
-    PatchedProcessCrashed {
-        patch_id: String,
-        pid: i64,
-        exe: String,
-        signal: i64,
-    },
-    /// Local only: something an operator on the host should see.
-    Local {
-        message: String,
-    },
+pub enum LocalNote {
+    Local { message: String },
 }
 
-impl EventBody {
-    /// Whether the server knows this kind.
-    pub fn deliverable(&self) -> bool {
-        !matches!(self, EventBody::Local { .. })
+/// What an entry of the log says: a server event or a local note.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Entry {
+    Server(EventBody),
+    Local(LocalNote),
+}
+
+impl Entry {
+    /// A note for the local log only.
+    pub fn local(message: impl Into<String>) -> Entry {
+        Entry::Local(LocalNote::Local {
+            message: message.into(),
+        })
+    }
+
+    /// The server event, when this entry is one (and must be delivered).
+    pub fn deliverable(&self) -> Option<&EventBody> {
+        match self {
+            Entry::Server(b) => Some(b),
+            Entry::Local(_) => None,
+        }
     }
 
     /// One line for humans.
     pub fn describe(&self) -> String {
         match self {
-            EventBody::AgentInstalled => "agent installed".into(),
-            EventBody::AgentStarted => "agent started".into(),
-            EventBody::AgentStopped => "agent stopped".into(),
-            EventBody::AgentEnabled => "agent enabled".into(),
-            EventBody::AgentDisabled => "agent disabled".into(),
-            EventBody::AgentUninstalled => "agent uninstalled".into(),
-            EventBody::PatchInstalled { patch_id, revision } => {
-                format!("{patch_id} r{revision} installed")
-            }
-            EventBody::PatchApplied {
-                patch_id,
-                revision,
-                processes,
-            } => format!("{patch_id} r{revision} applied to {processes} process(es)"),
-            EventBody::PatchReverted { patch_id, revision } => {
-                format!("{patch_id} r{revision} reverted")
-            }
-            EventBody::PatchFailed {
-                patch_id,
-                revision,
-                code,
-                message,
-            } => format!("{patch_id} r{revision} failed [{code}]: {message}"),
-            EventBody::ExploitBlocked {
-                patch_id,
-                pid,
-                exe,
-                count,
-            } => format!("{patch_id} blocked {count} exploit attempt(s) in {exe} (pid {pid})"),
-            EventBody::PatchedProcessCrashed {
-                patch_id,
-                pid,
-                exe,
-                signal,
-            } => format!("{exe} (pid {pid}) carrying {patch_id} died of signal {signal}"),
-            EventBody::Local { message } => message.clone(),
+            Entry::Server(b) => b.describe(),
+            Entry::Local(LocalNote::Local { message }) => message.clone(),
         }
     }
 }
 
-/// An event with its idempotency id and time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+impl From<EventBody> for Entry {
+    fn from(b: EventBody) -> Entry {
+        Entry::Server(b)
+    }
+}
+
+/// An entry with its idempotency id and time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Event {
     /// Unique per event; the server ignores an id it has seen (safe re-delivery).
     pub id: String,
     /// Unix seconds.
     pub occurred_at: i64,
     #[serde(flatten)]
-    pub body: EventBody,
+    pub body: Entry,
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -134,15 +87,24 @@ fn boot_nonce() -> &'static str {
 }
 
 impl Event {
-    /// A new event happening now, with a fresh id.
-    pub fn now(body: EventBody) -> Event {
+    /// A new entry happening now, with a fresh id.
+    pub fn now(body: impl Into<Entry>) -> Event {
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let occurred_at = crate::now_unix();
         Event {
             id: format!("{}-{occurred_at:x}-{seq}", boot_nonce()),
             occurred_at,
-            body,
+            body: body.into(),
         }
+    }
+
+    /// The wire event to send, or None for a local note.
+    pub fn wire(&self) -> Option<stitch_protocol::Event> {
+        self.body.deliverable().map(|body| stitch_protocol::Event {
+            id: self.id.clone(),
+            occurred_at: self.occurred_at,
+            body: body.clone(),
+        })
     }
 }
 
@@ -151,7 +113,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wire_form_is_flat_with_kind() {
+    fn log_entries_keep_the_wire_form_and_local_notes_are_never_sent() {
         let e = Event::now(EventBody::PatchFailed {
             patch_id: "ST-1".into(),
             revision: 2,
@@ -162,11 +124,26 @@ mod tests {
         assert_eq!(v["kind"], "patch_failed");
         assert_eq!(v["code"], "engine.unexpected_bytes");
         assert!(v["id"].as_str().is_some_and(|s| !s.is_empty()));
-        let back: Event = serde_json::from_value(v).unwrap();
-        assert_eq!(back, e);
+        // What is logged is exactly what the server parses.
+        assert_eq!(serde_json::to_value(e.wire().unwrap()).unwrap(), v);
+        let back = stitch_protocol::Event::from_value(v).unwrap();
+        assert_eq!(Entry::Server(back.body), e.body);
+        // The store keeps bodies as JSON: both kinds read back.
+        for entry in [
+            Entry::local("store rebuilt"),
+            EventBody::AgentInstalled {}.into(),
+        ] {
+            let s = serde_json::to_string(&entry).unwrap();
+            assert_eq!(serde_json::from_str::<Entry>(&s).unwrap(), entry);
+        }
+        assert_eq!(
+            serde_json::to_value(Entry::local("x")).unwrap(),
+            serde_json::json!({"kind": "local", "message": "x"})
+        );
+        assert!(Event::now(Entry::local("x")).wire().is_none());
         assert_ne!(
-            Event::now(EventBody::AgentStarted).id,
-            Event::now(EventBody::AgentStarted).id
+            Event::now(EventBody::AgentStarted {}).id,
+            Event::now(EventBody::AgentStarted {}).id
         );
     }
 }

@@ -31,7 +31,7 @@ use sha2::{Digest as _, Sha256};
 use stitch_format::{Bundle, TrustedKeys, VerifiedBundle};
 
 use crate::error::{AgentError, Result};
-use crate::event::{Event, EventBody};
+use crate::event::{Entry, Event};
 
 /// One installed patch as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,7 +96,7 @@ pub struct AppliedRow {
 }
 
 /// A stored event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoredEvent {
     pub seq: i64,
     pub delivered: bool,
@@ -603,7 +603,7 @@ impl Store {
         Ok(rows
             .into_iter()
             .filter_map(|(seq, id, occurred_at, body, delivered)| {
-                let body: EventBody = serde_json::from_str(&body).ok()?;
+                let body: Entry = serde_json::from_str(&body).ok()?;
                 Some(StoredEvent {
                     seq,
                     delivered,

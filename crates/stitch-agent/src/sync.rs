@@ -14,7 +14,6 @@ use stitch_format::PublicKey;
 
 use crate::config::Config;
 use crate::error::{AgentError, Result};
-use crate::event::Event;
 
 pub use stitch_protocol::{
     MANIFEST_DOMAIN, ManifestEntry, ManifestError, ManifestPayload, SignedManifest,
@@ -231,13 +230,20 @@ impl Client {
     }
 
     /// `POST /api/v1/agent/events` (idempotent by event id).
-    pub fn events(&self, cred: &str, events: &[Event]) -> Result<()> {
-        self.post_json(
-            "/api/v1/agent/events",
+    pub fn events(
+        &self,
+        cred: &str,
+        events: &[stitch_protocol::Event],
+    ) -> Result<stitch_protocol::EventsAccepted> {
+        let path = "/api/v1/agent/events";
+        let body = self.post_json(
+            path,
             Some(cred),
-            &serde_json::json!({ "events": events }),
+            &stitch_protocol::EventBatch {
+                events: events.to_vec(),
+            },
         )?;
-        Ok(())
+        self.parse(path, &body)
     }
 
     /// `GET /api/v1/agent/manifest`.

@@ -1,6 +1,10 @@
-//! The signed per-agent manifest, shared by the server (which signs it) and the agent (which
-//! must verify it exactly like [`verify`] before trusting a byte of it). Pure: no I/O, no clock
-//! (the caller passes `now`).
+//! What the server and the agent must agree on byte for byte. Pure: no I/O, no clock (the
+//! caller passes `now`).
+//!
+//! - The signed per-agent manifest (this module's root): the server signs it, the agent must
+//!   verify it exactly like [`verify`] before trusting a byte of it.
+//! - [`event`]: the agent's events (`POST /api/v1/agent/events`), recorded and sent by the
+//!   agent, parsed strictly by the server.
 //!
 //! ## Wire form (`docs/protocol.md` § Manifest)
 //! ```json
@@ -16,6 +20,10 @@
 //! frozen.
 
 #![forbid(unsafe_code)]
+
+pub mod event;
+
+pub use event::{Event, EventBatch, EventBody, EventError, EventsAccepted, MAX_EVENTS};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};

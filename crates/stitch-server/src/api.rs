@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use stitch_protocol::{Event, EventBatch, EventsAccepted};
 
 use crate::AppState;
 use crate::auth::{self, AgentCaller, ApiCaller};
@@ -36,7 +37,7 @@ pub const MAX_PACKAGES: usize = 50_000;
 /// Most patch states in one heartbeat.
 pub const MAX_PATCH_STATES: usize = 2_000;
 /// Most events in one batch.
-pub const MAX_EVENTS: usize = 1_000;
+pub use stitch_protocol::MAX_EVENTS;
 
 const OPENAPI: &str = include_str!("../../../docs/openapi.yaml");
 
@@ -522,107 +523,11 @@ async fn heartbeat(
     }))
 }
 
-/// What happened on the agent, by kind.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum EventBody {
-    AgentInstalled,
-    AgentStarted,
-    AgentStopped,
-    AgentEnabled,
-    AgentDisabled,
-    AgentUninstalled,
-    PatchInstalled {
-        patch_id: String,
-        revision: i64,
-    },
-    PatchApplied {
-        patch_id: String,
-        revision: i64,
-        #[serde(default)]
-        processes: i64,
-    },
-    PatchReverted {
-        patch_id: String,
-        revision: i64,
-    },
-    PatchFailed {
-        patch_id: String,
-        revision: i64,
-        code: String,
-        #[serde(default)]
-        message: String,
-    },
-    ExploitBlocked {
-        patch_id: String,
-        pid: i64,
-        exe: String,
-        count: i64,
-    },
-    PatchedProcessCrashed {
-        patch_id: String,
-        #[serde(default)]
-        pid: i64,
-        #[serde(default)]
-        exe: String,
-        signal: i64,
-    },
-}
-
-impl EventBody {
-    fn patch_id(&self) -> Option<&str> {
-        match self {
-            EventBody::PatchInstalled { patch_id, .. }
-            | EventBody::PatchApplied { patch_id, .. }
-            | EventBody::PatchReverted { patch_id, .. }
-            | EventBody::PatchFailed { patch_id, .. }
-            | EventBody::ExploitBlocked { patch_id, .. }
-            | EventBody::PatchedProcessCrashed { patch_id, .. } => Some(patch_id),
-            _ => None,
-        }
-    }
-}
-
-struct EventIn {
-    id: String,
-    occurred_at: i64,
-    body: EventBody,
-}
-
-/// `{"id", "occurred_at", "kind", ...kind fields}`: the envelope fields are taken out first,
-/// then the rest must be exactly one [`EventBody`] (serde's `flatten` cannot deny unknown
-/// fields, so this is done by hand).
-fn parse_event(raw: Value) -> Result<EventIn, String> {
-    let Value::Object(mut o) = raw else {
-        return Err("an event must be a JSON object".into());
-    };
-    let id = match o.remove("id") {
-        Some(Value::String(s)) => s,
-        _ => return Err("missing string field `id`".into()),
-    };
-    let occurred_at = o
-        .remove("occurred_at")
-        .and_then(|v| v.as_i64())
-        .ok_or("missing integer field `occurred_at` (unix seconds)")?;
-    let body = serde_json::from_value(Value::Object(o)).map_err(|e| e.to_string())?;
-    Ok(EventIn {
-        id,
-        occurred_at,
-        body,
-    })
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EventsReq {
-    events: Vec<Value>,
-}
-
 async fn events(
     State(s): State<AppState>,
     AgentCaller(a): AgentCaller,
-    ApiJson(req): ApiJson<EventsReq>,
-) -> ApiResult<Json<Value>> {
+    ApiJson(req): ApiJson<EventBatch<Value>>,
+) -> ApiResult<Json<EventsAccepted>> {
     if req.events.len() > MAX_EVENTS {
         return Err(ApiError::bad_request(
             "request.invalid_field",
@@ -632,9 +537,8 @@ async fn events(
     let mut batch = Vec::with_capacity(req.events.len());
     let mut ids = BTreeSet::new();
     for (i, raw) in req.events.into_iter().enumerate() {
-        let e = parse_event(raw).map_err(|err| {
-            ApiError::bad_request("events.invalid", format!("events[{i}]: {err}"))
-        })?;
+        let e = Event::from_value(raw)
+            .map_err(|err| ApiError::bad_request(err.code(), format!("events[{i}]: {err}")))?;
         check_required("events.id", &e.id, 128)?;
         if let Some(p) = e.body.patch_id() {
             check_required("events.patch_id", p, 64)?;
@@ -646,14 +550,9 @@ async fn events(
             ));
         }
         let data = serde_json::to_value(&e.body).unwrap_or(Value::Null);
-        let kind = data
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
         batch.push(NewEvent {
             client_event_id: e.id,
-            kind,
+            kind: e.body.kind().to_string(),
             patch_id: e.body.patch_id().map(str::to_string),
             data,
             occurred_at: e.occurred_at,
@@ -664,9 +563,10 @@ async fn events(
         .insert_events(a.org_id, &a.id, &batch, crate::now())
         .await?;
     s.metrics.events.fetch_add(accepted, Ordering::Relaxed);
-    Ok(Json(
-        json!({ "accepted": accepted, "duplicates": batch.len() as u64 - accepted }),
-    ))
+    Ok(Json(EventsAccepted {
+        accepted,
+        duplicates: batch.len() as u64 - accepted,
+    }))
 }
 
 /// The current manifest payload for an agent (version bumped if its content changed).
@@ -864,19 +764,35 @@ async fn promote(
 }
 
 #[derive(Deserialize)]
-struct Search {
+struct ComputerListQuery {
     #[serde(default)]
     q: String,
+    #[serde(default)]
+    show: String,
+    #[serde(default)]
+    after: String,
+    limit: Option<i64>,
 }
 
 async fn list_computers(
     State(s): State<AppState>,
     ApiCaller(p): ApiCaller,
-    Query(q): Query<Search>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(
-        json!({ "computers": s.store.computers(p.org_id, &q.q).await? }),
-    ))
+    Query(q): Query<ComputerListQuery>,
+) -> ApiResult<Json<ComputerPage>> {
+    if !["", "online", "offline", "missing"].contains(&q.show.as_str()) {
+        return Err(ApiError::bad_request(
+            "request.invalid_query",
+            format!("show must be online, offline or missing, not {:?}", q.show),
+        ));
+    }
+    let query = ComputerQuery {
+        search: q.q,
+        show: q.show,
+        after: q.after,
+        online_since: crate::now() - s.config.online_window.as_secs() as i64,
+        limit: q.limit.unwrap_or(ComputerQuery::DEFAULT_LIMIT),
+    };
+    Ok(Json(s.store.computers(p.org_id, &query).await?))
 }
 
 async fn get_computer(

@@ -385,6 +385,9 @@ struct ComputerFilter {
     q: String,
     #[serde(default)]
     show: String,
+    /// Id of the last computer of the previous page (keyset pagination).
+    #[serde(default)]
+    after: String,
 }
 
 async fn computers(
@@ -392,26 +395,36 @@ async fn computers(
     s: Session,
     Query(f): Query<ComputerFilter>,
 ) -> Response {
-    let rows = match state.store.computers(s.user.org_id, f.q.trim()).await {
+    let now = crate::now();
+    let window = state.config.online_window.as_secs() as i64;
+    let query = ComputerQuery {
+        search: f.q.trim().to_string(),
+        show: f.show.clone(),
+        after: f.after.clone(),
+        online_since: now - window,
+        limit: ComputerQuery::DEFAULT_LIMIT,
+    };
+    let page_rows = match state.store.computers(s.user.org_id, &query).await {
         Ok(r) => r,
         Err(e) => return error_page(&s, &e.into()),
     };
-    let now = crate::now();
-    let window = state.config.online_window.as_secs() as i64;
     let online = |c: &ComputerRow| c.last_seen.is_some_and(|t| t >= now - window) && !c.revoked;
-    let rows: Vec<&ComputerRow> = rows
-        .iter()
-        .filter(|c| match f.show.as_str() {
-            "online" => online(c),
-            "offline" => !online(c),
-            "missing" => c.relevant_missing > 0,
-            _ => true,
-        })
-        .collect();
+    let rows: Vec<&ComputerRow> = page_rows.computers.iter().collect();
+    // Page links keep the search and the filter; `after` is the keyset cursor.
+    let href = |after: &str| {
+        let qs = serde_urlencoded::to_string([
+            ("q", f.q.as_str()),
+            ("show", f.show.as_str()),
+            ("after", after),
+        ])
+        .unwrap_or_default();
+        format!("/computers?{qs}")
+    };
+    let next_href = page_rows.next.as_deref().map(href);
     let body = html! {
         div.head {
             h1 { "Computers" }
-            span.count { (rows.len()) " shown" }
+            span.count { (page_rows.total) " computers · " (rows.len()) " on this page" }
         }
         form.filters method="get" action="/computers" {
             input #search type="search" name="q" value=(f.q) placeholder="Search host name, IP, OS…" data-filter="#computers";
@@ -447,6 +460,12 @@ async fn computers(
                         }
                     }
                 }
+            }
+        }
+        @if !f.after.is_empty() || next_href.is_some() {
+            nav.pager {
+                @if !f.after.is_empty() { a #first-page href=(href("")) { "← First page" } }
+                @if let Some(h) = &next_href { a #next-page href=(h) { "Next page →" } }
             }
         }
     };

@@ -217,6 +217,36 @@ pub struct ComputerRow {
     pub relevant_missing: i64,
 }
 
+/// What a list of computers asks for: a search, a state filter and one page.
+#[derive(Debug, Clone, Default)]
+pub struct ComputerQuery {
+    /// Substring of host name, IP, OS name or agent id (case-insensitive); empty for all.
+    pub search: String,
+    /// `""` (all), `online`, `offline` or `missing` (relevant patches not applied).
+    pub show: String,
+    /// Id of the last computer of the previous page; empty for the first page.
+    pub after: String,
+    /// Computers last seen at or after this time (unix seconds) count as online.
+    pub online_since: i64,
+    /// Page size, clamped to 1..=MAX_LIMIT.
+    pub limit: i64,
+}
+
+impl ComputerQuery {
+    pub const MAX_LIMIT: i64 = 1000;
+    pub const DEFAULT_LIMIT: i64 = 100;
+}
+
+/// One page of computers in (host name, id) order.
+#[derive(Debug, Clone, Serialize)]
+pub struct ComputerPage {
+    pub computers: Vec<ComputerRow>,
+    /// Pass as `after` to get the next page; `None` on the last page.
+    pub next: Option<String>,
+    /// Computers matching the search (before the `show` filter), across all pages.
+    pub total: i64,
+}
+
 /// Patch metadata in the catalog (extracted from a verified bundle).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CatalogPatch {

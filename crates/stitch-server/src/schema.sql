@@ -72,7 +72,9 @@ CREATE TABLE IF NOT EXISTS agents (
     manifest_hash TEXT,
     manifest_version {INT} NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS agents_org ON agents (org_id, hostname);
+-- (org_id, hostname, id) is the order computer lists are paged in (keyset pagination).
+DROP INDEX IF EXISTS agents_org;
+CREATE INDEX IF NOT EXISTS agents_org_page ON agents (org_id, hostname, id);
 -- Inventories are stored once per distinct package list per org (content-addressed by the
 -- hash of the canonical list); computers point at their set.
 CREATE TABLE IF NOT EXISTS package_sets (

@@ -522,12 +522,27 @@ impl Store {
         })
     }
 
-    /// Computers of an org, with patch counts, filtered by `search` (hostname, IP, OS, id).
-    pub async fn computers(&self, org_id: i64, search: &str) -> DbResult<Vec<ComputerRow>> {
-        let like = format!("%{}%", search.to_lowercase());
+    /// One page of an org's computers, with patch counts, filtered by a search (host name, IP,
+    /// OS, id) and a state (`show`), plus the number matching the search.
+    pub async fn computers(&self, org_id: i64, q: &ComputerQuery) -> DbResult<ComputerPage> {
+        let like = format!("%{}%", q.search.trim().to_lowercase());
+        let show = q.show.as_str();
+        // One more than asked tells whether a next page exists without a second query.
+        let limit = q.limit.clamp(1, ComputerQuery::MAX_LIMIT);
         rd!(self, p => {
-            let rows = sqlx::query(COMPUTERS_SQL).bind(org_id).bind(&like).fetch_all(p).await?;
-            rows.iter().map(computer_from).collect()
+            let rows = sqlx::query(&COMPUTERS_PAGE_SQL)
+                .bind(org_id).bind(&like).bind(&q.after).bind(show).bind(q.online_since).bind(limit + 1)
+                .fetch_all(p).await?;
+            let total: i64 = sqlx::query_scalar(COMPUTERS_COUNT_SQL)
+                .bind(org_id).bind(&like).fetch_one(p).await?;
+            let mut computers = rows.iter().map(computer_from).collect::<DbResult<Vec<_>>>()?;
+            let next = if computers.len() as i64 > limit {
+                computers.truncate(limit as usize);
+                computers.last().map(|c| c.id.clone())
+            } else {
+                None
+            };
+            Ok(ComputerPage { computers, next, total })
         })
     }
 
@@ -938,6 +953,25 @@ const COMPUTERS_SQL: &str = "SELECT a.id, a.group_id, g.name AS group_name, a.ho
     FROM agents a JOIN computer_groups g ON g.id = a.group_id \
     WHERE a.org_id = $1 AND (LOWER(a.hostname) LIKE $2 OR LOWER(a.ips) LIKE $2 OR LOWER(a.os_name) LIKE $2 OR a.id LIKE $2) \
     ORDER BY a.hostname, a.id";
+
+/// A page of `COMPUTERS_SQL` in (hostname, id) order: $3 is the id of the last computer of the
+/// previous page ('' for the first), $4 the `show` filter, $5 the start of the online window,
+/// $6 the row limit. Keyset, not OFFSET, so page 1,000 of 100,000 costs what page 1 costs.
+static COMPUTERS_PAGE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT * FROM ({}) c WHERE \
+         ($3 = '' OR (c.hostname, c.id) > (SELECT x.hostname, x.id FROM agents x WHERE x.id = $3 AND x.org_id = $1)) \
+         AND ($4 = '' \
+           OR ($4 = 'online' AND c.revoked = FALSE AND c.last_seen >= $5) \
+           OR ($4 = 'offline' AND (c.revoked = TRUE OR c.last_seen IS NULL OR c.last_seen < $5)) \
+           OR ($4 = 'missing' AND c.missing > 0)) \
+         ORDER BY c.hostname, c.id LIMIT $6",
+        COMPUTERS_SQL.trim_end_matches(" ORDER BY a.hostname, a.id")
+    )
+});
+
+/// How many computers of an org match a search, for "N computers" above a page.
+const COMPUTERS_COUNT_SQL: &str = "SELECT COUNT(*) FROM agents a WHERE a.org_id = $1 AND (LOWER(a.hostname) LIKE $2 OR LOWER(a.ips) LIKE $2 OR LOWER(a.os_name) LIKE $2 OR a.id LIKE $2)";
 
 fn org_from<R: Row>(r: &R) -> DbResult<Org>
 where

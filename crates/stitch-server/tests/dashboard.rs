@@ -559,3 +559,53 @@ async fn auditor_cannot_approve_from_dashboard_and_other_org_user_sees_nothing()
     assert!(!page.contains("ST-2026-0001"));
     t.stop().await;
 }
+
+#[tokio::test]
+async fn computers_page_of_a_large_fleet_is_paged_and_the_next_link_reaches_the_rest() {
+    // 100,000 computers on one page would be a page nobody can load; the dashboard shows
+    // 100 at a time and links to the next page with the same search.
+    let t = TestServer::start(Backend::Sqlite).await.expect("server");
+    let org = t.org("acme", Plan::Paid).await;
+    for i in 0..105 {
+        t.agent(&org, &format!("host-{i:03}"), &[("bash", "5.2")])
+            .await;
+    }
+    let (session, _) = http_login(&t, "acme-admin", "password-acme").await;
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let http = http.clone();
+        let session = session.clone();
+        let url = t.u(&path);
+        async move {
+            http.get(url)
+                .header("cookie", session)
+                .send()
+                .await
+                .expect("get")
+                .text()
+                .await
+                .expect("text")
+        }
+    };
+    let rows = |page: &str| page.matches("<tr data-id=").count();
+    let first = get("/computers?q=host".to_string()).await;
+    assert_eq!(rows(&first), 100);
+    assert!(first.contains("105 computers"), "count shown");
+    assert!(first.contains("host-099") && !first.contains("host-100"));
+    let next = first
+        .split("id=\"next-page\" href=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("next page link")
+        .replace("&amp;", "&");
+    assert!(next.contains("q=host"), "the search is kept: {next}");
+    let second = get(next).await;
+    assert_eq!(rows(&second), 5);
+    assert!(second.contains("host-100") && second.contains("host-104"));
+    assert!(
+        !second.contains("id=\"next-page\""),
+        "last page has no next link"
+    );
+    assert!(second.contains("id=\"first-page\""));
+    t.stop().await;
+}

@@ -2,14 +2,16 @@
 //! hold workers (seize, allow, follow, commit, let go).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use stitch_engine::EngineError;
 use stitch_format::VerifiedBundle;
-use stitch_sys::{HoldStop, PermEvent, Pid, RealtimeGuard, StopKind, SysError, ThreadHold, Tid};
+use stitch_sys::{
+    HoldStop, PermEvent, Pid, RealtimeGuard, StopKind, SysError, ThreadHold, Tid, Waker,
+};
 
 use crate::proc::{blocked_syscall, is_exec, is_own_thread, opened_for_writing, tgid_of};
 use crate::{HookEvent, LoadKind, MissReason, Shared, SkipReason};
@@ -80,32 +82,44 @@ struct Waiting {
     patches: Vec<String>,
 }
 
-/// The reader: never opens a file, never blocks on anything but the group.
-pub(crate) fn reader(shared: &Shared, jobs: Sender<Job>, stop: &AtomicBool) {
+/// What a worker is handed: a job, or the order to finish.
+pub(crate) enum Work {
+    Job(Job),
+    Stop,
+}
+
+/// The reader: never opens a file, never blocks on anything but the group (and `stop`).
+/// Sleeps in `poll` with no timeout while nothing waits for a worker: an idle hook has no
+/// periodic wakeup. Returns when `stop` is woken, answering what is still queued.
+pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker) {
     let _rt = shared.config.realtime.then(RealtimeGuard::enter);
     let mut waiting: Vec<Waiting> = Vec::new();
-    while !stop.load(Ordering::SeqCst) {
+    loop {
+        expire_waiting(shared, &mut waiting);
+        // Wake for the next queue bound only; nothing waiting: sleep until an event or stop.
         let now = Instant::now();
         let timeout = waiting
             .iter()
             .map(|w| w.deadline.saturating_duration_since(now))
-            .min()
-            .unwrap_or(Duration::from_millis(100))
-            .clamp(Duration::from_millis(1), Duration::from_millis(100));
-        let events = match shared.group.read_events(timeout) {
-            Ok(e) => e,
+            .min();
+        let (events, woken) = match shared.group.read_events_until(stop, timeout) {
+            Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "reading fanotify failed");
                 std::thread::sleep(Duration::from_millis(10));
-                Vec::new()
+                (Vec::new(), stop.is_woken())
             }
         };
         for ev in events {
             let received = Instant::now();
             let tid = ev.tid;
             // Our own opens (hashing, the engine reading map_files) and threads a worker
-            // already holds (an exec's second event) are answered at once.
-            if is_own_thread(tid) || shared.held.lock().is_ok_and(|h| h.contains(&tid.0)) {
+            // already holds (an exec's second event) are answered at once; so is everything
+            // once the hook is stopping (no new hold starts).
+            if shared.stopping.load(Ordering::SeqCst)
+                || is_own_thread(tid)
+                || shared.held.lock().is_ok_and(|h| h.contains(&tid.0))
+            {
                 allow_event(shared, &ev);
                 continue;
             }
@@ -133,35 +147,13 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Job>, stop: &AtomicBool) {
                 bundles,
                 received,
             };
-            if jobs.send(job).is_err() {
+            if jobs.send(Work::Job(job)).is_err() {
                 pending.allow(shared);
             }
         }
-        let now = Instant::now();
-        waiting.retain(|w| {
-            if w.pending.is_answered() {
-                return false;
-            }
-            let Ok(mut st) = w.pending.0.lock() else {
-                return false;
-            };
-            if st.picked {
-                return false;
-            }
-            if now < w.deadline {
-                return true;
-            }
-            if let Some(ev) = st.event.take() {
-                allow_event(shared, &ev);
-                shared.emit(HookEvent::Missed {
-                    pid: tgid_of(w.tid).unwrap_or(Pid(w.tid.0)),
-                    module: w.path.clone(),
-                    patches: w.patches.clone(),
-                    reason: MissReason::QueueTimeout,
-                });
-            }
-            false
-        });
+        if woken {
+            break;
+        }
     }
     // Leaving: answer whatever is still ours (closing the group would, too).
     for w in waiting {
@@ -169,21 +161,52 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Job>, stop: &AtomicBool) {
     }
 }
 
-pub(crate) fn worker(shared: &Shared, jobs: &Mutex<Receiver<Job>>, stop: &AtomicBool) {
-    loop {
-        let job = {
-            let Ok(rx) = jobs.lock() else { return };
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(j) => j,
-                Err(RecvTimeoutError::Timeout) => {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
+/// Drops the entries a worker took or that were answered; answers (and reports) those that
+/// waited past their queue bound.
+fn expire_waiting(shared: &Shared, waiting: &mut Vec<Waiting>) {
+    let now = Instant::now();
+    waiting.retain(|w| {
+        if w.pending.is_answered() {
+            return false;
+        }
+        let Ok(mut st) = w.pending.0.lock() else {
+            return false;
         };
+        if st.picked {
+            return false;
+        }
+        if now < w.deadline {
+            return true;
+        }
+        if let Some(ev) = st.event.take() {
+            allow_event(shared, &ev);
+            shared.emit(HookEvent::Missed {
+                pid: tgid_of(w.tid).unwrap_or(Pid(w.tid.0)),
+                module: w.path.clone(),
+                patches: w.patches.clone(),
+                reason: MissReason::QueueTimeout,
+            });
+        }
+        false
+    });
+}
+
+/// A hold worker: blocks on the job queue (no periodic wakeup) until [`Work::Stop`].
+pub(crate) fn worker(shared: &Shared, jobs: &Mutex<Receiver<Work>>) {
+    loop {
+        let work = {
+            let Ok(rx) = jobs.lock() else { return };
+            rx.recv()
+        };
+        let job = match work {
+            Ok(Work::Job(j)) => j,
+            Ok(Work::Stop) | Err(_) => return,
+        };
+        if shared.stopping.load(Ordering::SeqCst) {
+            // Stopping: no new hold.
+            job.pending.allow(shared);
+            continue;
+        }
         {
             let Ok(mut st) = job.pending.0.lock() else {
                 continue;

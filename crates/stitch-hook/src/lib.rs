@@ -214,14 +214,21 @@ pub enum HookEvent {
 
 /// The running hook. Dropping it (or [`Hook::stop`]) stops every thread; pending events are
 /// allowed by the kernel when the group closes.
+///
+/// Idle, its threads sleep without timeout (the reader and the directory watch in `poll`, the
+/// workers on their queue): no periodic wakeup.
 pub struct Hook {
-    /// Stops the hold workers and the directory watcher.
-    stop: Arc<AtomicBool>,
+    /// Wakes the directory watcher on stop.
+    stop: Arc<stitch_sys::Waker>,
+    /// The workers' queue (to hand each a [`hold::Work::Stop`]).
+    jobs: Sender<hold::Work>,
+    workers: usize,
+    /// Workers and the directory watcher.
     threads: Vec<JoinHandle<()>>,
     /// Stops the fanotify reader — only after every worker has finished: a worker in the
     /// middle of a hold may still open a marked file (the engine reading map_files), and
     /// the reader is the only one who answers that permission event.
-    reader_stop: Arc<AtomicBool>,
+    reader_stop: Arc<stitch_sys::Waker>,
     reader: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
 }
@@ -244,6 +251,8 @@ pub(crate) struct Shared {
     /// Threads (tids) currently held by a worker: their further events are allowed at once.
     pub(crate) held: Mutex<std::collections::HashSet<i32>>,
     pub(crate) exec_holds: bool,
+    /// Set when the hook stops: no new hold starts, every new event is allowed at once.
+    pub(crate) stopping: AtomicBool,
 }
 
 impl Shared {
@@ -286,39 +295,44 @@ impl Hook {
             events: Mutex::new(tx),
             held: Mutex::new(std::collections::HashSet::new()),
             exec_holds,
+            stopping: AtomicBool::new(false),
         });
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<hold::Job>();
+        let stop = Arc::new(stitch_sys::Waker::new()?);
+        let reader_stop = Arc::new(stitch_sys::Waker::new()?);
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<hold::Work>();
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-        for i in 0..shared.config.workers.max(1) {
-            let (s, r, st) = (shared.clone(), jobs_rx.clone(), stop.clone());
-            threads.push(
+        let workers = shared.config.workers.max(1);
+        // From here on, every thread spawned is stopped again by `hook`'s Drop if a later
+        // step fails.
+        let mut hook = Hook {
+            stop: stop.clone(),
+            jobs: jobs_tx.clone(),
+            workers: 0,
+            threads: Vec::new(),
+            reader_stop: reader_stop.clone(),
+            reader: None,
+            shared: shared.clone(),
+        };
+        for i in 0..workers {
+            let (s, r) = (shared.clone(), jobs_rx.clone());
+            hook.threads.push(
                 std::thread::Builder::new()
                     .name(format!("stitch-hold-{i}"))
-                    .spawn(move || hold::worker(&s, &r, &st))
+                    .spawn(move || hold::worker(&s, &r))
                     .map_err(HookError::Spawn)?,
             );
+            hook.workers += 1;
         }
-        let reader_stop = Arc::new(AtomicBool::new(false));
-        let reader = {
-            let (s, st) = (shared.clone(), reader_stop.clone());
+        hook.reader = Some({
+            let (s, st) = (shared.clone(), reader_stop);
             std::thread::Builder::new()
                 .name("stitch-fanotify".into())
                 .spawn(move || hold::reader(&s, jobs_tx, &st))
                 .map_err(HookError::Spawn)?
-        };
-        let hook = Hook {
-            stop: stop.clone(),
-            threads,
-            reader_stop,
-            reader: Some(reader),
-            shared: shared.clone(),
-        };
+        });
         // The reader runs: from here on our own opens of marked files are answered.
         let watcher = stitch_sys::DirWatch::new()?;
         let dirs = shared.targets.scan_all(&shared, &watcher);
-        let mut hook = hook;
         {
             let (s, st) = (shared.clone(), stop);
             hook.threads.push(
@@ -352,12 +366,18 @@ impl Hook {
     fn shutdown(&mut self) {
         // Workers first, while the reader still answers every permission event (including
         // the ones a worker's own hold raises); then the reader, which allows whatever is
-        // still queued on its way out.
-        self.stop.store(true, Ordering::SeqCst);
+        // still queued on its way out. A worker in a hold finishes it (bounded by
+        // `hold_timeout`); idle ones take their `Stop` at once.
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.stop.wake();
+        for _ in 0..self.workers {
+            let _ = self.jobs.send(hold::Work::Stop);
+        }
+        self.workers = 0;
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        self.reader_stop.store(true, Ordering::SeqCst);
+        self.reader_stop.wake();
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }

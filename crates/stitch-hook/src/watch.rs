@@ -1,6 +1,5 @@
 //! The directory watch: files that appear or change in a watched directory are looked at again.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::Shared;
@@ -15,11 +14,13 @@ pub(crate) fn run(
     shared: &Shared,
     watcher: &stitch_sys::DirWatch,
     mut dirs: WatchedDirs,
-    stop: &AtomicBool,
+    stop: &stitch_sys::Waker,
 ) {
-    while !stop.load(Ordering::SeqCst) {
-        let events = match watcher.read_events(Duration::from_millis(100)) {
-            Ok(e) => e,
+    loop {
+        // No timeout: an idle watch sleeps until a directory changes or `stop` is woken.
+        let events = match watcher.read_events_until(stop, None) {
+            Ok((_, true)) => return,
+            Ok((e, false)) => e,
             Err(e) => {
                 tracing::warn!(error = %e, "directory watch failed; rescanning later");
                 std::thread::sleep(Duration::from_secs(1));

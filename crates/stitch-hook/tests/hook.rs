@@ -250,6 +250,8 @@ fn key() -> SecretKey {
 /// A running `stitch-hookd` and its event lines.
 struct Hookd {
     child: Child,
+    /// Its standard input, with `--control-stdin`.
+    control: Option<std::process::ChildStdin>,
     lines: Receiver<String>,
     seen: Vec<serde_json::Value>,
 }
@@ -265,9 +267,15 @@ impl Hookd {
             .args(extra)
             .args(bundles)
             .stdout(Stdio::piped())
+            .stdin(if extra.contains(&"--control-stdin") {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .expect("start stitch-hookd");
         let out = BufReader::new(child.stdout.take().unwrap());
+        let control = child.stdin.take();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in out.lines() {
@@ -279,6 +287,7 @@ impl Hookd {
         });
         let mut h = Hookd {
             child,
+            control,
             lines: rx,
             seen: Vec::new(),
         };
@@ -296,6 +305,31 @@ impl Hookd {
 
     fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// Sends one command line (needs `--control-stdin`).
+    fn command(&mut self, line: &str) {
+        use std::io::Write as _;
+        let w = self.control.as_mut().expect("started with --control-stdin");
+        writeln!(w, "{line}").unwrap();
+        w.flush().unwrap();
+    }
+
+    /// Waits for one exact output line (not an event), collecting events meanwhile.
+    fn wait_line(&mut self, want: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l == want => return true,
+                Ok(l) => {
+                    if let Ok(v) = serde_json::from_str(&l) {
+                        self.seen.push(v);
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
     }
 
     /// Collects events until one matches `want` (or the timeout).
@@ -642,6 +676,143 @@ fn hook_killed_during_a_hold_lets_the_program_run_unpatched_without_hanging() {
     let (out, ok) = wait_bounded(child, Duration::from_secs(10));
     assert!(ok);
     assert!(out.contains("value 1\n"), "runs unpatched: {out}");
+}
+
+/// Opens the library by hand, keeps it open for `argv[2]` ms (the hold follows it), then
+/// maps the whole file executable from that descriptor — the mapping a hold waits for.
+const OPEN_SLEEP_MAP_C: &str = r#"
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    long ms = atol(argv[2]);
+    int fd = open(argv[1], O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 2;
+    struct stat st;
+    fstat(fd, &st);
+    printf("opened\n");
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) == -1) {}
+    void *p = mmap(NULL, st.st_size, PROT_READ | PROT_EXEC, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) return 3;
+    printf("mapped\n");
+    return 0;
+}
+"#;
+
+/// The hazard behind the stop order: a hold still running when the hook is stopped reaches
+/// its commit, and the engine then opens the marked file (its first read of the module's ELF
+/// headers) — a permission event only the hook's reader can answer. If the reader were
+/// stopped before the workers, that open would wait forever, `Hook::stop` would hang, and the
+/// held program would stay stopped.
+#[test]
+fn hook_stopped_during_a_hold_still_lets_the_held_program_finish() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let prog = fx.gcc(OPEN_SLEEP_MAP_C, "open_sleep_map", &[]);
+    let b = fx.bundle(&lib, "ST-2026-9013");
+    let mut h = Hookd::start(
+        &fx,
+        &[&b],
+        &["--control-stdin", "--hold-timeout-ms", "10000"],
+    );
+    let child = Command::new(&prog)
+        .arg(&lib)
+        .arg("600")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tgid_of(tracer_of(pid)) != h.pid() {
+        assert!(Instant::now() < deadline, "the hook never held the program");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Stop while the hold waits for the mapping (the program sleeps ~600 ms).
+    let t0 = Instant::now();
+    h.command("stop");
+    let (out, ok) = wait_bounded(child, Duration::from_secs(10));
+    assert!(ok, "{out}");
+    assert_eq!(out, "opened\nmapped\n");
+    assert!(
+        h.wait_line("stopped", Duration::from_secs(10)),
+        "Hook::stop returned"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "stop took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(tracer_of(pid), 0);
+    // The hold did reach its commit after the stop was asked for (so the engine's own open of
+    // the marked file was answered), and reported it.
+    assert!(
+        h.seen
+            .iter()
+            .any(|v| v["pid"] == pid && (v["event"] == "patched" || v["event"] == "missed")),
+        "{:?}",
+        h.seen
+    );
+}
+
+/// `voluntary_ctxt_switches + nonvoluntary_ctxt_switches` of every thread of `pid`.
+fn context_switches(pid: i32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let name = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let n: u64 = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        out.push((format!("{}:{name}", t.file_name().to_string_lossy()), n));
+    }
+    out.sort();
+    out
+}
+
+/// An idle agent must cost nothing: no thread of an idle hook wakes up on a timer (it used to
+/// poll a stop flag every 100 ms per thread).
+#[test]
+fn idle_hook_threads_never_wake_up() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let b = fx.bundle(&lib, "ST-2026-9014");
+    let h = Hookd::start(&fx, &[&b], &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = context_switches(h.pid());
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = context_switches(h.pid());
+    assert_eq!(before.len(), after.len(), "{before:?} {after:?}");
+    let woke: Vec<_> = before
+        .iter()
+        .zip(&after)
+        .filter(|(a, b)| a.1 != b.1)
+        .map(|(a, b)| (a.0.clone(), b.1 - a.1))
+        .collect();
+    assert!(woke.is_empty(), "threads woke up while idle: {woke:?}");
 }
 
 /// The newest process whose `comm` is `name`.

@@ -61,6 +61,86 @@ fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> Result<bool> {
     }
 }
 
+/// Waits until `fd` is readable, `waker` was woken, or `timeout` passes (`None`: no timeout).
+/// Returns `(readable, woken)`; both false on timeout.
+fn wait_readable_or_woken(
+    fd: BorrowedFd<'_>,
+    waker: &Waker,
+    timeout: Option<Duration>,
+) -> Result<(bool, bool)> {
+    let mut pfds = [
+        libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: waker.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ms = timeout.map_or(-1, |t| {
+        // Round up: a deadline 0.4 ms away must not turn into a busy loop of 0 ms polls.
+        let ms = t.as_micros().div_ceil(1000);
+        i32::try_from(ms).unwrap_or(i32::MAX)
+    });
+    loop {
+        // SAFETY: `pfds` is an array of two live, initialised pollfds and we pass nfds = 2.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
+        if r >= 0 {
+            return Ok((pfds[0].revents != 0, pfds[1].revents != 0));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(SysError::Os {
+                op: "poll",
+                source: e,
+            });
+        }
+    }
+}
+
+/// A wake-up for threads blocked in [`PermissionGroup::read_events_until`] or
+/// [`DirWatch::read_events_until`] (an `eventfd`). Level-triggered and one-way: once woken it
+/// stays woken (the counter is never read back), so every waiter sees it, now and later —
+/// which is what a stop request needs. Waiting costs no periodic wakeup.
+#[derive(Debug)]
+pub struct Waker {
+    fd: OwnedFd,
+}
+
+impl Waker {
+    /// A new, not yet woken, waker.
+    ///
+    /// # Errors
+    /// [`SysError::Os`] (descriptor limits).
+    pub fn new() -> Result<Self> {
+        // SAFETY: eventfd takes an initial value and a flag word and touches no memory of ours.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(os_err("eventfd"));
+        }
+        // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd })
+    }
+
+    /// Wakes every waiter, now and in the future.
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: we write exactly the 8 bytes of `one`, a live local u64. A full counter
+        // (EAGAIN, after 2^64-2 wakes) still leaves it readable, i.e. woken.
+        let _ = unsafe { libc::write(self.fd.as_raw_fd(), (&raw const one).cast(), 8) };
+    }
+
+    /// Whether [`Waker::wake`] was called.
+    #[must_use]
+    pub fn is_woken(&self) -> bool {
+        wait_readable(self.fd.as_fd(), Duration::ZERO).unwrap_or(false)
+    }
+}
+
 /// Reads into `buf`; `Ok(0)` when nothing is ready (the descriptors are non-blocking).
 fn read_some(fd: BorrowedFd<'_>, buf: &mut [u8], op: &'static str) -> Result<usize> {
     loop {
@@ -185,6 +265,27 @@ impl PermissionGroup {
         let mut buf = [0u8; 4096];
         let n = read_some(self.fd.as_fd(), &mut buf, "read fanotify")?;
         parse_events(&buf[..n])
+    }
+
+    /// Waits until events are ready, `waker` is woken, or `timeout` passes (`None`: no
+    /// timeout — an idle group costs no wakeup at all). Returns the events ready (possibly
+    /// none) and whether `waker` is woken; when both are, the events are returned too (they
+    /// must still be answered).
+    ///
+    /// # Errors
+    /// [`SysError::Os`]; [`SysError::Parse`] for a malformed event (never seen in practice).
+    pub fn read_events_until(
+        &self,
+        waker: &Waker,
+        timeout: Option<Duration>,
+    ) -> Result<(Vec<PermEvent>, bool)> {
+        let (readable, woken) = wait_readable_or_woken(self.fd.as_fd(), waker, timeout)?;
+        if !readable {
+            return Ok((Vec::new(), woken));
+        }
+        let mut buf = [0u8; 4096];
+        let n = read_some(self.fd.as_fd(), &mut buf, "read fanotify")?;
+        Ok((parse_events(&buf[..n])?, woken))
     }
 
     /// Answers a permission event: `allow` lets the open proceed, otherwise it fails with EPERM.
@@ -350,6 +451,27 @@ impl DirWatch {
     }
 }
 
+impl DirWatch {
+    /// Waits until events are ready, `waker` is woken, or `timeout` passes (`None`: no
+    /// timeout). Returns the events ready (possibly none) and whether `waker` is woken.
+    ///
+    /// # Errors
+    /// [`SysError::Os`].
+    pub fn read_events_until(
+        &self,
+        waker: &Waker,
+        timeout: Option<Duration>,
+    ) -> Result<(Vec<DirEvent>, bool)> {
+        let (readable, woken) = wait_readable_or_woken(self.fd.as_fd(), waker, timeout)?;
+        if !readable {
+            return Ok((Vec::new(), woken));
+        }
+        let mut buf = [0u8; 8192];
+        let n = read_some(self.fd.as_fd(), &mut buf, "read inotify")?;
+        Ok((parse_dir_events(&buf[..n]), woken))
+    }
+}
+
 fn parse_dir_events(mut buf: &[u8]) -> Vec<DirEvent> {
     const HDR: usize = 16;
     let mut out = Vec::new();
@@ -399,6 +521,27 @@ mod tests {
         assert_eq!(ev[0].name, "libx.so");
         assert_eq!(ev[1].wd, 2);
         assert!(ev[1].name.is_empty());
+    }
+
+    #[test]
+    fn woken_waker_wakes_every_waiter_at_once_and_stays_woken() {
+        let w = Waker::new().unwrap();
+        let d = DirWatch::new().unwrap();
+        let t0 = std::time::Instant::now();
+        let (ev, woken) = d
+            .read_events_until(&w, Some(Duration::from_millis(30)))
+            .unwrap();
+        assert!(ev.is_empty() && !woken, "not woken yet: a timeout");
+        assert!(t0.elapsed() >= Duration::from_millis(30));
+        assert!(!w.is_woken());
+        w.wake();
+        for _ in 0..2 {
+            let t0 = std::time::Instant::now();
+            let (_, woken) = d.read_events_until(&w, None).unwrap();
+            assert!(woken);
+            assert!(t0.elapsed() < Duration::from_millis(100));
+        }
+        assert!(w.is_woken());
     }
 
     #[test]

@@ -100,7 +100,7 @@ pub use fake::{
 };
 pub use fanotify::{
     DIR_WATCH_MASK, DirEvent, DirWatch, FAN_HOLD_MASK, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM,
-    PermEvent, PermissionGroup, fd_inode,
+    PermEvent, PermissionGroup, Waker, fd_inode,
 };
 pub use hold::{HoldStop, ThreadHold};
 pub use procfs::{ProcStat, process_state, tracer_pid};

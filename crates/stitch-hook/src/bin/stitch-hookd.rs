@@ -4,6 +4,9 @@
 //! stitch-hookd --trusted-keys keys.txt [--dir DIR]... [--no-standard-dirs] BUNDLE...
 //! ```
 //! Prints `ready` once every target found is marked, then one JSON line per event.
+//!
+//! With `--control-stdin` it reads commands, one per line, from standard input:
+//! `stop` stops the hook (`Hook::stop`), prints `stopped` and exits; end of input does the same.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,6 +49,9 @@ struct Args {
     /// Also run holds at SCHED_FIFO (measured slower with the current tracer; see docs).
     #[arg(long)]
     realtime_holds: bool,
+    /// Read commands from standard input (`stop`); stop at end of input.
+    #[arg(long)]
+    control_stdin: bool,
     /// Signed bundles.
     #[arg(required = true)]
     bundles: Vec<PathBuf>,
@@ -148,9 +154,30 @@ fn run() -> anyhow::Result<()> {
         println!("{}", json(&e));
     }
     println!("ready");
-    for e in events {
-        println!("{}", json(&e));
+    // Ends when the hook is gone (its event sender dropped).
+    let printer = std::thread::spawn(move || {
+        for e in events {
+            println!("{}", json(&e));
+        }
+    });
+    if !args.control_stdin {
+        let _ = printer.join();
+        drop(hook);
+        return Ok(());
     }
-    drop(hook);
+    let mut hook = Some(hook);
+    for line in std::io::stdin().lines() {
+        let line = line.context("reading standard input")?;
+        match line.trim() {
+            "stop" => break,
+            "" => {}
+            other => eprintln!("stitch-hookd: unknown command {other:?}"),
+        }
+    }
+    if let Some(h) = hook.take() {
+        h.stop();
+    }
+    let _ = printer.join();
+    println!("stopped");
     Ok(())
 }

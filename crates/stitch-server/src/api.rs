@@ -10,7 +10,7 @@ use axum::extract::{FromRequest, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -133,6 +133,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/computers/{id}/revoke", post(revoke_computer))
         .route("/api/v1/computers/{id}/group", put(move_computer))
         .route("/api/v1/groups", get(list_groups).post(create_group))
+        .route("/api/v1/users", get(list_users).post(create_user))
+        .route("/api/v1/users/{id}", delete(remove_user))
+        .route(
+            "/api/v1/api-tokens",
+            get(list_api_tokens).post(create_api_token),
+        )
+        .route("/api/v1/api-tokens/{id}/revoke", post(revoke_api_token))
         .route("/api/v1/groups/{id}", put(update_group))
         .route("/api/v1/groups/{id}/policies/{patch_id}", put(set_policy))
         .route("/api/v1/groups/{id}/approvals/{patch_id}", post(approve))
@@ -836,6 +843,75 @@ async fn move_computer(
 ) -> ApiResult<Json<Value>> {
     ops::move_computer(&s, p, &id, r.group_id).await?;
     Ok(Json(json!({ "id": id, "group_id": r.group_id })))
+}
+
+async fn list_users(State(s): State<AppState>, ApiCaller(p): ApiCaller) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({ "users": s.store.users(p.org_id).await? })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserReq {
+    username: String,
+    password: String,
+    role: Role,
+}
+
+async fn create_user(
+    State(s): State<AppState>,
+    ApiCaller(p): ApiCaller,
+    ApiJson(r): ApiJson<UserReq>,
+) -> ApiResult<Response> {
+    let id = ops::create_user(&s, p, &r.username, &r.password, r.role).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "id": id }))).into_response())
+}
+
+async fn remove_user(
+    State(s): State<AppState>,
+    ApiCaller(p): ApiCaller,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<Value>> {
+    // An API token acts for no user, so there is no "yourself"; the last owner is still kept.
+    ops::remove_user(&s, p, None, id).await?;
+    Ok(Json(json!({ "id": id, "removed": true })))
+}
+
+async fn list_api_tokens(
+    State(s): State<AppState>,
+    ApiCaller(p): ApiCaller,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        json!({ "api_tokens": s.store.api_tokens(p.org_id).await? }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiTokenReq {
+    name: String,
+    role: Role,
+}
+
+async fn create_api_token(
+    State(s): State<AppState>,
+    ApiCaller(p): ApiCaller,
+    ApiJson(r): ApiJson<ApiTokenReq>,
+) -> ApiResult<Response> {
+    let (id, token) = ops::create_api_token(&s, p, &r.name, r.role).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "token": token })),
+    )
+        .into_response())
+}
+
+async fn revoke_api_token(
+    State(s): State<AppState>,
+    ApiCaller(p): ApiCaller,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<Value>> {
+    ops::revoke_api_token(&s, p, id).await?;
+    Ok(Json(json!({ "id": id, "revoked": true })))
 }
 
 async fn list_groups(State(s): State<AppState>, ApiCaller(p): ApiCaller) -> ApiResult<Json<Value>> {

@@ -44,6 +44,11 @@ pub fn routes() -> Router<AppState> {
         .route("/groups/{id}/approvals/{patch}", post(approve))
         .route("/enrollment", get(enrollment).post(create_token))
         .route("/enrollment/{id}/revoke", post(revoke_token))
+        .route("/team", get(team))
+        .route("/team/users", post(add_user))
+        .route("/team/users/{id}/remove", post(remove_user))
+        .route("/team/tokens", post(add_api_token))
+        .route("/team/tokens/{id}/revoke", post(revoke_api_token))
         .route(
             "/static/app.css",
             get(|| async {
@@ -157,7 +162,7 @@ fn page(title: &str, s: Option<&Session>, active: &str, body: Markup) -> Markup 
                     a.brand href="/" { span.logo { "◆" } " Stitch" }
                     @if let Some(s) = s {
                         nav {
-                            @for (href, label) in [("/computers", "Computers"), ("/patches", "Patches"), ("/groups", "Groups & policies"), ("/enrollment", "Enrollment")] {
+                            @for (href, label) in [("/computers", "Computers"), ("/patches", "Patches"), ("/groups", "Groups & policies"), ("/enrollment", "Enrollment"), ("/team", "Team & tokens")] {
                                 a href=(href) class=(if active == href { "active" } else { "" }) { (label) }
                             }
                         }
@@ -242,7 +247,7 @@ fn state_badge(s: &str) -> Markup {
 
 // ------------------------------------------------------------------------------ log-in
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct Msg {
     #[serde(default)]
     msg: String,
@@ -919,16 +924,9 @@ async fn create_token(
         Ok((_, token)) => {
             let org = s.user.org_id;
             match tokio::try_join!(state.store.enrollment_tokens(org), state.store.groups(org)) {
-                Ok((tokens, groups)) => enrollment_page(
-                    &s,
-                    &Msg {
-                        msg: String::new(),
-                        err: String::new(),
-                    },
-                    &tokens,
-                    &groups,
-                    Some(&token),
-                ),
+                Ok((tokens, groups)) => {
+                    enrollment_page(&s, &Msg::default(), &tokens, &groups, Some(&token))
+                }
                 Err(e) => error_page(&s, &e.into()),
             }
         }
@@ -947,6 +945,163 @@ async fn revoke_token(
     }
     let r = ops::revoke_enrollment_token(&state, s.principal(), id).await;
     done("/enrollment", r, "Token revoked")
+}
+
+// ------------------------------------------------------------------------------ team
+
+async fn team(State(state): State<AppState>, s: Session, Query(q): Query<Msg>) -> Response {
+    team_response(&state, &s, &q, None).await
+}
+
+async fn team_response(
+    state: &AppState,
+    s: &Session,
+    q: &Msg,
+    fresh_token: Option<&str>,
+) -> Response {
+    let org = s.user.org_id;
+    let (users, tokens) =
+        match tokio::try_join!(state.store.users(org), state.store.api_tokens(org)) {
+            Ok(x) => x,
+            Err(e) => return error_page(s, &e.into()),
+        };
+    let owner = s.user.role == Role::Owner;
+    let roles = [Role::Auditor, Role::Admin, Role::Owner];
+    let body = html! {
+        div.head { h1 { "Team & API tokens" } }
+        (flash(q))
+        @if let Some(t) = fresh_token {
+            div.flash.ok {
+                p { "New API token — copy it now, it is not shown again:" }
+                code #new-api-token.token { (t) }
+                p.small { "Use: " code { "Authorization: Bearer " (t) } " or " code { "stitch publish --token " (t) } }
+            }
+        }
+        @if !owner { p.muted { "Only an owner can add or remove people and API tokens." } }
+        h2 { "People" }
+        table #users {
+            thead { tr { th { "User" } th { "Role" } th { "Added" } @if owner { th {} } } }
+            tbody { @for u in &users {
+                tr {
+                    td { (u.username) @if u.id == s.user.id { span.muted { " (you)" } } }
+                    td { (u.role.as_str()) } td { (fmt_time(u.created_at)) }
+                    @if owner { td { @if u.id != s.user.id {
+                        form.inline method="post" action=(format!("/team/users/{}/remove", u.id)) {
+                            input type="hidden" name="csrf" value=(s.csrf);
+                            button.small.danger type="submit" { "Remove" }
+                        }
+                    } } }
+                }
+            } }
+        }
+        @if owner {
+            section.card {
+                h2 { "Add a person" }
+                form #add-user method="post" action="/team/users" {
+                    input type="hidden" name="csrf" value=(s.csrf);
+                    label { "User name " input name="username" required maxlength="64" autocomplete="off"; }
+                    label { "Password " input name="password" type="password" required minlength=(ops::MIN_PASSWORD_LEN) autocomplete="new-password"; }
+                    label { "Role " select name="role" { @for r in roles { option value=(r.as_str()) { (r.as_str()) } } } }
+                    button.primary type="submit" { "Add" }
+                }
+            }
+        }
+        h2 { "API tokens" }
+        table #api-tokens {
+            thead { tr { th { "Name" } th { "Role" } th { "Created" } th { "Status" } @if owner { th {} } } }
+            tbody { @for t in &tokens {
+                tr {
+                    td { (t.name) } td { (t.role.as_str()) } td { (fmt_time(t.created_at)) }
+                    td { @if t.revoked { span.badge.off { "revoked" } } @else { span.badge.on { "active" } } }
+                    @if owner { td { @if !t.revoked {
+                        form.inline method="post" action=(format!("/team/tokens/{}/revoke", t.id)) {
+                            input type="hidden" name="csrf" value=(s.csrf);
+                            button.small.danger type="submit" { "Revoke" }
+                        }
+                    } } }
+                }
+            } }
+        }
+        @if owner {
+            section.card {
+                h2 { "New API token" }
+                form #add-api-token method="post" action="/team/tokens" {
+                    input type="hidden" name="csrf" value=(s.csrf);
+                    label { "Name " input name="name" required maxlength="100" placeholder="e.g. CI publisher"; }
+                    label { "Role " select name="role" { @for r in roles { option value=(r.as_str()) selected[r == Role::Admin] { (r.as_str()) } } } }
+                    button.primary type="submit" { "Create token" }
+                }
+            }
+        }
+    };
+    html_response(page("Team", Some(s), "/team", body))
+}
+
+#[derive(Deserialize)]
+struct UserForm {
+    csrf: String,
+    username: String,
+    password: String,
+    role: Role,
+}
+
+async fn add_user(State(state): State<AppState>, s: Session, Form(f): Form<UserForm>) -> Response {
+    if let Some(r) = s.csrf_failure(&f.csrf) {
+        return r;
+    }
+    let r = ops::create_user(&state, s.principal(), &f.username, &f.password, f.role).await;
+    done(
+        "/team",
+        r.map(|_| ()),
+        &format!("{} added", f.username.trim()),
+    )
+}
+
+async fn remove_user(
+    State(state): State<AppState>,
+    s: Session,
+    Path(id): Path<i64>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    if let Some(r) = s.csrf_failure(&f.csrf) {
+        return r;
+    }
+    let r = ops::remove_user(&state, s.principal(), Some(s.user.id), id).await;
+    done("/team", r, "User removed")
+}
+
+#[derive(Deserialize)]
+struct ApiTokenForm {
+    csrf: String,
+    name: String,
+    role: Role,
+}
+
+async fn add_api_token(
+    State(state): State<AppState>,
+    s: Session,
+    Form(f): Form<ApiTokenForm>,
+) -> Response {
+    if let Some(r) = s.csrf_failure(&f.csrf) {
+        return r;
+    }
+    match ops::create_api_token(&state, s.principal(), &f.name, f.role).await {
+        Ok((_, token)) => team_response(&state, &s, &Msg::default(), Some(&token)).await,
+        Err(e) => done("/team", Err(e), ""),
+    }
+}
+
+async fn revoke_api_token(
+    State(state): State<AppState>,
+    s: Session,
+    Path(id): Path<i64>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    if let Some(r) = s.csrf_failure(&f.csrf) {
+        return r;
+    }
+    let r = ops::revoke_api_token(&state, s.principal(), id).await;
+    done("/team", r, "API token revoked")
 }
 
 #[cfg(test)]

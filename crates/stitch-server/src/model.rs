@@ -112,6 +112,25 @@ pub struct User {
     pub role: Role,
 }
 
+/// A user as the Team page and the API show it (no password hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserSummary {
+    pub id: i64,
+    pub username: String,
+    pub role: Role,
+    pub created_at: i64,
+}
+
+/// An API token as listed (the secret is shown once, at creation, and never stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApiTokenSummary {
+    pub id: i64,
+    pub name: String,
+    pub role: Role,
+    pub created_at: i64,
+    pub revoked: bool,
+}
+
 /// Who is calling the management API: a user session or an API token, always inside one org.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Principal {

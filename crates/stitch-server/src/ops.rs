@@ -22,6 +22,17 @@ fn require_write(p: Principal) -> ApiResult<()> {
     }
 }
 
+fn require_owner(p: Principal) -> ApiResult<()> {
+    if p.role == Role::Owner {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(
+            "auth.owner_only",
+            "only an owner manages people and API tokens",
+        ))
+    }
+}
+
 async fn require_paid(state: &AppState, p: Principal, what: &str) -> ApiResult<()> {
     let org = state
         .store
@@ -305,6 +316,112 @@ pub async fn revoke_enrollment_token(state: &AppState, p: Principal, id: i64) ->
         return Err(ApiError::not_found(
             "enrollment_token.unknown",
             "no such enrollment token",
+        ));
+    }
+    Ok(())
+}
+
+/// Shortest password a new user may get; the dashboard is reachable over the network.
+pub const MIN_PASSWORD_LEN: usize = 12;
+
+/// Adds a person to the caller's org (owners only).
+pub async fn create_user(
+    state: &AppState,
+    p: Principal,
+    username: &str,
+    password: &str,
+    role: Role,
+) -> ApiResult<i64> {
+    require_owner(p)?;
+    let username = username.trim();
+    if username.is_empty()
+        || username.len() > 64
+        || !username
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c))
+    {
+        return Err(ApiError::bad_request(
+            "request.invalid_field",
+            "username must be 1-64 characters of letters, digits, '.', '_', '@' or '-'",
+        ));
+    }
+    if password.chars().count() < MIN_PASSWORD_LEN {
+        return Err(ApiError::bad_request(
+            "user.weak_password",
+            format!("the password must have at least {MIN_PASSWORD_LEN} characters"),
+        ));
+    }
+    let hash = crate::auth::hash_password(password);
+    state
+        .store
+        .create_user(p.org_id, username, &hash, role, crate::now())
+        .await?
+        .ok_or_else(|| ApiError::conflict("user.taken", format!("{username:?} is taken")))
+}
+
+/// Removes a person from the caller's org and ends their sessions (owners only). An owner
+/// cannot remove themself, and nobody can remove an org's last owner.
+pub async fn remove_user(
+    state: &AppState,
+    p: Principal,
+    acting_user: Option<i64>,
+    user_id: i64,
+) -> ApiResult<()> {
+    require_owner(p)?;
+    if acting_user == Some(user_id) {
+        return Err(ApiError::bad_request(
+            "user.self_removal",
+            "you cannot remove yourself; another owner can",
+        ));
+    }
+    let users = state.store.users(p.org_id).await?;
+    let target = users
+        .iter()
+        .find(|u| u.id == user_id)
+        .ok_or_else(|| ApiError::not_found("user.unknown", "no such user"))?;
+    let owners = users.iter().filter(|u| u.role == Role::Owner).count();
+    if target.role == Role::Owner && owners == 1 {
+        return Err(ApiError::bad_request(
+            "user.last_owner",
+            "an organisation keeps at least one owner",
+        ));
+    }
+    if !state.store.delete_user(p.org_id, user_id).await? {
+        return Err(ApiError::not_found("user.unknown", "no such user"));
+    }
+    Ok(())
+}
+
+/// Creates an API token for the caller's org (owners only); the secret is returned once.
+pub async fn create_api_token(
+    state: &AppState,
+    p: Principal,
+    name: &str,
+    role: Role,
+) -> ApiResult<(i64, String)> {
+    require_owner(p)?;
+    check_name("name", name)?;
+    let token = crate::auth::new_token(crate::auth::API_TOKEN_PREFIX);
+    let id = state
+        .store
+        .create_api_token(
+            p.org_id,
+            name.trim(),
+            role,
+            &crate::auth::token_hash(&token),
+            crate::now(),
+        )
+        .await?;
+    Ok((id, token))
+}
+
+/// Revokes an API token of the caller's org (owners only); it stops working at once.
+pub async fn revoke_api_token(state: &AppState, p: Principal, id: i64) -> ApiResult<()> {
+    require_owner(p)?;
+    if !state.store.revoke_api_token(p.org_id, id).await? {
+        return Err(ApiError::not_found(
+            "api_token.unknown",
+            "no such API token",
         ));
     }
     Ok(())

@@ -267,6 +267,37 @@ impl Store {
             .bind(username).fetch_optional(p).await?.map(|r| user_from(&r)).transpose())
     }
 
+    /// The people of an org, by name.
+    pub async fn users(&self, org_id: i64) -> DbResult<Vec<UserSummary>> {
+        rd!(self, p => {
+            let rows = sqlx::query("SELECT id, username, role, created_at FROM users WHERE org_id = $1 ORDER BY username")
+                .bind(org_id).fetch_all(p).await?;
+            rows.iter().map(|r| {
+                let role: String = r.try_get("role")?;
+                Ok(UserSummary {
+                    id: r.try_get("id")?,
+                    username: r.try_get("username")?,
+                    role: Role::from_name(&role).ok_or_else(|| bad_column("role", &role))?,
+                    created_at: r.try_get("created_at")?,
+                })
+            }).collect()
+        })
+    }
+
+    /// Removes a user of an org and ends their sessions, in one transaction. `false` if the
+    /// org has no such user.
+    pub async fn delete_user(&self, org_id: i64, user_id: i64) -> DbResult<bool> {
+        wr!(self, p => {
+            let mut tx = p.begin().await?;
+            sqlx::query("DELETE FROM sessions WHERE user_id IN (SELECT id FROM users WHERE id = $1 AND org_id = $2)")
+                .bind(user_id).bind(org_id).execute(&mut *tx).await?;
+            let n = sqlx::query("DELETE FROM users WHERE id = $1 AND org_id = $2")
+                .bind(user_id).bind(org_id).execute(&mut *tx).await?.rows_affected();
+            tx.commit().await?;
+            Ok(n == 1)
+        })
+    }
+
     /// Stores a dashboard session (and drops sessions that expired over a week ago).
     pub async fn create_session(
         &self,
@@ -321,6 +352,30 @@ impl Store {
                 .bind(token_hash).fetch_optional(p).await?;
             r.map(|r| principal_from(&r)).transpose()
         })
+    }
+
+    /// The API tokens of an org (never the secrets: only hashes are stored).
+    pub async fn api_tokens(&self, org_id: i64) -> DbResult<Vec<ApiTokenSummary>> {
+        rd!(self, p => {
+            let rows = sqlx::query("SELECT id, name, role, created_at, revoked FROM api_tokens WHERE org_id = $1 ORDER BY id")
+                .bind(org_id).fetch_all(p).await?;
+            rows.iter().map(|r| {
+                let role: String = r.try_get("role")?;
+                Ok(ApiTokenSummary {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    role: Role::from_name(&role).ok_or_else(|| bad_column("role", &role))?,
+                    created_at: r.try_get("created_at")?,
+                    revoked: r.try_get("revoked")?,
+                })
+            }).collect()
+        })
+    }
+
+    /// Revokes an API token of an org; `false` if the org has no such token.
+    pub async fn revoke_api_token(&self, org_id: i64, id: i64) -> DbResult<bool> {
+        wr!(self, p => Ok(sqlx::query("UPDATE api_tokens SET revoked = TRUE WHERE id = $1 AND org_id = $2")
+            .bind(id).bind(org_id).execute(p).await?.rows_affected() == 1))
     }
 
     /// Stores an enrollment token for a group of the org.

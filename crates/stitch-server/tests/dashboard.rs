@@ -609,3 +609,66 @@ async fn computers_page_of_a_large_fleet_is_paged_and_the_next_link_reaches_the_
     assert!(second.contains("id=\"first-page\""));
     t.stop().await;
 }
+
+#[tokio::test]
+async fn removed_user_is_signed_out_at_once_and_only_an_owner_sees_the_team_forms() {
+    let t = TestServer::start(Backend::Sqlite).await.expect("server");
+    let _org = t.org("acme", Plan::Paid).await;
+    let (owner, csrf) = http_login(&t, "acme-admin", "password-acme").await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let r = http
+        .post(t.u("/team/users"))
+        .header("cookie", &owner)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("username", "bob"),
+            ("password", "correct horse battery"),
+            ("role", "auditor"),
+        ])
+        .send()
+        .await
+        .expect("add user");
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let (bob, _) = http_login(&t, "bob", "correct horse battery").await;
+    let page = |cookie: String| {
+        let http = http.clone();
+        let url = t.u("/team");
+        async move {
+            http.get(url)
+                .header("cookie", cookie)
+                .send()
+                .await
+                .expect("get")
+        }
+    };
+    let bob_view = page(bob.clone()).await.text().await.expect("text");
+    assert!(bob_view.contains("bob") && !bob_view.contains("id=\"add-user\""));
+    let owner_view = page(owner.clone()).await.text().await.expect("text");
+    assert!(owner_view.contains("id=\"add-user\"") && owner_view.contains("id=\"add-api-token\""));
+    let bob_id = owner_view
+        .split("action=\"/team/users/")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .expect("remove form for bob")
+        .to_string();
+    let r = http
+        .post(t.u(&format!("/team/users/{bob_id}/remove")))
+        .header("cookie", &owner)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("remove");
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let r = page(bob).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER, "bob's session ended");
+    assert!(
+        r.headers()["location"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("/login")
+    );
+    t.stop().await;
+}

@@ -1211,3 +1211,153 @@ both!(
         t.stop().await;
     }
 );
+
+both!(
+    people_and_api_tokens_are_managed_by_owners_only_and_revocation_is_immediate,
+    |t| {
+        let org = t.org("acme", Plan::Paid).await;
+        let other = t.org("globex", Plan::Paid).await;
+        // The bootstrap API token is an admin's: it manages patches, not people.
+        assert_error(
+            t.post(
+                &org.api,
+                "/api/v1/users",
+                &json!({ "username": "alice", "password": "long enough pass", "role": "admin" }),
+            )
+            .await,
+            StatusCode::FORBIDDEN,
+            "auth.owner_only",
+        )
+        .await;
+        assert_error(
+            t.post(
+                &org.api,
+                "/api/v1/api-tokens",
+                &json!({ "name": "ci", "role": "admin" }),
+            )
+            .await,
+            StatusCode::FORBIDDEN,
+            "auth.owner_only",
+        )
+        .await;
+        let (owner, other_owner) = ("stk_owner-of-acme", "stk_owner-of-globex");
+        for (org_id, secret) in [(org.id, owner), (other.id, other_owner)] {
+            t.store()
+                .create_api_token(
+                    org_id,
+                    "owner",
+                    Role::Owner,
+                    &stitch_server::auth::token_hash(secret),
+                    0,
+                )
+                .await
+                .expect("token");
+        }
+
+        assert_error(
+            t.post(
+                owner,
+                "/api/v1/users",
+                &json!({ "username": "alice", "password": "short", "role": "admin" }),
+            )
+            .await,
+            StatusCode::BAD_REQUEST,
+            "user.weak_password",
+        )
+        .await;
+        let body = json!({ "username": "alice", "password": "long enough pass", "role": "admin" });
+        let alice = json_of(t.post(owner, "/api/v1/users", &body).await).await["id"]
+            .as_i64()
+            .expect("id");
+        assert_error(
+            t.post(owner, "/api/v1/users", &body).await,
+            StatusCode::CONFLICT,
+            "user.taken",
+        )
+        .await;
+        let users = json_of(t.get(owner, "/api/v1/users").await).await;
+        let names: Vec<&str> = users["users"]
+            .as_array()
+            .expect("users")
+            .iter()
+            .filter_map(|u| u["username"].as_str())
+            .collect();
+        assert_eq!(names, ["acme-admin", "alice"]);
+        assert!(
+            !users.to_string().contains("argon2"),
+            "no password hash is ever listed"
+        );
+
+        // A token works at once, with its role, and stops working the moment it is revoked.
+        let v = json_of(
+            t.post(
+                owner,
+                "/api/v1/api-tokens",
+                &json!({ "name": "ci", "role": "auditor" }),
+            )
+            .await,
+        )
+        .await;
+        let (ci_id, ci) = (
+            v["id"].as_i64().expect("id"),
+            v["token"].as_str().expect("token"),
+        );
+        assert_eq!(
+            t.get(ci, "/api/v1/computers").await.status(),
+            StatusCode::OK
+        );
+        assert_error(
+            t.post(ci, "/api/v1/groups", &json!({ "name": "web" }))
+                .await,
+            StatusCode::FORBIDDEN,
+            "auth.read_only",
+        )
+        .await;
+        let listed = json_of(t.get(owner, "/api/v1/api-tokens").await).await;
+        assert!(!listed.to_string().contains(ci), "secrets are never listed");
+        // Another org's owner cannot touch this org's tokens or people.
+        assert_error(
+            t.post(
+                other_owner,
+                &format!("/api/v1/api-tokens/{ci_id}/revoke"),
+                &json!({}),
+            )
+            .await,
+            StatusCode::NOT_FOUND,
+            "api_token.unknown",
+        )
+        .await;
+        assert_error(
+            t.delete(other_owner, &format!("/api/v1/users/{alice}"))
+                .await,
+            StatusCode::NOT_FOUND,
+            "user.unknown",
+        )
+        .await;
+        json_of(
+            t.post(
+                owner,
+                &format!("/api/v1/api-tokens/{ci_id}/revoke"),
+                &json!({}),
+            )
+            .await,
+        )
+        .await;
+        assert_error(
+            t.get(ci, "/api/v1/computers").await,
+            StatusCode::UNAUTHORIZED,
+            "auth.invalid_token",
+        )
+        .await;
+
+        json_of(t.delete(owner, &format!("/api/v1/users/{alice}")).await).await;
+        let owner_id = users["users"][0]["id"].as_i64().expect("id");
+        assert_error(
+            t.delete(owner, &format!("/api/v1/users/{owner_id}")).await,
+            StatusCode::BAD_REQUEST,
+            "user.last_owner",
+        )
+        .await;
+        t.stop().await;
+    }
+);

@@ -170,3 +170,116 @@ impl FromRequestParts<AppState> for ApiCaller {
         Ok(ApiCaller(p))
     }
 }
+
+/// Failed dashboard sign-ins per user name: after [`LoginThrottle::MAX_FAILURES`] failures
+/// within [`LoginThrottle::WINDOW`] seconds, that name is refused for
+/// [`LoginThrottle::LOCK`] seconds, whatever the password, before any password hash is
+/// computed (so guessing costs the server no argon2 time either). Unknown names are counted
+/// like known ones, so the answer tells nothing about which names exist. Kept in memory per
+/// server process: a restart or another replica starts counting afresh, which bounds a
+/// guesser to `MAX_FAILURES` per window per replica.
+#[derive(Default)]
+pub struct LoginThrottle {
+    names: std::sync::Mutex<std::collections::HashMap<String, Failures>>,
+}
+
+#[derive(Clone, Copy)]
+struct Failures {
+    count: u32,
+    since: i64,
+    locked_until: i64,
+}
+
+impl LoginThrottle {
+    pub const MAX_FAILURES: u32 = 10;
+    pub const WINDOW: i64 = 15 * 60;
+    pub const LOCK: i64 = 5 * 60;
+    /// Most names remembered; beyond it, stale entries are dropped first.
+    const MAX_NAMES: usize = 100_000;
+
+    fn key(username: &str) -> String {
+        username.trim().to_lowercase()
+    }
+
+    /// Seconds until `username` may try again, if it is locked at `now`.
+    pub fn locked(&self, username: &str, now: i64) -> Option<i64> {
+        let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        names
+            .get(&Self::key(username))
+            .filter(|f| f.locked_until > now)
+            .map(|f| f.locked_until - now)
+    }
+
+    /// Counts a failed sign-in; locks the name when it reaches the limit within the window.
+    pub fn failed(&self, username: &str, now: i64) {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        if names.len() >= Self::MAX_NAMES {
+            names.retain(|_, f| f.since + Self::WINDOW > now || f.locked_until > now);
+            if names.len() >= Self::MAX_NAMES {
+                // Still full of live entries: forget the oldest half rather than grow.
+                let mut since: Vec<i64> = names.values().map(|f| f.since).collect();
+                since.sort_unstable();
+                let cut = since[since.len() / 2];
+                names.retain(|_, f| f.since > cut);
+            }
+        }
+        let f = names.entry(Self::key(username)).or_insert(Failures {
+            count: 0,
+            since: now,
+            locked_until: 0,
+        });
+        if now - f.since >= Self::WINDOW {
+            *f = Failures {
+                count: 0,
+                since: now,
+                locked_until: f.locked_until,
+            };
+        }
+        f.count += 1;
+        if f.count >= Self::MAX_FAILURES {
+            f.locked_until = now + Self::LOCK;
+            f.count = 0;
+            f.since = now;
+        }
+    }
+
+    /// A successful sign-in clears the name's failures.
+    pub fn succeeded(&self, username: &str) {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        names.remove(&Self::key(username));
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::LoginThrottle;
+
+    #[test]
+    fn guessing_past_the_limit_locks_the_name_for_a_while_then_lets_it_try_again() {
+        let t = LoginThrottle::default();
+        for i in 0..LoginThrottle::MAX_FAILURES - 1 {
+            t.failed("Alice", 1000 + i64::from(i));
+            assert_eq!(t.locked("alice", 1000 + i64::from(i)), None);
+        }
+        t.failed("alice ", 1100);
+        assert_eq!(t.locked("ALICE", 1100), Some(LoginThrottle::LOCK));
+        assert_eq!(t.locked("bob", 1100), None, "other names are not affected");
+        assert_eq!(t.locked("alice", 1100 + LoginThrottle::LOCK), None);
+    }
+
+    #[test]
+    fn slow_guessing_spread_over_windows_never_locks_and_success_resets() {
+        let t = LoginThrottle::default();
+        for i in 0..3 * LoginThrottle::MAX_FAILURES {
+            let now = i64::from(i) * (LoginThrottle::WINDOW / 5);
+            t.failed("carol", now);
+            assert_eq!(t.locked("carol", now), None, "failure {i}");
+        }
+        for i in 0..LoginThrottle::MAX_FAILURES - 1 {
+            t.failed("dave", i64::from(i));
+        }
+        t.succeeded("dave");
+        t.failed("dave", 20);
+        assert_eq!(t.locked("dave", 20), None);
+    }
+}

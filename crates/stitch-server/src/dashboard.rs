@@ -303,6 +303,13 @@ async fn login(
     if cookie_csrf.is_empty() || !hashes_equal(&cookie_csrf, &f.csrf) {
         return bad("Your sign-in form expired; try again");
     }
+    let now = crate::now();
+    if let Some(wait) = state.login_throttle.locked(&f.username, now) {
+        return bad(&format!(
+            "Too many failed sign-ins for this user name; try again in {} minute(s)",
+            (wait + 59) / 60
+        ));
+    }
     let user = match state.store.user_by_name(&f.username).await {
         Ok(u) => u,
         Err(e) => return ApiError::from(e).into_response(),
@@ -319,8 +326,10 @@ async fn login(
         }
     };
     let Some(user) = user.filter(|_| ok) else {
+        state.login_throttle.failed(&f.username, now);
         return bad("Wrong user name or password");
     };
+    state.login_throttle.succeeded(&f.username);
     let token = auth::random_hex(32);
     let csrf = auth::random_hex(32);
     if let Err(e) = state

@@ -130,6 +130,8 @@ pub struct Inner {
     pub metrics: metrics::Metrics,
     /// `last_seen` of heartbeats that changed nothing else, written in batches.
     pending_seen: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    /// Failed dashboard sign-ins per user name.
+    pub login_throttle: auth::LoginThrottle,
 }
 
 impl Inner {
@@ -277,6 +279,7 @@ pub async fn run_with_store(config: Config, store: Store) -> Result<ServerHandle
         server_key,
         metrics: metrics::Metrics::default(),
         pending_seen: Default::default(),
+        login_throttle: Default::default(),
     }));
     let app = api::router(state.clone());
     let (tx, rx) = oneshot::channel::<()>();

@@ -672,3 +672,50 @@ async fn removed_user_is_signed_out_at_once_and_only_an_owner_sees_the_team_form
     );
     t.stop().await;
 }
+
+/// One sign-in attempt; returns where the server redirects to.
+async fn try_login(t: &TestServer, user: &str, pass: &str) -> String {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let r = http.get(t.u("/login")).send().await.expect("login page");
+    let csrf = r.headers()["set-cookie"]
+        .to_str()
+        .ok()
+        .and_then(|c| c.split(';').next())
+        .and_then(|kv| kv.split_once('='))
+        .map(|(_, v)| v.to_string())
+        .expect("csrf cookie");
+    let r = http
+        .post(t.u("/login"))
+        .header("cookie", format!("stitch_login_csrf={csrf}"))
+        .form(&[("username", user), ("password", pass), ("csrf", &csrf)])
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    r.headers()["location"].to_str().unwrap_or("").to_string()
+}
+
+#[tokio::test]
+async fn password_guessing_locks_the_user_name_even_for_the_right_password() {
+    let t = TestServer::start(Backend::Sqlite).await.expect("server");
+    let _org = t.org("acme", Plan::Paid).await;
+    for _ in 0..stitch_server::auth::LoginThrottle::MAX_FAILURES {
+        let to = try_login(&t, "acme-admin", "guess").await;
+        assert!(to.starts_with("/login?err=Wrong"), "{to}");
+    }
+    let to = try_login(&t, "acme-admin", "password-acme").await;
+    assert!(to.starts_with("/login?err=Too%20many"), "{to}");
+    // A name that does not exist is treated the same, so lockouts reveal no names.
+    for _ in 0..stitch_server::auth::LoginThrottle::MAX_FAILURES {
+        try_login(&t, "nobody", "guess").await;
+    }
+    assert!(
+        try_login(&t, "nobody", "guess")
+            .await
+            .starts_with("/login?err=Too%20many")
+    );
+    t.stop().await;
+}

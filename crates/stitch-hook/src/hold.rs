@@ -198,13 +198,28 @@ pub(crate) fn worker(shared: &Shared, jobs: &Mutex<Receiver<Work>>) {
             let Ok(rx) = jobs.lock() else { return };
             rx.recv()
         };
-        let job = match work {
+        let mut job = match work {
             Ok(Work::Job(j)) => j,
             Ok(Work::Stop) | Err(_) => return,
         };
         if shared.stopping.load(Ordering::SeqCst) {
             // Stopping: no new hold.
             job.pending.allow(shared);
+            continue;
+        }
+        // A bundle change waits for every hold under this gate, and a job queued before the
+        // change keeps only the bundles still hooked: once `Hook::set_bundles` returned, no
+        // removed bundle is applied any more.
+        let _gate = shared.bundle_gate.read();
+        job.bundles = shared.targets.current(&job.bundles);
+        if job.bundles.is_empty() {
+            if job.pending.allow(shared) {
+                shared.emit(HookEvent::Skipped {
+                    pid: tgid_of(job.tid).unwrap_or(Pid(job.tid.0)),
+                    module: job.path.clone(),
+                    reason: SkipReason::NoLongerTarget,
+                });
+            }
             continue;
         }
         {

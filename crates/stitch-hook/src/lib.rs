@@ -52,12 +52,12 @@ mod watch;
 
 pub use error::HookError;
 pub use kernel::{KernelVersion, exec_holds_are_safe};
-pub use targets::STANDARD_DIRS;
+pub use targets::{BundleUpdate, STANDARD_DIRS};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -164,6 +164,9 @@ pub enum SkipReason {
     OpenFailed,
     /// The thread or process exited during the hold.
     Exited,
+    /// The bundles changed ([`Hook::set_bundles`]) between the event and the hold: none of
+    /// this file's bundles is hooked any more.
+    NoLongerTarget,
     /// The exec failed or the thread exec'd something else.
     ExecElsewhere,
 }
@@ -253,6 +256,9 @@ pub(crate) struct Shared {
     pub(crate) exec_holds: bool,
     /// Set when the hook stops: no new hold starts, every new event is allowed at once.
     pub(crate) stopping: AtomicBool,
+    /// Read-held by a worker for a whole hold; [`Hook::set_bundles`] takes it for writing once
+    /// to wait for the holds that started with the old bundles.
+    pub(crate) bundle_gate: RwLock<()>,
 }
 
 impl Shared {
@@ -296,6 +302,7 @@ impl Hook {
             held: Mutex::new(std::collections::HashSet::new()),
             exec_holds,
             stopping: AtomicBool::new(false),
+            bundle_gate: RwLock::new(()),
         });
         let stop = Arc::new(stitch_sys::Waker::new()?);
         let reader_stop = Arc::new(stitch_sys::Waker::new()?);
@@ -349,6 +356,26 @@ impl Hook {
     #[must_use]
     pub fn marked(&self) -> Vec<(PathBuf, Vec<String>)> {
         self.shared.targets.marked()
+    }
+
+    /// Changes the bundles of the running hook, without restarting it and without a moment in
+    /// which a target that stays one is unmarked:
+    /// - inodes no bundle targets any more are unmarked ([`HookEvent::Unmarked`]);
+    /// - inodes that stay targets keep their mark (no event), with their new bundle list;
+    /// - the directories are walked for files of the new targets (only files of a new
+    ///   target's size that are not marked yet are hashed) and those found are marked
+    ///   ([`HookEvent::Marked`]).
+    ///
+    /// Returns once that is done *and* every hold that started with the old bundles has
+    /// finished (bounded by [`HookConfig::hold_timeout`]): from then on no removed bundle is
+    /// applied at load time. A bundle that stays (same id, revision and target) is the same
+    /// bundle for holds in flight. An empty list is allowed: the hook then marks nothing and
+    /// costs nothing until bundles are set again.
+    pub fn set_bundles(&self, bundles: Vec<VerifiedBundle>) -> BundleUpdate {
+        let update = self.shared.targets.set_bundles(&self.shared, bundles);
+        drop(self.shared.bundle_gate.write());
+        tracing::debug!(?update, "bundles changed");
+        update
     }
 
     /// Re-walks every directory (what a start does), marking new targets.

@@ -46,6 +46,8 @@ pub(crate) struct MarkedFile {
     /// The descriptor that was hashed and marked (kept to unmark the same inode later).
     file: File,
     pub(crate) bundles: Vec<Arc<VerifiedBundle>>,
+    /// The SHA-256 it had when marked (bundles are matched against it on a bundle change).
+    digest: [u8; 32],
 }
 
 /// Watched directories by inotify watch descriptor: path and how much deeper to go.
@@ -56,13 +58,57 @@ pub(crate) type WatchedDirs = HashMap<i32, (PathBuf, usize)>;
 type Identified = (
     (u64, u64),
     File,
-    Vec<usize>,
+    Vec<Arc<VerifiedBundle>>,
     (stitch_engine::FileKey, [u8; 32]),
 );
 
-pub(crate) struct Targets {
+/// The bundles, indexed by target size.
+#[derive(Default)]
+struct Table {
     bundles: Vec<Arc<VerifiedBundle>>,
     by_size: HashMap<u64, Vec<usize>>,
+}
+
+impl Table {
+    fn new(bundles: Vec<Arc<VerifiedBundle>>) -> Self {
+        let mut by_size: HashMap<u64, Vec<usize>> = HashMap::new();
+        for (i, b) in bundles.iter().enumerate() {
+            by_size.entry(b.patch().target.size).or_default().push(i);
+        }
+        Self { bundles, by_size }
+    }
+
+    fn candidates(&self, size: u64) -> Vec<Arc<VerifiedBundle>> {
+        self.by_size
+            .get(&size)
+            .map(|v| v.iter().map(|&i| self.bundles[i].clone()).collect())
+            .unwrap_or_default()
+    }
+
+    fn matching(&self, size: u64, digest: &[u8; 32]) -> Vec<Arc<VerifiedBundle>> {
+        self.candidates(size)
+            .into_iter()
+            .filter(|b| b.patch().target.sha256 == *digest)
+            .collect()
+    }
+}
+
+/// What [`crate::Hook::set_bundles`] changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BundleUpdate {
+    /// Inodes newly marked (a new target found on disk).
+    pub marked: usize,
+    /// Inodes unmarked (no bundle targets them any more).
+    pub unmarked: usize,
+    /// Inodes that stayed marked throughout (their bundle list may have changed).
+    pub kept: usize,
+}
+
+pub(crate) struct Targets {
+    table: Mutex<Table>,
+    /// Held by every look at a path ([`Targets::consider`]) and by a bundle change, so a
+    /// file hashed against the old bundles is never marked after the change.
+    updating: Mutex<()>,
     marks: Mutex<HashMap<(u64, u64), MarkedFile>>,
     by_path: Mutex<HashMap<PathBuf, (u64, u64)>>,
     mask: u64,
@@ -83,13 +129,9 @@ fn sha256_of(f: &mut File) -> std::io::Result<[u8; 32]> {
 impl Targets {
     pub(crate) fn new(bundles: Vec<VerifiedBundle>, exec_holds: bool) -> Self {
         let bundles: Vec<Arc<VerifiedBundle>> = bundles.into_iter().map(Arc::new).collect();
-        let mut by_size: HashMap<u64, Vec<usize>> = HashMap::new();
-        for (i, b) in bundles.iter().enumerate() {
-            by_size.entry(b.patch().target.size).or_default().push(i);
-        }
         Self {
-            bundles,
-            by_size,
+            table: Mutex::new(Table::new(bundles)),
+            updating: Mutex::new(()),
             marks: Mutex::new(HashMap::new()),
             by_path: Mutex::new(HashMap::new()),
             // Without exec holds, FAN_OPEN_PERM still fires for an exec's open; the worker
@@ -121,6 +163,113 @@ impl Targets {
                 )
             })
             .collect()
+    }
+
+    /// Those of `bundles` that are still hooked (the same bundle, not only the same id): a
+    /// job queued before a bundle change must not apply a bundle removed since.
+    pub(crate) fn current(&self, bundles: &[Arc<VerifiedBundle>]) -> Vec<Arc<VerifiedBundle>> {
+        let Ok(t) = self.table.lock() else {
+            return Vec::new();
+        };
+        bundles
+            .iter()
+            .filter(|b| t.bundles.iter().any(|c| Arc::ptr_eq(c, b)))
+            .cloned()
+            .collect()
+    }
+
+    /// Replaces the bundles: marks that stay targets are kept (never removed, not even for a
+    /// moment) with their new bundle list, marks no bundle targets any more are removed, and
+    /// the directories are walked for files of the new targets' sizes that are not marked yet.
+    pub(crate) fn set_bundles(
+        &self,
+        shared: &Shared,
+        bundles: Vec<VerifiedBundle>,
+    ) -> BundleUpdate {
+        let _updating = self.updating.lock();
+        let mut update = BundleUpdate::default();
+        // Keep the Arc of a bundle that stays (same id, revision and target): a hold already
+        // queued with it stays valid.
+        let old = self
+            .table
+            .lock()
+            .map(|t| t.bundles.clone())
+            .unwrap_or_default();
+        let same = |a: &VerifiedBundle, b: &VerifiedBundle| {
+            let (a, b) = (a.patch(), b.patch());
+            a.id == b.id
+                && a.revision == b.revision
+                && a.target.sha256 == b.target.sha256
+                && a.target.size == b.target.size
+        };
+        let mut new_sizes = std::collections::HashSet::new();
+        let bundles: Vec<Arc<VerifiedBundle>> = bundles
+            .into_iter()
+            .map(|b| match old.iter().find(|o| same(o, &b)) {
+                Some(o) => o.clone(),
+                None => {
+                    if !old.iter().any(|o| {
+                        o.patch().target.sha256 == b.patch().target.sha256
+                            && o.patch().target.size == b.patch().target.size
+                    }) {
+                        new_sizes.insert(b.patch().target.size);
+                    }
+                    Arc::new(b)
+                }
+            })
+            .collect();
+        let table = Table::new(bundles);
+        let mut gone = Vec::new();
+        if let Ok(mut marks) = self.marks.lock() {
+            for (key, m) in marks.iter_mut() {
+                let size = m.file.metadata().map_or(0, |md| md.len());
+                let now = table.matching(size, &m.digest);
+                if now.is_empty() {
+                    gone.push(*key);
+                } else {
+                    m.bundles = now;
+                    update.kept += 1;
+                }
+            }
+        }
+        if let Ok(mut t) = self.table.lock() {
+            *t = table;
+        }
+        for key in gone {
+            self.unmark(shared, key);
+            update.unmarked += 1;
+        }
+        if !new_sizes.is_empty() {
+            let before = self.marks.lock().map_or(0, |m| m.len());
+            self.walk(shared, |md| {
+                new_sizes.contains(&md.len())
+                    && !self
+                        .marks
+                        .lock()
+                        .is_ok_and(|m| m.contains_key(&(md.dev(), md.ino())))
+            });
+            let after = self.marks.lock().map_or(0, |m| m.len());
+            update.marked = after.saturating_sub(before);
+        }
+        update
+    }
+
+    /// Walks every root (no watches added) and looks at each file `want` selects.
+    fn walk(&self, shared: &Shared, want: impl Fn(&std::fs::Metadata) -> bool) {
+        let mut stack = Self::roots(shared);
+        while let Some((dir, depth)) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in rd.flatten() {
+                let Ok(ft) = entry.file_type() else { continue };
+                if ft.is_dir() && depth > 0 {
+                    stack.push((entry.path(), depth - 1));
+                } else if ft.is_file() && entry.metadata().is_ok_and(|md| want(&md)) {
+                    self.consider_locked(shared, &entry.path());
+                }
+            }
+        }
     }
 
     /// The directories to scan: standard ones (depth 0) and configured ones.
@@ -176,6 +325,12 @@ impl Targets {
     /// Looks at one path (new, moved in, rewritten, or found by a scan): marks it if it is a
     /// target, unmarks what it named before if that was another inode or is no longer one.
     pub(crate) fn consider(&self, shared: &Shared, path: &Path) {
+        let _updating = self.updating.lock();
+        self.consider_locked(shared, path);
+    }
+
+    /// [`Targets::consider`] with `updating` held by the caller.
+    fn consider_locked(&self, shared: &Shared, path: &Path) {
         let before = self.by_path.lock().ok().and_then(|m| m.get(path).copied());
         let now = self.identify(path);
         match (&now, before) {
@@ -183,7 +338,7 @@ impl Targets {
             (None, Some(old)) => self.unmark(shared, old),
             _ => {}
         }
-        let Some((key, file, idx, (file_key, digest))) = now else {
+        let Some((key, file, bundles, (file_key, digest))) = now else {
             // Same inode, content no longer a target (rewritten in place)?
             if let Some(k) = self.key_of_path(path) {
                 self.unmark(shared, k);
@@ -204,8 +359,6 @@ impl Targets {
             tracing::warn!(path = %path.display(), error = %e, "cannot mark");
             return;
         }
-        let bundles: Vec<Arc<VerifiedBundle>> =
-            idx.iter().map(|&i| self.bundles[i].clone()).collect();
         let patches = bundles.iter().map(|b| b.patch().id.clone()).collect();
         if let Ok(mut m) = self.marks.lock() {
             m.insert(
@@ -214,6 +367,7 @@ impl Targets {
                     path: path.to_path_buf(),
                     file,
                     bundles,
+                    digest,
                 },
             );
         }
@@ -241,16 +395,16 @@ impl Targets {
         if !md.file_type().is_file() {
             return None;
         }
-        let candidates = self.by_size.get(&md.len())?;
-        // Opening a marked inode raises an event from our own process: the reader answers it.
-        let mut f = File::open(path).ok()?;
-        let fmd = f.metadata().ok()?;
-        if !candidates
-            .iter()
-            .any(|&i| self.bundles[i].patch().target.size == fmd.len())
+        if self
+            .table
+            .lock()
+            .map_or(true, |t| t.candidates(md.len()).is_empty())
         {
             return None;
         }
+        // Opening a marked inode raises an event from our own process: the reader answers it.
+        let mut f = File::open(path).ok()?;
+        let fmd = f.metadata().ok()?;
         // Keyed as of before hashing: a file changed while hashed has another key.
         let key = stitch_engine::FileKey {
             dev: fmd.dev(),
@@ -260,12 +414,9 @@ impl Targets {
             ctime_nsec: fmd.ctime_nsec(),
         };
         let digest = sha256_of(&mut f).ok()?;
-        let idx: Vec<usize> = candidates
-            .iter()
-            .copied()
-            .filter(|&i| self.bundles[i].patch().target.sha256 == digest)
-            .collect();
-        (!idx.is_empty()).then_some(((fmd.dev(), fmd.ino()), f, idx, (key, digest)))
+        // The table as of now (a bundle change waits for `updating`, which our caller holds).
+        let bundles = self.table.lock().ok()?.matching(fmd.len(), &digest);
+        (!bundles.is_empty()).then_some(((fmd.dev(), fmd.ino()), f, bundles, (key, digest)))
     }
 
     fn unmark(&self, shared: &Shared, key: (u64, u64)) {

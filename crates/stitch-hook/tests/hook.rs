@@ -815,6 +815,146 @@ fn idle_hook_threads_never_wake_up() {
     assert!(woke.is_empty(), "threads woke up while idle: {woke:?}");
 }
 
+/// A second target library (`libtwo.so`, value 2) and a program linked against it.
+fn second_target(fx: &Fixture) -> (PathBuf, PathBuf) {
+    let lib = fx.gcc(LIB_C, "libtwo.so", &["-shared", "-fPIC", "-DVALUE=2"]);
+    let main = fx.gcc(MAIN_DYN_C, "main_two", &["-ltwo"]);
+    (lib, main)
+}
+
+fn bundles_cmd(h: &mut Hookd, bundles: &[&Path]) -> serde_json::Value {
+    let paths: Vec<String> = bundles.iter().map(|b| b.display().to_string()).collect();
+    h.command(&format!("bundles {}", paths.join(" ")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let l = h
+            .lines
+            .recv_timeout(left)
+            .expect("an answer to the bundles command");
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        h.seen.push(v.clone());
+        if v["event"] == "bundles" {
+            assert!(v["error"].is_null(), "{v}");
+            return v;
+        }
+    }
+}
+
+#[test]
+fn bundles_changed_on_a_running_hook_mark_new_targets_and_unmark_dropped_ones() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib_a = fx.lib(1);
+    let main_a = fx.gcc(MAIN_DYN_C, "main_dyn", &["-ltarget"]);
+    let (lib_b, main_b) = second_target(&fx);
+    let a = fx.bundle(&lib_a, "ST-2026-9015");
+    let b = fx.bundle(&lib_b, "ST-2026-9016");
+    let mut h = Hookd::start(&fx, &[&a], &["--control-stdin", "--no-live-patch"]);
+    let out_of = |main: &Path| run(&mut Command::new(main)).0;
+    assert_eq!(out_of(&main_a), "ctor 1000\nmain 1000\n");
+    assert_eq!(out_of(&main_b), "ctor 2\nmain 2\n", "B not hooked yet");
+
+    let u = bundles_cmd(&mut h, &[&a, &b]);
+    assert_eq!(
+        (
+            u["marked"].as_u64(),
+            u["unmarked"].as_u64(),
+            u["kept"].as_u64()
+        ),
+        (Some(1), Some(0), Some(1)),
+        "{u}"
+    );
+    assert_eq!(
+        out_of(&main_b),
+        "ctor 1000\nmain 1000\n",
+        "B patched at load"
+    );
+    assert_eq!(out_of(&main_a), "ctor 1000\nmain 1000\n", "A still patched");
+
+    let u = bundles_cmd(&mut h, &[&b]);
+    assert_eq!(
+        (
+            u["marked"].as_u64(),
+            u["unmarked"].as_u64(),
+            u["kept"].as_u64()
+        ),
+        (Some(0), Some(1), Some(1)),
+        "{u}"
+    );
+    assert_eq!(
+        out_of(&main_a),
+        "ctor 1\nmain 1\n",
+        "A dropped: not patched"
+    );
+    assert_eq!(out_of(&main_b), "ctor 1000\nmain 1000\n");
+
+    let u = bundles_cmd(&mut h, &[]);
+    assert_eq!(u["unmarked"].as_u64(), Some(1), "{u}");
+    assert_eq!(out_of(&main_b), "ctor 2\nmain 2\n", "no bundle left");
+    let events = h.drain(Duration::from_millis(100));
+    let unmarked: Vec<_> = events
+        .iter()
+        .filter(|v| v["event"] == "unmarked")
+        .map(|v| v["path"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        unmarked,
+        [lib_a.display().to_string(), lib_b.display().to_string()]
+    );
+}
+
+/// The hazard of changing bundles by restarting the hook (or by unmarking and marking again):
+/// a load of a target that stays hooked, in that moment, runs unpatched.
+#[test]
+fn unchanged_target_stays_held_while_bundles_change() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib_a = fx.lib(1);
+    let main_a = fx.gcc(MAIN_DYN_C, "main_dyn", &["-ltarget"]);
+    let (lib_b, _) = second_target(&fx);
+    let a = fx.bundle(&lib_a, "ST-2026-9017");
+    let b = fx.bundle(&lib_b, "ST-2026-9018");
+    let mut h = Hookd::start(&fx, &[&a], &["--control-stdin", "--no-live-patch"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runner = {
+        let (stop, main_a) = (stop.clone(), main_a.clone());
+        std::thread::spawn(move || {
+            let mut outs = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                outs.push(run(&mut Command::new(&main_a)).0);
+            }
+            outs
+        })
+    };
+    for i in 0..20 {
+        let set: &[&Path] = if i % 2 == 0 { &[&a, &b] } else { &[&a] };
+        let u = bundles_cmd(&mut h, set);
+        assert_eq!(u["kept"].as_u64(), Some(1), "{u}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let outs = runner.join().unwrap();
+    assert!(outs.len() >= 5, "only {} runs", outs.len());
+    for o in &outs {
+        assert_eq!(o, "ctor 1000\nmain 1000\n", "a load of A went unpatched");
+    }
+    let events = h.drain(Duration::from_millis(100));
+    let a_path = lib_a.display().to_string();
+    assert!(
+        !events
+            .iter()
+            .any(|v| v["event"] == "unmarked" && v["path"] == a_path.as_str()),
+        "A was unmarked on the way"
+    );
+    assert!(!events.iter().any(|v| v["event"] == "missed"), "{events:?}");
+}
+
 /// The newest process whose `comm` is `name`.
 fn pid_of(name: &str) -> Option<i32> {
     std::fs::read_dir("/proc")

@@ -7,13 +7,15 @@
 //!
 //! With `--control-stdin` it reads commands, one per line, from standard input:
 //! `stop` stops the hook (`Hook::stop`), prints `stopped` and exits; end of input does the same.
+//! `bundles [BUNDLE]...` replaces the hooked bundles (`Hook::set_bundles`) and prints
+//! `{"event":"bundles","marked":N,"unmarked":N,"kept":N}` (or `{"event":"bundles","error":..}`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use stitch_format::{Bundle, TrustedKeys};
+use stitch_format::{Bundle, TrustedKeys, VerifiedBundle};
 use stitch_hook::{ExecHolds, Hook, HookConfig, HookEvent, LoadKind};
 
 #[derive(Parser, Debug)]
@@ -49,7 +51,7 @@ struct Args {
     /// Also run holds at SCHED_FIFO (measured slower with the current tracer; see docs).
     #[arg(long)]
     realtime_holds: bool,
-    /// Read commands from standard input (`stop`); stop at end of input.
+    /// Read commands from standard input (`stop`, `bundles [BUNDLE]...`); stop at end of input.
     #[arg(long)]
     control_stdin: bool,
     /// Signed bundles.
@@ -106,6 +108,19 @@ fn json(e: &HookEvent) -> serde_json::Value {
     }
 }
 
+/// Reads and verifies signed bundles.
+fn load(trusted: &TrustedKeys, paths: &[PathBuf]) -> anyhow::Result<Vec<VerifiedBundle>> {
+    let mut bundles = Vec::new();
+    for p in paths {
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        bundles.push(
+            Bundle::decode_verified(&bytes, trusted)
+                .with_context(|| format!("verifying {}", p.display()))?,
+        );
+    }
+    Ok(bundles)
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -125,14 +140,7 @@ fn run() -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.trusted_keys)
         .with_context(|| format!("reading {}", args.trusted_keys.display()))?;
     let trusted = TrustedKeys::from_text(&text).context("parsing trusted keys")?;
-    let mut bundles = Vec::new();
-    for p in &args.bundles {
-        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-        bundles.push(
-            Bundle::decode_verified(&bytes, &trusted)
-                .with_context(|| format!("verifying {}", p.display()))?,
-        );
-    }
+    let bundles = load(&trusted, &args.bundles)?;
     let config = HookConfig {
         standard_dirs: !args.no_standard_dirs,
         dirs: args.dirs,
@@ -171,6 +179,21 @@ fn run() -> anyhow::Result<()> {
         match line.trim() {
             "stop" => break,
             "" => {}
+            cmd if cmd == "bundles" || cmd.starts_with("bundles ") => {
+                let paths: Vec<PathBuf> =
+                    cmd.split_whitespace().skip(1).map(PathBuf::from).collect();
+                let line = match (load(&trusted, &paths), hook.as_ref()) {
+                    (Ok(b), Some(h)) => {
+                        let u = h.set_bundles(b);
+                        serde_json::json!({"event": "bundles", "marked": u.marked, "unmarked": u.unmarked, "kept": u.kept})
+                    }
+                    (Err(e), _) => {
+                        serde_json::json!({"event": "bundles", "error": format!("{e:#}")})
+                    }
+                    (_, None) => serde_json::json!({"event": "bundles", "error": "stopped"}),
+                };
+                println!("{line}");
+            }
             other => eprintln!("stitch-hookd: unknown command {other:?}"),
         }
     }

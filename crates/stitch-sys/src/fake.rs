@@ -665,6 +665,21 @@ impl Tracer for FakeTracer {
             .collect())
     }
 
+    /// Counted as a [`CallKind::ListThreads`] call. Threads not yet on the list (but already
+    /// created) count, as a zombie leader does for the kernel.
+    fn thread_count(&mut self, pid: Pid) -> Result<Option<usize>> {
+        self.enter(CallKind::ListThreads, pid, None, None, None)?;
+        let p = self.proc_mut(pid)?;
+        let live = p
+            .threads
+            .iter()
+            .filter(|&(&tid, t)| t.state != FakeThreadState::Exited || tid == pid.leader())
+            .count();
+        Ok(Some(
+            live + p.appear_on_list.iter().map(Vec::len).sum::<usize>(),
+        ))
+    }
+
     fn mappings(&mut self, pid: Pid) -> Result<Vec<Mapping>> {
         self.enter(CallKind::Mappings, pid, None, None, None)?;
         let p = self.proc_mut(pid)?;

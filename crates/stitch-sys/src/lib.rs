@@ -106,8 +106,8 @@ pub use hold::{HoldStop, ThreadHold};
 pub use procfs::{ProcStat, process_state, tracer_pid};
 pub use ptrace::PtraceTracer;
 pub use stop::{
-    PR_SET_VMA, PR_SET_VMA_ANON_NAME, Placement, StoppedProcess, StoppedThread, free_gaps_near,
-    stop_all, stop_all_with, validate_anon_name,
+    PR_SET_VMA, PR_SET_VMA_ANON_NAME, Placement, StopTimings, StoppedProcess, StoppedThread,
+    free_gaps_near, stop_all, stop_all_with, validate_anon_name,
 };
 pub use tracer::{CallKind, RemoteSyscall, Tracer};
 pub use types::{

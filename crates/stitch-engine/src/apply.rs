@@ -27,6 +27,52 @@ pub struct ApplyReport {
     pub stopping: Duration,
     /// From "every thread held" until every thread was let go again.
     pub pause: Duration,
+    /// Where the stop-the-world pause went, in order: the parts of stopping every thread
+    /// (`stop.*`, from [`stitch_sys::StopTimings`]), then the held window step by step, then
+    /// `release`. Names are stable: `stop.listing`, `stop.seize`, `stop.wait`, `stop.regs`,
+    /// `maps`, `identity`, `records`, `verify`, `threads`, `region`, `writes`, `release`.
+    pub phases: Vec<(&'static str, Duration)>,
+}
+
+impl ApplyReport {
+    /// The time spent in phase `name` (see [`ApplyReport::phases`]), zero if absent.
+    pub fn phase(&self, name: &str) -> Duration {
+        self.phases
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, d)| *d)
+            .sum()
+    }
+}
+
+/// Laps of the held window, for [`ApplyReport::phases`].
+struct Laps {
+    last: Instant,
+    out: Vec<(&'static str, Duration)>,
+}
+
+impl Laps {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            out: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.out.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+fn stop_phases(t: stitch_sys::StopTimings) -> [(&'static str, Duration); 4] {
+    [
+        ("stop.listing", t.listing),
+        ("stop.seize", t.seize),
+        ("stop.wait", t.wait),
+        ("stop.regs", t.regs),
+    ]
 }
 
 /// What a revert did.
@@ -89,14 +135,19 @@ impl Engine {
             let t0 = Instant::now();
             let stopping = t0 - t_stop;
             kill_point("stopped");
+            let mut laps = Laps::new();
+            laps.out.extend(stop_phases(sp.stop_timings()));
             // One read of the maps per stop: the identity re-check and the commit share it
             // (no thread can map or unmap while every thread is held).
             let result = sp.mappings().map_err(EngineError::from).and_then(|maps| {
+                laps.lap("maps");
                 self.same_module(plan, &maps)?;
-                self.commit_mapped(&mut sp, plan, bundle.patch(), maps)
+                laps.lap("identity");
+                self.commit_mapped(&mut sp, plan, bundle.patch(), maps, &mut laps)
             });
             let released = sp.resume();
             let pause = t0.elapsed();
+            laps.lap("release");
             match result {
                 // Nothing was written: let the process run freely, then stop it again.
                 Err(EngineError::ThreadInSite { .. }) if stops < self.options.max_stops => {
@@ -109,6 +160,7 @@ impl Engine {
                     released?;
                     report.pause = pause;
                     report.stopping = stopping;
+                    report.phases = laps.out;
                     tracing::info!(pid = pid.0, patch_id = %report.plan.patch_id, ?pause, threads = report.threads, "applied");
                     return Ok(report);
                 }
@@ -157,8 +209,10 @@ impl Engine {
         plan: &Plan,
         patch: &Patch,
     ) -> Result<ApplyReport, EngineError> {
+        let mut laps = Laps::new();
         let maps = sp.mappings()?;
-        self.commit_mapped(sp, plan, patch, maps)
+        laps.lap("maps");
+        self.commit_mapped(sp, plan, patch, maps, &mut laps)
     }
 
     /// [`Engine::commit`] with the maps already read under this stop.
@@ -168,6 +222,7 @@ impl Engine {
         plan: &Plan,
         patch: &Patch,
         maps: Vec<Mapping>,
+        laps: &mut Laps,
     ) -> Result<ApplyReport, EngineError> {
         let t0 = Instant::now();
         let pid = sp.pid();
@@ -187,6 +242,7 @@ impl Engine {
                 });
             }
         }
+        laps.lap("records");
         // 1. Exact original bytes at every site, in memory.
         let sites: Vec<(String, u64, &[u8])> = patch
             .patchlets
@@ -219,7 +275,9 @@ impl Engine {
             .iter()
             .map(|(_, a, o)| (*a, *a + o.len() as u64))
             .collect();
+        laps.lap("verify");
         let (site_retries, stacks) = wait_out_of(sp, &ranges, &maps, self)?;
+        laps.lap("threads");
         kill_point("threads_clear");
         // 3. The region. A region whose patches are all reverted and that nothing executes
         //    in or refers to any more is started afresh (or unmapped, if another is used):
@@ -296,8 +354,10 @@ impl Engine {
                 }
             }
         };
+        laps.lap("region");
         let region_addr = fresh.region.addr();
         let result = commit_linked(sp, &fresh, &header).map(|()| fresh);
+        laps.lap("writes");
         if result.is_err() && created {
             // Nothing points into a region we just made: give it back.
             let _ = sp.remote_munmap(region_addr, region::REGION_SIZE);
@@ -310,6 +370,7 @@ impl Engine {
             site_retries,
             stopping: Duration::ZERO,
             pause: t0.elapsed(),
+            phases: laps.out.clone(),
         })
     }
 
@@ -570,14 +631,21 @@ impl StackScan {
         ))
     }
 
-    /// Every 8-byte word on the readable stacks, with its thread.
-    fn words(&self) -> impl Iterator<Item = (Tid, u64)> + '_ {
-        self.0.iter().flat_map(|(tid, c)| {
-            c.as_deref()
-                .unwrap_or_default()
-                .chunks_exact(8)
-                .map(move |w| (*tid, u64::from_le_bytes(w.try_into().unwrap_or([0; 8]))))
-        })
+    /// The first 8-byte word on the readable stacks that lies in `lo..hi` and satisfies
+    /// `hit`, with its thread. One compare per word for the (nearly all) words outside
+    /// `lo..hi`: a 64-thread scan is some 36,000 words.
+    fn find_word(&self, lo: u64, hi: u64, hit: impl Fn(u64) -> bool) -> Option<(Tid, u64)> {
+        let span = hi.saturating_sub(lo);
+        for (tid, c) in &self.0 {
+            let Some(c) = c else { continue };
+            for w in c.chunks_exact(8) {
+                let v = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+                if v.wrapping_sub(lo) < span && hit(v) {
+                    return Some((*tid, v));
+                }
+            }
+        }
+        None
     }
 
     fn all_readable(&self) -> bool {
@@ -610,15 +678,19 @@ fn find_blocker<T: Tracer>(
         return Ok(Err(b));
     }
     let scan = StackScan::read(sp, maps)?;
-    let on_stack = scan.words().find_map(|(tid, v)| {
-        inside(v).map(|(site, end)| Blocker {
-            tid,
-            ip: v,
-            site,
-            end,
-            on_stack: true,
-        })
-    });
+    let lo = ranges.iter().map(|&(s, _)| s + 1).min().unwrap_or(0);
+    let hi = ranges.iter().map(|&(_, e)| e).max().unwrap_or(0);
+    let on_stack = scan
+        .find_word(lo, hi, |v| inside(v).is_some())
+        .and_then(|(tid, v)| {
+            inside(v).map(|(site, end)| Blocker {
+                tid,
+                ip: v,
+                site,
+                end,
+                on_stack: true,
+            })
+        });
     Ok(on_stack.map_or(Ok(scan), Err))
 }
 
@@ -917,7 +989,7 @@ fn region_unused<T: Tracer>(sp: &StoppedProcess<T>, stacks: &StackScan, base: u6
         .into_iter()
         .any(inside)
     });
-    !in_regs && stacks.all_readable() && !stacks.words().any(|(_, v)| inside(v))
+    !in_regs && stacks.all_readable() && stacks.find_word(base, end, |_| true).is_none()
 }
 
 #[cfg(test)]

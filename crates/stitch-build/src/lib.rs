@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod assemble;
+mod scaffold;
 pub mod source;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use stitch_format::{
 };
 
 pub use assemble::{Assembler, PRELUDE};
+pub use scaffold::{Scaffold, ScaffoldSpec, scaffold};
 use source::{Address, PatchSource, PatchletSource};
 
 /// Why a build failed. Every variant has a stable [`code`](Self::code).
@@ -77,6 +79,10 @@ pub enum BuildError {
         at: u64,
         end: u64,
     },
+    #[error(
+        "patchlet {patchlet}: displaced = \"before\" runs the displaced instructions first, but the last one ({insn}) never falls through, so the patch code would never run; use \"after\" or \"drop\", or another site"
+    )]
+    CodeUnreachable { patchlet: String, insn: String },
     #[error("cannot run the assembler {program:?}: {source} (install binutils)")]
     AssemblerMissing {
         program: String,
@@ -126,6 +132,7 @@ impl BuildError {
             BuildError::OriginalMismatch { .. } => "build.original_mismatch",
             BuildError::Site { source, .. } => source.code(),
             BuildError::InteriorBranch { .. } => "build.interior_branch",
+            BuildError::CodeUnreachable { .. } => "build.code_unreachable",
             BuildError::AssemblerMissing { .. } => "build.assembler_missing",
             BuildError::AssemblyFailed { .. } => "build.assembly_failed",
             BuildError::ObjectInvalid { .. } => "build.object_invalid",
@@ -336,53 +343,7 @@ fn build_patchlet(
         Displaced::from_name,
         &["before", "after", "drop"],
     )?;
-    if original.len() < stitch_format::limits::MIN_ORIGINAL {
-        return Err(BuildError::Format(FormatError::Malformed {
-            field: "patchlets.original",
-            reason: format!(
-                "patchlet {name}: needs at least {} bytes for the jump, has {}",
-                stitch_format::limits::MIN_ORIGINAL,
-                original.len()
-            ),
-        }));
-    }
-    if !elf.is_executable_range(at, original.len() as u64) {
-        return Err(BuildError::SiteNotExecutable {
-            patchlet: name,
-            addr: at,
-            len: original.len(),
-        });
-    }
-    let found = elf.bytes_at(at, original.len())?;
-    if found != original.as_slice() {
-        return Err(BuildError::OriginalMismatch {
-            patchlet: name,
-            addr: at,
-            expected: hex_spaced(&original),
-            found: hex_spaced(found),
-        });
-    }
-    let end = at + original.len() as u64;
-    stitch_x86::analyze_site(at, &original).map_err(|source| BuildError::Site {
-        patchlet: name.clone(),
-        source,
-    })?;
-    for (start, len) in elf.executable_ranges() {
-        let Ok(code) = elf.bytes_at(start, len as usize) else {
-            continue;
-        };
-        if let Some(&(from, target)) =
-            stitch_x86::find_interior_branches(code, start, at, end).first()
-        {
-            return Err(BuildError::InteriorBranch {
-                patchlet: name,
-                from,
-                target,
-                at,
-                end,
-            });
-        }
-    }
+    let end = check_site(elf, &name, at, &original, displaced)?.end;
     let resume = match &p.resume {
         Some(r) => resolve_address(elf, &name, r)?,
         None => end,
@@ -418,6 +379,76 @@ fn build_patchlet(
         relocs,
         source,
     })
+}
+
+/// The checks a site must pass, against the target file: room for the jump, executable
+/// code, exactly the `original` bytes, whole instructions with no call before the last, and
+/// no direct branch anywhere in the module landing inside it, and — for `Before` — patch code
+/// that can be reached at all. `stitch build`, `stitch site` and `stitch new` all decide
+/// validity here.
+pub fn check_site(
+    elf: &ElfFile<'_>,
+    name: &str,
+    at: u64,
+    original: &[u8],
+    displaced: Displaced,
+) -> Result<stitch_x86::Site, BuildError> {
+    if original.len() < stitch_format::limits::MIN_ORIGINAL {
+        return Err(BuildError::Format(FormatError::Malformed {
+            field: "patchlets.original",
+            reason: format!(
+                "patchlet {name}: needs at least {} bytes for the jump, has {}",
+                stitch_format::limits::MIN_ORIGINAL,
+                original.len()
+            ),
+        }));
+    }
+    if !elf.is_executable_range(at, original.len() as u64) {
+        return Err(BuildError::SiteNotExecutable {
+            patchlet: name.to_string(),
+            addr: at,
+            len: original.len(),
+        });
+    }
+    let found = elf.bytes_at(at, original.len())?;
+    if found != original {
+        return Err(BuildError::OriginalMismatch {
+            patchlet: name.to_string(),
+            addr: at,
+            expected: hex_spaced(original),
+            found: hex_spaced(found),
+        });
+    }
+    let end = at + original.len() as u64;
+    let site = stitch_x86::analyze_site(at, original).map_err(|source| BuildError::Site {
+        patchlet: name.to_string(),
+        source,
+    })?;
+    if displaced == Displaced::Before
+        && let Some(insn) = site.ends_without_fall_through()
+    {
+        return Err(BuildError::CodeUnreachable {
+            patchlet: name.to_string(),
+            insn,
+        });
+    }
+    for (start, len) in elf.executable_ranges() {
+        let Ok(code) = elf.bytes_at(start, len as usize) else {
+            continue;
+        };
+        if let Some(&(from, target)) =
+            stitch_x86::find_interior_branches(code, start, at, end).first()
+        {
+            return Err(BuildError::InteriorBranch {
+                patchlet: name.to_string(),
+                from,
+                target,
+                at,
+                end,
+            });
+        }
+    }
+    Ok(site)
 }
 
 /// `48 8b 45 f8`.

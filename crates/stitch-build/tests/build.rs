@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use stitch_build::{Assembler, BuildError, build, hex_spaced};
+use stitch_build::{Assembler, BuildError, ScaffoldSpec, build, hex_spaced, scaffold};
 use stitch_elf::ElfFile;
-use stitch_format::{Displaced, RelocKind, RelocTarget};
+use stitch_format::{Displaced, Ecosystem, RelocKind, RelocTarget};
 
 const LIB_C: &str = r#"
 #include <stdlib.h>
@@ -354,4 +354,124 @@ fn missing_assembler_is_a_clear_error() {
     );
     assert_eq!(code(r), "build.assembler_missing");
     let _ = &f.lib;
+}
+
+fn spec<'a>(location: &'a str, displaced: Displaced, cves: &'a [String]) -> ScaffoldSpec<'a> {
+    ScaffoldSpec {
+        id: "ST-2026-0100",
+        module: "libdemo.so.1",
+        location,
+        min_len: 5,
+        displaced,
+        package: (Ecosystem::Deb, "libdemo1", "1.0"),
+        cves,
+        author: "Tester \"T\" <t@example>",
+        patchlet: "entry",
+    }
+}
+
+#[test]
+fn scaffold_builds_as_written_for_every_displaced_mode_with_the_file_s_identity() {
+    // A skeleton that does not build, or builds against other bytes than the author saw,
+    // would teach the author to edit hashes and bytes by hand: exactly what must not happen.
+    let f = fixture();
+    let cves = vec!["CVE-2026-0100".to_string()];
+    for mode in [Displaced::Before, Displaced::After, Displaced::Drop] {
+        for location in ["check_len", "check_len+0x4"] {
+            let s = scaffold(&f.bytes, &spec(location, mode, &cves)).expect("scaffold");
+            assert!(s.original.len() >= 5);
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(&s.code_file), &s.asm).unwrap();
+            let b = build(&s.toml, dir.path(), &f.bytes, &Assembler::default())
+                .unwrap_or_else(|e| panic!("{location} {mode:?}: {e}\n{}", s.toml));
+            let p = &b.patch;
+            assert_eq!(p.target.sha256, stitch_elf::sha256(&f.bytes));
+            assert_eq!(p.patchlets[0].at, s.at);
+            assert_eq!(p.patchlets[0].original, s.original);
+            assert_eq!(p.patchlets[0].displaced, mode);
+            assert_eq!(p.cves, cves);
+            assert_eq!(p.author, "Tester \"T\" <t@example>");
+            assert!(
+                p.title.starts_with("TODO"),
+                "the author must write the title"
+            );
+        }
+    }
+    let drop = scaffold(&f.bytes, &spec("check_len", Displaced::Drop, &cves)).unwrap();
+    assert!(
+        drop.asm.contains("SKIPS"),
+        "an empty drop patchlet is not harmless"
+    );
+}
+
+#[test]
+fn scaffold_refuses_a_site_that_stitch_build_would_refuse() {
+    let f = fixture();
+    let e = scaffold(&f.bytes, &spec("no_such_function", Displaced::Before, &[])).unwrap_err();
+    assert_eq!(e.code(), "build.bad_address", "{e}");
+    // loop_back's back edge lands on the loop head: a site starting just before it would be
+    // entered in the middle, so some start in the function must be refused for that reason.
+    let start = f.sym("loop_back");
+    let code_bytes = f.elf().bytes_at(start, 64).unwrap().to_vec();
+    let codes: Vec<&str> = stitch_x86::disassemble(&code_bytes, start)
+        .iter()
+        .filter_map(|l| {
+            let at = format!("{:#x}", l.addr);
+            scaffold(&f.bytes, &spec(&at, Displaced::Before, &[]))
+                .err()
+                .map(|e| e.code())
+        })
+        .collect();
+    assert!(codes.contains(&"build.interior_branch"), "{codes:?}");
+    let mut bad = spec("check_len", Displaced::Before, &[]);
+    bad.patchlet = "../evil";
+    assert_eq!(
+        scaffold(&f.bytes, &bad).unwrap_err().code(),
+        "build.source_invalid"
+    );
+}
+
+#[test]
+fn before_mode_whose_displaced_code_ends_in_jmp_is_rejected_as_unreachable() {
+    // With displaced = "before" the patch code runs after the displaced instructions; if
+    // those end in an unconditional jump, the patch silently does nothing.
+    let f = fixture();
+    let elf = f.elf();
+    let (start, len) = elf.executable_ranges()[0];
+    let code_bytes = elf.bytes_at(start, len as usize).unwrap().to_vec();
+    let lines = stitch_x86::disassemble(&code_bytes, start);
+    // The first run of whole instructions of >= 5 bytes that ends in a jmp or ret.
+    let (at, bytes) = (0..lines.len())
+        .find_map(|w| {
+            let mut bytes = Vec::new();
+            for l in &lines[w..] {
+                bytes.extend(&l.bytes);
+                if l.text.starts_with("call") {
+                    return None;
+                }
+                if bytes.len() >= 5 {
+                    let last = l.text.as_str();
+                    return (last.starts_with("jmp") || last == "ret")
+                        .then(|| (lines[w].addr, bytes));
+                }
+            }
+            None
+        })
+        .expect("a jmp or ret site in the fixture");
+    let patchlet = |mode: &str| {
+        format!(
+            "[[patchlet]]\nname = \"p\"\nat = {at}\noriginal = \"{}\"\ndisplaced = \"{mode}\"\ncode = \"nop\"\n",
+            hex_spaced(&bytes)
+        )
+    };
+    match f.build(&patchlet("before")) {
+        Err(e) => assert_eq!(e.code(), "build.code_unreachable", "{e}"),
+        // Only acceptable if the same site is refused for another reason in every mode.
+        Ok(_) => panic!("a before-patchlet after {at:#x} can never run"),
+    }
+    let after = f.build(&patchlet("after"));
+    assert!(
+        !matches!(&after, Err(e) if e.code() == "build.code_unreachable"),
+        "after-mode code runs first: {after:?}"
+    );
 }

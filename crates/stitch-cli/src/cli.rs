@@ -80,6 +80,40 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 5)]
         len: usize,
     },
+    /// Start a patch: write patch.toml (identity and site bytes from the real file) and the
+    /// patchlet's .s file, ready for `stitch build`.
+    New {
+        /// The target module file.
+        #[arg(long)]
+        target: PathBuf,
+        /// Where the first patchlet goes: `symbol`, `symbol+offset` or `0x...`.
+        location: String,
+        /// Patch id, e.g. ST-2026-0042.
+        #[arg(long)]
+        id: String,
+        /// CVE the patch closes (repeatable).
+        #[arg(long = "cve")]
+        cves: Vec<String>,
+        /// What happens to the displaced instructions: before, after or drop.
+        #[arg(long, default_value = "before")]
+        displaced: String,
+        /// Minimum number of bytes to displace (whole instructions are taken).
+        #[arg(long, default_value_t = 5)]
+        len: usize,
+        /// ECOSYSTEM:NAME:VERSION of the package that ships the file (deb, rpm, pypi, npm,
+        /// apk). Found with dpkg or from a Python wheel's RECORD when not given.
+        #[arg(long)]
+        package: Option<String>,
+        /// Author line (default: $USER).
+        #[arg(long)]
+        author: Option<String>,
+        /// Name of the first patchlet (and of its .s file).
+        #[arg(long, default_value = "entry")]
+        patchlet: String,
+        /// Directory to write into (created if missing; existing files are never overwritten).
+        #[arg(long, short = 'o', default_value = ".")]
+        out: PathBuf,
+    },
     /// Apply a signed patch to running processes.
     Apply {
         /// The signed bundle.

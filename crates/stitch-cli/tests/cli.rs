@@ -187,6 +187,93 @@ fn site_output_and_patch_at_agree_on_symbol_offset_and_hex_addresses() {
 }
 
 #[test]
+fn new_writes_a_patch_that_builds_and_never_overwrites_an_authors_files() {
+    let s = Setup::new("    ret\n", "before");
+    let new = |dir: &str, extra: &[&str]| {
+        let mut args = vec![
+            "new",
+            "--target",
+            "libdemo.so.1",
+            "check_len",
+            "--id",
+            "ST-2026-0077",
+            "--cve",
+            "CVE-2026-7777",
+            "-o",
+            dir,
+        ];
+        args.extend_from_slice(extra);
+        s.run(&args)
+    };
+    // The fixture is no package's file: the author must say which package it belongs to.
+    let e = err(&new("fresh", &[]));
+    assert!(e.contains("--package"), "{e}");
+    assert!(!s.path().join("fresh/patch.toml").exists());
+    let out = ok(&new(
+        "fresh",
+        &["--package", "deb:libdemo1:1.0-1", "--author", "A <a@b>"],
+    ));
+    assert!(out.contains("wrote"), "{out}");
+    ok(&s.run(&[
+        "build",
+        "fresh/patch.toml",
+        "--target",
+        "libdemo.so.1",
+        "-o",
+        "fresh.stitch",
+    ]));
+    let shown = ok(&s.run(&["inspect", "fresh.stitch", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(v["id"], "ST-2026-0077", "{shown}");
+    // The author edits the .s file; a second `new` must not destroy that work.
+    std::fs::write(s.path().join("fresh/entry.s"), "stitch_hit\n").unwrap();
+    let e = err(&new("fresh", &["--package", "deb:libdemo1:1.0-1"]));
+    assert!(e.contains("cli.file_exists"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(s.path().join("fresh/entry.s")).unwrap(),
+        "stitch_hit\n"
+    );
+}
+
+#[test]
+fn new_names_the_debian_package_that_ships_a_system_library() {
+    // dpkg lists /lib/... on merged-/usr Debian while the file resolves to /usr/lib/...
+    let lib = std::path::Path::new("/lib/x86_64-linux-gnu/libz.so.1");
+    if !lib.exists()
+        || std::process::Command::new("dpkg-query")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs on Debian with zlib1g"
+        );
+        eprintln!("skip: not a Debian system with zlib1g");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    ok(&stitch(
+        dir.path(),
+        &[
+            "new",
+            "--target",
+            lib.to_str().unwrap(),
+            "crc32",
+            "--id",
+            "ST-2026-0078",
+            "--displaced",
+            "after",
+        ],
+    ));
+    let toml = std::fs::read_to_string(dir.path().join("patch.toml")).unwrap();
+    assert!(
+        toml.contains("ecosystem = \"deb\", name = \"zlib1g\""),
+        "{toml}"
+    );
+}
+
+#[test]
 fn wrong_key_is_rejected_on_the_command_line() {
     let s = Setup::new("nop\n", "before");
     s.built_and_keys();

@@ -11,6 +11,23 @@ pub struct Site {
     pub instructions: Vec<Instruction>,
 }
 
+impl Site {
+    /// The last displaced instruction, formatted, when execution never continues past it
+    /// (`jmp`, `ret`, `ud2`, ...): code placed after the displaced instructions
+    /// (`displaced = "before"`) would then never run. `None` when it falls through.
+    pub fn ends_without_fall_through(&self) -> Option<String> {
+        let last = self.instructions.last()?;
+        match last.flow_control() {
+            FlowControl::UnconditionalBranch
+            | FlowControl::IndirectBranch
+            | FlowControl::Return
+            | FlowControl::Exception
+            | FlowControl::Interrupt => Some(format_insn(last)),
+            _ => None,
+        }
+    }
+}
+
 fn branch_target(insn: &Instruction) -> Option<u64> {
     match insn.op0_kind() {
         OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {

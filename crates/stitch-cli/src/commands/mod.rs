@@ -5,6 +5,7 @@ mod demo;
 mod docs;
 mod inspect;
 mod keys;
+mod new;
 mod publish;
 mod site;
 mod verify;
@@ -78,6 +79,29 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
             location,
             len,
         } => site::run(&target, &location, len),
+        Command::New {
+            target,
+            location,
+            id,
+            cves,
+            displaced,
+            len,
+            package,
+            author,
+            patchlet,
+            out,
+        } => new::run(&new::Args {
+            target: &target,
+            location: &location,
+            id: &id,
+            cves: &cves,
+            displaced: &displaced,
+            len,
+            package: package.as_deref(),
+            author: author.as_deref(),
+            patchlet: &patchlet,
+            out: &out,
+        }),
         Command::Apply {
             bundle,
             pids,

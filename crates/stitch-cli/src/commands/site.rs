@@ -48,23 +48,24 @@ pub(crate) fn run(target: &Path, location: &str, min_len: usize) -> anyhow::Resu
     }
     println!("at       = {at:#x}");
     println!("original = \"{}\"", stitch_build::hex_spaced(&original));
-    match stitch_x86::analyze_site(at, &original) {
+    // The same checks `stitch build` makes; "after" makes no claim about reachability, which
+    // is reported on its own below.
+    match stitch_build::check_site(
+        &elf,
+        location,
+        at,
+        &original,
+        stitch_format::Displaced::After,
+    ) {
         Err(e) => println!("\nnot a valid site: {e} [{}]", e.code()),
-        Ok(_) => {
-            let end = at + original.len() as u64;
-            let mut interior = Vec::new();
-            for (start, len) in elf.executable_ranges() {
-                if let Ok(c) = elf.bytes_at(start, len as usize) {
-                    interior.extend(stitch_x86::find_interior_branches(c, start, at, end));
-                }
-            }
-            match interior.first() {
-                Some((from, to)) => println!(
-                    "\nnot a valid site: the instruction at {from:#x} branches to {to:#x}, inside the site"
-                ),
-                None => println!(
-                    "\nvalid site: whole instructions, no call before the last, no branch into it"
-                ),
+        Ok(site) => {
+            println!(
+                "\nvalid site: whole instructions, no call before the last, no branch into it"
+            );
+            if let Some(insn) = site.ends_without_fall_through() {
+                println!(
+                    "note: it ends in `{insn}`, which never falls through: use displaced = \"after\" or \"drop\""
+                );
             }
         }
     }

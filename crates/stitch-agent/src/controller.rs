@@ -199,6 +199,8 @@ pub struct Controller {
     last_hook_flush: Instant,
     /// The agent must exit (see [`crate::hook`]'s `wedged`).
     pub wedged: bool,
+    /// `stitchd uninstall`: nothing is desired any more.
+    uninstalling: bool,
 }
 
 impl Controller {
@@ -239,6 +241,7 @@ impl Controller {
             hook_applied: BTreeMap::new(),
             last_hook_flush: Instant::now(),
             wedged: false,
+            uninstalling: false,
         };
         let rows = match c.store.patches() {
             Ok(r) => r,
@@ -424,7 +427,9 @@ impl Controller {
     }
 
     fn desired(&self, id: &str) -> bool {
-        self.agent_enabled() && self.slots.get(id).is_some_and(|s| s.row.enabled())
+        !self.uninstalling
+            && self.agent_enabled()
+            && self.slots.get(id).is_some_and(|s| s.row.enabled())
     }
 
     // ------------------------------------------------------------------ events & store
@@ -506,6 +511,89 @@ impl Controller {
             Ok(()) => self.store_ok(),
             Err(e) => self.store_failed(&e),
         }
+    }
+
+    // ------------------------------------------------------------------ installation
+
+    /// Records `agent_installed` once per installation: on the first start with a fresh state
+    /// directory (`fresh`), or the first start after `stitchd uninstall`. `installation.json`
+    /// is written before the event and marked after it, and the event's id derives from the
+    /// installation's, so a crash in between re-records the same event (the store and the
+    /// server keep one). A store from before `installation.json` existed is an earlier
+    /// installation: nothing is recorded for it.
+    pub fn note_installation(&mut self, fresh: bool) {
+        let previous = self.store.installation();
+        let mut inst = match previous {
+            Some(i) if i.uninstalled_at.is_none() => i,
+            previous => {
+                let i = crate::store::Installation {
+                    id: crate::event::random_hex(),
+                    installed_at: crate::now_unix(),
+                    announced: previous.is_none() && !fresh,
+                    uninstalled_at: None,
+                };
+                if let Err(e) = self.store.set_installation(&i) {
+                    self.store_failed(&e);
+                }
+                i
+            }
+        };
+        if inst.announced {
+            return;
+        }
+        tracing::info!(installation = %inst.id, "new installation");
+        self.unsaved.push(Event {
+            id: format!("installed-{}", inst.id),
+            occurred_at: inst.installed_at,
+            body: EventBody::AgentInstalled {}.into(),
+        });
+        self.flush_unsaved();
+        if self.unsaved.is_empty() {
+            inst.announced = true;
+            if let Err(e) = self.store.set_installation(&inst) {
+                self.store_failed(&e);
+            }
+        }
+    }
+
+    /// Package removal: takes every patch of this agent out of every running process (no
+    /// process is left carrying code whose agent is gone), marks the installation uninstalled
+    /// and records `agent_uninstalled`. The agent must not be running (it would re-apply).
+    /// Returns the number of (process, patch) pairs reverted.
+    pub fn uninstall(&mut self) -> u64 {
+        let before = self.metrics.reverted;
+        self.uninstalling = true;
+        self.scan_all();
+        let reverted = self.metrics.reverted - before;
+        let now = crate::now_unix();
+        let inst = self
+            .store
+            .installation()
+            .unwrap_or_else(|| crate::store::Installation {
+                id: crate::event::random_hex(),
+                installed_at: now,
+                announced: true,
+                uninstalled_at: None,
+            });
+        let inst = crate::store::Installation {
+            uninstalled_at: Some(now),
+            ..inst
+        };
+        if let Err(e) = self.store.set_installation(&inst) {
+            self.store_failed(&e);
+        }
+        self.event(EventBody::AgentUninstalled {});
+        reverted
+    }
+
+    /// The state store's last write error, if writes fail now.
+    pub fn store_error(&self) -> Option<&str> {
+        self.store_error.as_deref()
+    }
+
+    /// Events recorded but not yet in the store (it failed).
+    pub fn unsaved(&self) -> usize {
+        self.unsaved.len()
     }
 
     // ------------------------------------------------------------------ start-up

@@ -151,6 +151,7 @@ pub fn start(cfg: Config) -> Result<Agent> {
     ctl.set_input(tx.clone());
 
     // Start-up pass, before anything else is served.
+    ctl.note_installation(report.fresh);
     ctl.startup();
     let ready_after = t0.elapsed();
     tracing::info!(ready_ms = ready_after.as_millis() as u64, "stitchd ready");
@@ -196,6 +197,76 @@ pub fn start(cfg: Config) -> Result<Agent> {
         thread: Some(thread),
         wake,
         outbox,
+    })
+}
+
+/// What `stitchd uninstall` did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UninstallReport {
+    /// (process, patch) pairs reverted.
+    pub reverted: u64,
+    /// `agent_uninstalled` reached the server (else it waits in the outbox).
+    pub delivered: bool,
+    /// Events still in the outbox.
+    pub outbox: u64,
+    /// Why delivery did not happen, if it did not.
+    pub delivery_error: Option<String>,
+}
+
+/// Package removal (`stitchd uninstall`, run by the package's `prerm` after the service is
+/// stopped): reverts every patch of this agent in every running process, records
+/// `agent_uninstalled`, and delivers the outbox to the server within `wait`. Offline (or
+/// past `wait`) the event stays queued: it is sent if the agent is installed again on this
+/// state directory (a purge deletes it). Refuses while `stitchd` runs (it would re-apply).
+pub fn uninstall(cfg: Config, wait: Duration) -> Result<UninstallReport> {
+    if crate::control::request(&cfg.socket_path, &crate::AgentAction::Status).is_ok() {
+        return Err(AgentError::Control {
+            code: "agent.running",
+            reason: format!(
+                "stitchd answers on {}: stop it first (systemctl stop stitchd), it would re-apply what uninstall reverts",
+                cfg.socket_path.display()
+            ),
+        });
+    }
+    let keys = cfg.trusted()?;
+    let (store, _) = Store::open(&cfg.state_dir)?;
+    let outbox = store.reopen()?;
+    let mut ctl = Controller::new(cfg.clone(), store, keys);
+    let reverted = ctl.uninstall();
+    if let Some(e) = ctl.store_error() {
+        tracing::warn!(error = %e, "the state store failed; agent_uninstalled may not be queued");
+    }
+    let t0 = Instant::now();
+    let delivery_error = match (cfg.server_url.as_deref(), outbox.identity()) {
+        (Some(url), Some(id)) => {
+            let mut c = cfg.clone();
+            // Each request within the wait.
+            c.sync.request_timeout_s = wait.as_secs().max(1);
+            let mut backoff = Backoff::new(
+                Duration::from_millis(cfg.sync.backoff_initial_ms.max(1)),
+                Duration::from_secs(1),
+            );
+            loop {
+                let r = Client::new(&c, url)
+                    .and_then(|cl| deliver_outbox(&cl, &outbox, &id.credential));
+                let Err(e) = r else { break None };
+                tracing::warn!(code = e.code(), error = %e, "cannot deliver agent_uninstalled yet");
+                let d = backoff.next_delay();
+                if t0.elapsed() + d >= wait {
+                    break Some(format!("[{}] {e}", e.code()));
+                }
+                std::thread::sleep(d);
+            }
+        }
+        (None, _) => Some("no server_url configured".into()),
+        (Some(_), None) => Some("never enrolled".into()),
+    };
+    let left = outbox.outbox_len().unwrap_or(0) + ctl.unsaved() as u64;
+    Ok(UninstallReport {
+        reverted,
+        delivered: delivery_error.is_none() && left == 0,
+        outbox: left,
+        delivery_error,
     })
 }
 
@@ -451,6 +522,59 @@ fn reject(tx: &Sender<Input>, entry: &ManifestEntry, e: &AgentError) {
     });
 }
 
+/// Sends the outbox until it is empty (events the server refuses for good are dropped).
+/// An error means delivery failed; what was not acknowledged stays in the outbox.
+fn deliver_outbox(client: &Client, store: &Store, cred: &str) -> Result<()> {
+    loop {
+        let batch = match store.outbox(500) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the outbox");
+                return Ok(());
+            }
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let events: Vec<_> = batch.iter().filter_map(|s| s.event.wire()).collect();
+        match client.events(cred, &events) {
+            Ok(_) => {
+                let seqs: Vec<i64> = batch.iter().map(|s| s.seq).collect();
+                if let Err(e) = store.mark_delivered(&seqs) {
+                    tracing::warn!(error = %e, "cannot mark events delivered (they will be sent again; the server ignores duplicates)");
+                    return Ok(());
+                }
+                tracing::debug!(n = seqs.len(), "events delivered");
+            }
+            Err(AgentError::Server {
+                status: 400 | 413 | 422,
+                code,
+                message,
+                ..
+            }) => {
+                // The server refuses these events for good: a poison batch must not block
+                // every later event (and the heartbeats behind them). Send one by one and
+                // drop only the ones it refuses.
+                tracing::error!(%code, %message, "server refused an event batch; isolating the bad events");
+                for s in &batch {
+                    let one: Vec<_> = s.event.wire().into_iter().collect();
+                    match client.events(cred, &one) {
+                        Ok(_)
+                        | Err(AgentError::Server {
+                            status: 400 | 413 | 422,
+                            ..
+                        }) => {
+                            let _ = store.mark_delivered(&[s.seq]);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Heartbeats and event delivery.
 fn reporter(
     cfg: Config,
@@ -473,64 +597,16 @@ fn reporter(
     loop {
         let mut ok = true;
         // Events first: they are what the dashboard shows.
-        loop {
-            let batch = match store.outbox(500) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the outbox");
-                    break;
-                }
-            };
-            if batch.is_empty() {
-                break;
-            }
-            let events: Vec<_> = batch.iter().filter_map(|s| s.event.wire()).collect();
-            match client.events(&id.credential, &events) {
-                Ok(_) => {
-                    let seqs: Vec<i64> = batch.iter().map(|s| s.seq).collect();
-                    if let Err(e) = store.mark_delivered(&seqs) {
-                        tracing::warn!(error = %e, "cannot mark events delivered (they will be sent again; the server ignores duplicates)");
-                        break;
-                    }
-                    tracing::debug!(n = seqs.len(), "events delivered");
-                }
-                Err(AgentError::Server {
-                    status: 400 | 413 | 422,
-                    code,
-                    message,
-                    ..
-                }) => {
-                    // The server refuses these events for good: a poison batch must not block
-                    // every later event (and the heartbeats behind them). Send one by one and
-                    // drop only the ones it refuses.
-                    tracing::error!(%code, %message, "server refused an event batch; isolating the bad events");
-                    for s in &batch {
-                        let one: Vec<_> = s.event.wire().into_iter().collect();
-                        match client.events(&id.credential, &one) {
-                            Ok(_)
-                            | Err(AgentError::Server {
-                                status: 400 | 413 | 422,
-                                ..
-                            }) => {
-                                let _ = store.mark_delivered(&[s.seq]);
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(code = e.code(), error = %e, "event delivery failed; kept in the outbox");
-                    status(
-                        &tx,
-                        if is_revoked(&e) { "revoked" } else { "offline" },
-                        Some(&id),
-                        Some(&e),
-                        false,
-                    );
-                    ok = false;
-                    break;
-                }
-            }
+        if let Err(e) = deliver_outbox(&client, &store, &id.credential) {
+            tracing::warn!(code = e.code(), error = %e, "event delivery failed; kept in the outbox");
+            status(
+                &tx,
+                if is_revoked(&e) { "revoked" } else { "offline" },
+                Some(&id),
+                Some(&e),
+                false,
+            );
+            ok = false;
         }
         if ok && Instant::now() >= next_hb {
             let refresh = packages

@@ -67,23 +67,26 @@ pub struct Event {
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// 8 random bytes as hex (from `/dev/urandom`; time and pid if it cannot be read).
+pub(crate) fn random_hex() -> String {
+    use std::io::Read as _;
+    let mut b = [0u8; 8];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok();
+    if !ok {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        b = (t ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    hex::encode(b)
+}
+
 fn boot_nonce() -> &'static str {
     static NONCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    NONCE.get_or_init(|| {
-        use std::io::Read as _;
-        let mut b = [0u8; 8];
-        let ok = std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut b))
-            .is_ok();
-        if !ok {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-            b = (t ^ u64::from(std::process::id())).to_le_bytes();
-        }
-        hex::encode(b)
-    })
+    NONCE.get_or_init(random_hex)
 }
 
 impl Event {

@@ -5,6 +5,7 @@
 //! manifest.json                      the last manifest accepted from the server (payload)
 //! policy.json                        local decisions: agent on/off, patches disabled here
 //! identity.json  (0600)              agent id, credential, pinned server key
+//! installation.json                  this installation's id; agent_installed recorded or not
 //! state.db       (0600)              SQLite: installed patches, where applied, event outbox
 //! ```
 //!
@@ -75,6 +76,20 @@ pub struct Identity {
     pub server_url: String,
 }
 
+/// This installation of the agent (`installation.json`): `agent_installed` is recorded once per
+/// installation, `agent_uninstalled` when the package is removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Installation {
+    /// Random; the `agent_installed` event's id derives from it (re-recording is idempotent).
+    pub id: String,
+    pub installed_at: i64,
+    /// `agent_installed` is in the outbox (or was never due: a store from before this file).
+    pub announced: bool,
+    /// `stitchd uninstall` ran: the next start is a new installation.
+    #[serde(default)]
+    pub uninstalled_at: Option<i64>,
+}
+
 /// The last accepted manifest, as kept in `manifest.json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredManifest {
@@ -113,6 +128,8 @@ pub struct OpenReport {
     pub reason: Option<String>,
     /// Bundle files deleted because their bytes no longer match their name.
     pub bad_bundles: Vec<String>,
+    /// The state directory held no database and no identity: a first start.
+    pub fresh: bool,
 }
 
 /// The local store.
@@ -194,7 +211,10 @@ impl Store {
         }
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         let db_path = dir.join("state.db");
-        let mut report = OpenReport::default();
+        let mut report = OpenReport {
+            fresh: !db_path.exists() && !dir.join("identity.json").exists(),
+            ..Default::default()
+        };
         let conn = match Self::open_db(&db_path) {
             Ok(c) => c,
             Err(reason) => {
@@ -500,6 +520,16 @@ impl Store {
     /// Saves the enrollment identity (mode 0600: it holds the credential).
     pub fn set_identity(&self, id: &Identity) -> Result<()> {
         self.write_json("identity.json", id, 0o600)
+    }
+
+    /// This installation, if recorded.
+    pub fn installation(&self) -> Option<Installation> {
+        self.read_json("installation.json")
+    }
+
+    /// Saves this installation's record.
+    pub fn set_installation(&self, i: &Installation) -> Result<()> {
+        self.write_json("installation.json", i, 0o600)
     }
 
     // ------------------------------------------------------------------ applied

@@ -7,7 +7,7 @@ mod harness;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -762,4 +762,150 @@ fn load_time_hook_patches_a_new_process_before_its_first_call() {
     });
     let fresh = Running::start(&target.exe);
     assert_eq!(fresh.first, "start 5");
+}
+
+/// How many events of `kind` the server holds for the (only) computer.
+fn server_count(server: &Server, kind: &str) -> usize {
+    server.event_kinds().iter().filter(|k| *k == kind).count()
+}
+
+fn prerm() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/debian/prerm"
+    ))
+}
+
+#[test]
+fn agent_installed_is_reported_once_per_installation_not_on_restarts() {
+    if !can_run() {
+        return;
+    }
+    let mut w = world("installed", "ST-2026-0115", RETURN_1000, 3);
+    wait_until(
+        "agent_installed on the server",
+        Duration::from_secs(20),
+        || (server_count(&w.server, "agent_installed") > 0).then_some(()),
+    );
+    // Restarted cleanly, and killed: still one installation.
+    w.agent.stop();
+    w.agent.start();
+    w.agent.kill();
+    w.agent.start();
+    wait_until(
+        "three agent_started on the server",
+        Duration::from_secs(20),
+        || (server_count(&w.server, "agent_started") >= 3).then_some(()),
+    );
+    wait_until("the outbox to drain", Duration::from_secs(20), || {
+        (w.agent.ask(AgentAction::Status)["outbox"] == 0).then_some(())
+    });
+    assert_eq!(server_count(&w.server, "agent_installed"), 1);
+    let local = w
+        .agent
+        .events()
+        .iter()
+        .filter(|e| e["event"]["kind"] == "agent_installed")
+        .count();
+    assert_eq!(local, 1, "recorded once in the local log too");
+}
+
+#[test]
+fn package_removal_reverts_every_patch_and_reports_agent_uninstalled_but_upgrade_does_not() {
+    if !can_run() {
+        return;
+    }
+    let mut w = world("uninstall", "ST-2026-0116", RETURN_1000, 3);
+    let mut second = Running::start(&w.target.exe);
+    w.agent.until(
+        "the second process patched",
+        Duration::from_secs(10),
+        || second.patched().then_some(()),
+    );
+    // While stitchd runs, uninstall refuses: the agent would re-apply what it reverts.
+    let o = w
+        .agent
+        .command(Path::new(env!("CARGO_BIN_EXE_stitchd")))
+        .arg("uninstall")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("agent.running"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(w.run.patched());
+    // The package manager stops the service first (#DEBHELPER#); that leaves patches in place.
+    w.agent.stop();
+    assert!(w.run.patched() && second.patched());
+    // An upgrade runs prerm with `upgrade`: nothing is reverted, nothing reported.
+    let o = w
+        .agent
+        .command(Path::new("sh"))
+        .arg(prerm())
+        .args(["upgrade", "0.1.0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert!(w.run.patched() && second.patched(), "upgrade keeps patches");
+    // Removal: every patch out of every process, agent_uninstalled delivered.
+    let t0 = Instant::now();
+    let o = w
+        .agent
+        .command(Path::new("sh"))
+        .arg(prerm())
+        .arg("remove")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    assert!(out.contains("reverted 2 patch application(s)"), "{out}");
+    assert!(out.contains("agent_uninstalled delivered"), "{out}");
+    assert!(!w.run.patched() && !second.patched(), "reverted live");
+    assert!(carried(w.run.pid()).is_empty());
+    assert_eq!(server_count(&w.server, "agent_uninstalled"), 1);
+    eprintln!("prerm remove took {:?}", t0.elapsed());
+    // Installed again on the kept state directory: a new installation, patches back.
+    w.agent.start();
+    wait_until(
+        "a second agent_installed on the server",
+        Duration::from_secs(20),
+        || (server_count(&w.server, "agent_installed") == 2).then_some(()),
+    );
+    assert!(w.run.patched());
+}
+
+#[test]
+fn uninstall_with_server_down_reverts_within_its_bound_and_queues_agent_uninstalled() {
+    if !can_run() {
+        return;
+    }
+    let mut w = world("uninstall-offline", "ST-2026-0117", RETURN_1000, 3);
+    w.agent.stop();
+    w.server.down();
+    let t0 = Instant::now();
+    let o = w
+        .agent
+        .command(Path::new(env!("CARGO_BIN_EXE_stitchd")))
+        .args(["uninstall", "--wait-s", "2", "--json"])
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    assert!(o.status.success(), "{o:?}");
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["reverted"], 1, "{r}");
+    assert_eq!(r["delivered"], false, "{r}");
+    assert!(r["outbox"].as_u64() >= Some(1), "{r}");
+    assert!(r["delivery_error"].as_str().is_some(), "{r}");
+    assert!(took < Duration::from_secs(6), "bounded wait: {took:?}");
+    assert!(!w.run.patched());
+    // The queued event is delivered when the agent runs again on this state directory.
+    w.server.up();
+    w.agent.start();
+    wait_until(
+        "agent_uninstalled delivered late",
+        Duration::from_secs(30),
+        || (server_count(&w.server, "agent_uninstalled") == 1).then_some(()),
+    );
 }

@@ -478,6 +478,32 @@ impl Agent {
         }
     }
 
+    /// `stitchd` (or whatever `program` finds `stitchd` on PATH, like a maintainer script)
+    /// with this agent's config in `STITCH_CONFIG`, without proxy variables.
+    pub(crate) fn command(&self, program: &Path) -> Command {
+        let bin_dir = Path::new(env!("CARGO_BIN_EXE_stitchd")).parent().unwrap();
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut c = Command::new(program);
+        c.env("STITCH_CONFIG", &self.config)
+            .env("PATH", path)
+            .env("STITCH_LOG", "stitch_agent=debug,info");
+        for v in [
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+        ] {
+            c.env_remove(v);
+        }
+        c
+    }
+
     pub(crate) fn start(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
         let log = std::fs::OpenOptions::new()

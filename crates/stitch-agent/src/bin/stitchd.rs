@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -30,6 +30,23 @@ struct Args {
     /// Check the configuration and the store, print the result, and exit.
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Package removal (run by the .deb's prerm once the service is stopped): revert every
+    /// patch in every running process and report `agent_uninstalled` to the server, waiting at
+    /// most --wait-s for it (queued in the state directory if the server cannot be reached).
+    Uninstall {
+        /// Longest wait for the server, in seconds.
+        #[arg(long, default_value_t = 10)]
+        wait_s: u64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -48,6 +65,27 @@ fn run(args: Args) -> anyhow::Result<()> {
     let env = |k: &str| std::env::var(k).ok();
     let cfg = stitch_agent::Config::load(&args.config, &env)
         .map_err(|e| anyhow::anyhow!("error[{}]: {e}", e.code()))?;
+    if let Some(Command::Uninstall { wait_s, json }) = args.command {
+        let r = stitch_agent::daemon::uninstall(cfg, std::time::Duration::from_secs(wait_s))
+            .map_err(|e| anyhow::anyhow!("error[{}]: {e}", e.code()))
+            .context("stitchd uninstall failed")?;
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "reverted {} patch application(s) in running processes",
+                r.reverted
+            );
+            match &r.delivery_error {
+                None => println!("agent_uninstalled delivered to the server"),
+                Some(e) => println!(
+                    "agent_uninstalled queued ({} event(s) in the outbox, sent if the agent is installed again): {e}",
+                    r.outbox
+                ),
+            }
+        }
+        return Ok(());
+    }
     if args.check {
         let keys = cfg
             .trusted()

@@ -23,9 +23,16 @@ stitch_server_deps() {
     fi
     local cluster
     cluster=$(pg_lsclusters -h | head -1 | awk '{print $1" "$2}')
+    # After an unclean stop (a VM reset) PostgreSQL fsyncs every file of the data directory
+    # before it accepts connections; syncfs does the same in one call per file system.
+    local conf
+    conf=$(pg_lsclusters -h | head -1 | awk '{print "/etc/postgresql/"$1"/"$2"/conf.d/stitch-test.conf"}')
+    if [ -d "$(dirname "$conf")" ] && [ ! -f "$conf" ]; then
+        echo "recovery_init_sync_method = syncfs" >"$conf"
+    fi
     if ! pg_lsclusters -h | head -1 | grep -q online; then
         # shellcheck disable=SC2086
-        pg_ctlcluster $cluster start || { echo "server-deps: cannot start PostgreSQL $cluster" >&2; return 1; }
+        pg_ctlcluster $cluster start -- -t 600 || { echo "server-deps: cannot start PostgreSQL $cluster" >&2; return 1; }
     fi
     local port
     port=$(pg_lsclusters -h | head -1 | awk '{print $3}')

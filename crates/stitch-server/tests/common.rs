@@ -52,10 +52,33 @@ pub(crate) async fn pg_schema_url() -> Option<String> {
         skip("STITCH_TEST_DATABASE_URL is not set (source .ci/server-deps.sh)")?;
         return None;
     };
-    let schema = format!("t_{}", stitch_server::auth::random_hex(8));
+    let now = stitch_server::now();
+    let schema = format!("t_{now}_{}", stitch_server::auth::random_hex(8));
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&base)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {base}: {e}"));
+    // Schemas of earlier runs: without this the test cluster grows by a few hundred schemas
+    // per run, and PostgreSQL's start-up after an unclean stop (which fsyncs every file)
+    // outlasts the CI start timeout. A schema is named with its creation time and dropped
+    // once it is older than any test run (30 min); unparsable `t_` names are older formats.
+    let old: Vec<String> =
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 't\\_%'")
+            .fetch_all(&mut conn)
+            .await
+            .expect("list schemas");
+    for name in old {
+        let parts: Vec<&str> = name.split('_').collect();
+        let created = match parts.as_slice() {
+            ["t", t, _] => t.parse::<i64>().unwrap_or(0),
+            _ => 0,
+        };
+        if created < now - 1800 {
+            // Another test process may be dropping the same schema: ignore a lost race.
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                .execute(&mut conn)
+                .await;
+        }
+    }
     sqlx::query(&format!("CREATE SCHEMA {schema}"))
         .execute(&mut conn)
         .await

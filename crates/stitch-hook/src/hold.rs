@@ -231,7 +231,7 @@ pub(crate) fn worker(shared: &Shared, jobs: &Mutex<Receiver<Work>>) {
             }
             st.picked = true;
         }
-        handle(shared, &job);
+        handle(shared, &job, Instant::now());
     }
 }
 
@@ -305,7 +305,7 @@ fn engine_miss(e: &EngineError) -> MissReason {
     }
 }
 
-fn handle(shared: &Shared, job: &Job) {
+fn handle(shared: &Shared, job: &Job, picked: Instant) {
     let tid = job.tid;
     let patches: Vec<String> = job.bundles.iter().map(|b| b.patch().id.clone()).collect();
     let Some(pid) = tgid_of(tid) else {
@@ -314,7 +314,13 @@ fn handle(shared: &Shared, job: &Job) {
     };
     let (exec, writing) = if job.exec_event {
         (true, false)
+    } else if shared.exec_holds {
+        // An exec raises FAN_OPEN_EXEC_PERM first, so this is no exec; opened for writing is
+        // seen at the first stop, from the registers (no read of /proc/TID/syscall here).
+        (false, false)
     } else {
+        // Without exec holds an exec raises FAN_OPEN_PERM only, and seizing it could
+        // deadlock (kernels < 6.8): look before seizing.
         blocked_syscall(tid).map_or((false, false), |(nr, args)| {
             (is_exec(nr), opened_for_writing(nr, &args))
         })
@@ -334,6 +340,7 @@ fn handle(shared: &Shared, job: &Job) {
         return;
     }
     let _rt = shared.config.realtime_holds.then(RealtimeGuard::enter);
+    let checked = Instant::now();
     let hold = match ThreadHold::seize(pid, tid) {
         Ok(h) => h,
         Err(e) => {
@@ -357,16 +364,20 @@ fn handle(shared: &Shared, job: &Job) {
         hold,
     };
     job.pending.allow(shared);
+    let allowed = Instant::now();
     tracing::debug!(
         pid = pid.0,
-        queued_and_seized_us = job.received.elapsed().as_micros() as u64,
+        queued_and_seized_us = (allowed - job.received).as_micros() as u64,
+        queued_us = (picked - job.received).as_micros() as u64,
+        proc_reads_us = (checked - picked).as_micros() as u64,
+        seize_and_allow_us = (allowed - checked).as_micros() as u64,
         "held"
     );
     let deadline = job.received + shared.config.hold_timeout;
     let outcome = if exec {
-        follow_exec(shared, hold, &job.bundles, deadline)
+        follow_exec(shared, hold, &job.bundles, deadline, job.received)
     } else {
-        follow_library(shared, hold, &job.bundles, deadline)
+        follow_library(shared, hold, &job.bundles, deadline, job.received)
     };
     match outcome {
         Outcome::Patched {
@@ -472,6 +483,7 @@ fn try_commit<'a>(
     bundles: &[Arc<VerifiedBundle>],
     deadline: Instant,
     syscalls: u32,
+    received: Instant,
 ) -> Commit<'a> {
     let pid = hold.pid();
     let t_plan = Instant::now();
@@ -512,6 +524,8 @@ fn try_commit<'a>(
     }
     tracing::debug!(
         pid = pid.0,
+        syscalls,
+        to_plan_us = t_plan.saturating_duration_since(received).as_micros() as u64,
         plan_us = (t_stop - t_plan).as_micros() as u64,
         stop_us = (t_commit - t_stop).as_micros() as u64,
         commit_us = (t_resume - t_commit).as_micros() as u64,
@@ -536,6 +550,7 @@ fn follow_library(
     mut hold: Tracked<'_>,
     bundles: &[Arc<VerifiedBundle>],
     deadline: Instant,
+    received: Instant,
 ) -> Outcome {
     let mut fd: Option<u64> = None;
     let mut entry: Option<(u64, [u64; 6])> = None;
@@ -554,6 +569,15 @@ fn follow_library(
             HoldStop::Parked(StopKind::Interrupted) => {
                 if fd.is_none() {
                     match hold.regs() {
+                        // The open's own arguments are still in their registers.
+                        Ok(r)
+                            if opened_for_writing(
+                                r.orig_rax.cast_signed(),
+                                &[r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9],
+                            ) =>
+                        {
+                            return Outcome::Skipped(SkipReason::OpenedForWriting);
+                        }
                         Ok(r) if (r.rax as i64) >= 0 => fd = Some(r.rax),
                         Ok(_) => return Outcome::Skipped(SkipReason::OpenFailed),
                         Err(e) => return Outcome::Missed(MissReason::Trace(e.to_string())),
@@ -581,7 +605,7 @@ fn follow_library(
                 let mapped_exec = matches!(entry.take(), Some((SYS_MMAP, a))
                     if !is_error && Some(a[4]) == fd && a[2] & PROT_EXEC != 0);
                 if mapped_exec {
-                    match try_commit(shared, hold, bundles, deadline, syscalls) {
+                    match try_commit(shared, hold, bundles, deadline, syscalls, received) {
                         Commit::Done(o) => return o,
                         Commit::NotYet(e, h) => {
                             last_err = Some(e);
@@ -611,6 +635,7 @@ fn follow_exec(
     mut hold: Tracked<'_>,
     bundles: &[Arc<VerifiedBundle>],
     deadline: Instant,
+    received: Instant,
 ) -> Outcome {
     loop {
         let stop = match hold.wait(deadline) {
@@ -619,7 +644,7 @@ fn follow_exec(
         };
         let resumed = match stop {
             HoldStop::Exec => {
-                return match try_commit(shared, hold, bundles, deadline, 0) {
+                return match try_commit(shared, hold, bundles, deadline, 0, received) {
                     Commit::Done(o) => o,
                     Commit::NotYet(e, _) => Outcome::Missed(engine_miss(&e)),
                 };

@@ -557,6 +557,36 @@ fn file_merely_read_is_neither_hung_nor_patched() {
     }
 }
 
+/// A package manager writing a marked file is not a load: let go at once, nothing patched,
+/// the write goes through.
+#[test]
+fn file_opened_for_writing_is_let_go_and_reported_as_skipped() {
+    if !can_run(&["sh"]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let b = fx.bundle(&lib, "ST-2026-9019");
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let before = std::fs::read(&lib).unwrap();
+    // `>>` opens O_WRONLY|O_APPEND; nothing is written.
+    let (_, ok, pid) = run(Command::new("sh")
+        .arg("-c")
+        .arg(format!(": >> {}", lib.display())));
+    assert!(ok);
+    assert_eq!(std::fs::read(&lib).unwrap(), before);
+    let ev = h
+        .wait_for(Duration::from_secs(5), |v| event_is(v, "skipped", pid))
+        .expect("skipped event");
+    assert_eq!(ev["reason"], "OpenedForWriting", "{ev}");
+    assert!(
+        !h.drain(Duration::from_millis(100))
+            .iter()
+            .any(|v| event_is(v, "patched", pid))
+    );
+}
+
 #[test]
 fn target_under_strace_is_allowed_and_reported() {
     if !can_run(&["strace"]) {

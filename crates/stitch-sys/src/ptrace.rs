@@ -316,19 +316,28 @@ pub(crate) mod raw {
         }
     }
 
-    /// One `process_vm_readv` of up to `IOV_MAX` ranges, each into its own buffer; returns the
-    /// bytes read in all (the kernel stops at the first range it cannot read in full).
+    /// One `process_vm_readv` of up to `IOV_MAX` ranges into consecutive parts of `out`;
+    /// returns the bytes read in all (the kernel stops at the first range it cannot read in
+    /// full).
     pub(crate) fn vm_read_many(
         pid: i32,
         ranges: &[(u64, usize)],
-        bufs: &mut [Vec<u8>],
+        out: &mut [u8],
     ) -> io::Result<usize> {
-        debug_assert_eq!(ranges.len(), bufs.len());
-        let local: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
+        let total: usize = ranges.iter().map(|&(_, len)| len).sum();
+        if total > out.len() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut rest = &mut out[..total];
+        let local: Vec<libc::iovec> = ranges
+            .iter()
+            .map(|&(_, len)| {
+                let (part, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                rest = tail;
+                libc::iovec {
+                    iov_base: part.as_mut_ptr().cast(),
+                    iov_len: part.len(),
+                }
             })
             .collect();
         let remote: Vec<libc::iovec> = ranges
@@ -340,8 +349,8 @@ pub(crate) mod raw {
             .collect();
         let n_local = libc::c_ulong::try_from(local.len()).unwrap_or(0);
         let n_remote = libc::c_ulong::try_from(remote.len()).unwrap_or(0);
-        // SAFETY: every `local` iovec describes one buffer of `bufs` (live, exclusively
-        // borrowed for this call, exactly iov_len bytes) and both arrays outlive the call;
+        // SAFETY: the `local` iovecs describe disjoint parts of `out` (exclusively borrowed for
+        // this call, exactly iov_len bytes each) and both arrays outlive the call;
         // `remote` holds addresses in the *other* process, which the kernel checks itself.
         let n = unsafe {
             libc::process_vm_readv(pid, local.as_ptr(), n_local, remote.as_ptr(), n_remote, 0)
@@ -1113,25 +1122,47 @@ impl Tracer for PtraceTracer {
         })
     }
 
-    fn read_memory_many(&mut self, pid: Pid, ranges: &[(u64, usize)]) -> Vec<Result<Vec<u8>>> {
+    fn read_memory_many(
+        &mut self,
+        pid: Pid,
+        ranges: &[(u64, usize)],
+        out: &mut [u8],
+    ) -> Vec<Result<()>> {
         const IOV_MAX: usize = 1024;
-        let mut out = Vec::with_capacity(ranges.len());
+        let total: usize = ranges.iter().map(|&(_, len)| len).sum();
+        if total > out.len() {
+            return ranges
+                .iter()
+                .map(|_| {
+                    Err(SysError::InvalidArgument(
+                        "read_memory_many: output buffer too small".into(),
+                    ))
+                })
+                .collect();
+        }
+        let mut results = Vec::with_capacity(ranges.len());
+        let mut rest = &mut out[..total];
         for chunk in ranges.chunks(IOV_MAX) {
-            let mut bufs: Vec<Vec<u8>> = chunk.iter().map(|&(_, len)| vec![0; len]).collect();
-            let mut done = raw::vm_read_many(pid.0, chunk, &mut bufs).unwrap_or(0);
-            for (&(addr, len), mut buf) in chunk.iter().zip(bufs) {
+            let chunk_len: usize = chunk.iter().map(|&(_, len)| len).sum();
+            let (buf, tail) = std::mem::take(&mut rest).split_at_mut(chunk_len);
+            rest = tail;
+            let mut done = raw::vm_read_many(pid.0, chunk, buf).unwrap_or(0);
+            let mut at = 0;
+            for &(addr, len) in chunk {
+                let part = &mut buf[at..at + len];
+                at += len;
                 if done >= len {
                     done -= len;
-                    out.push(Ok(buf));
+                    results.push(Ok(()));
                 } else {
                     // Not read in full by the batch (and nothing after it was): one by one,
                     // with the /proc/PID/mem fallback.
                     done = 0;
-                    out.push(self.read_memory(pid, addr, &mut buf).map(|()| buf));
+                    results.push(self.read_memory(pid, addr, part));
                 }
             }
         }
-        out
+        results
     }
 
     fn write_memory(&mut self, pid: Pid, via: Tid, addr: u64, data: &[u8]) -> Result<()> {

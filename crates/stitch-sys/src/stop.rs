@@ -542,14 +542,21 @@ impl<T: Tracer> StoppedProcess<T> {
         Ok(v)
     }
 
-    /// Reads several ranges of target memory (one batched syscall with the kernel tracer);
-    /// one result per range.
+    /// Reads several ranges of target memory into consecutive parts of `out` (one batched
+    /// syscall with the kernel tracer; `out` must hold their total length); one result per
+    /// range. A caller that reuses `out` saves the page faults of fresh memory (on this VM,
+    /// fresh buffers doubled the time of reading 64 thread stacks).
     ///
     /// # Errors
-    /// [`SysError::Released`]; per range, [`SysError::MemIo`].
-    pub fn read_many(&mut self, ranges: &[(u64, usize)]) -> Result<Vec<Result<Vec<u8>>>> {
+    /// [`SysError::Released`]; per range, [`SysError::MemIo`] (or
+    /// [`SysError::InvalidArgument`] when `out` is too small).
+    pub fn read_many(
+        &mut self,
+        ranges: &[(u64, usize)],
+        out: &mut [u8],
+    ) -> Result<Vec<Result<()>>> {
         self.live()?;
-        Ok(self.tracer.read_memory_many(self.pid, ranges))
+        Ok(self.tracer.read_memory_many(self.pid, ranges, out))
     }
 
     /// Writes target memory (read-only text included). No thread runs while this happens.

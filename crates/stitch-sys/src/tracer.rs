@@ -115,14 +115,29 @@ pub trait Tracer {
     /// Reads target memory; all of `buf` or an error.
     fn read_memory(&mut self, pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()>;
 
-    /// Reads several ranges; one result per range, each as [`Tracer::read_memory`] would
-    /// give it. The default reads them one by one; the kernel tracer batches them.
-    fn read_memory_many(&mut self, pid: Pid, ranges: &[(u64, usize)]) -> Vec<Result<Vec<u8>>> {
+    /// Reads several ranges into consecutive parts of `out` (range `i` right after range
+    /// `i - 1`; `out` must hold their total length); one result per range, each as
+    /// [`Tracer::read_memory`] would give it. The default reads them one by one; the kernel
+    /// tracer batches them.
+    fn read_memory_many(
+        &mut self,
+        pid: Pid,
+        ranges: &[(u64, usize)],
+        out: &mut [u8],
+    ) -> Vec<Result<()>> {
+        let mut rest = out;
         ranges
             .iter()
             .map(|&(addr, len)| {
-                let mut v = vec![0; len];
-                self.read_memory(pid, addr, &mut v).map(|()| v)
+                let n = len.min(rest.len());
+                let (part, tail) = std::mem::take(&mut rest).split_at_mut(n);
+                rest = tail;
+                if part.len() < len {
+                    return Err(crate::SysError::InvalidArgument(
+                        "read_memory_many: output buffer too small".into(),
+                    ));
+                }
+                self.read_memory(pid, addr, part)
             })
             .collect()
     }
@@ -188,8 +203,13 @@ impl<T: Tracer + ?Sized> Tracer for &mut T {
     fn read_memory(&mut self, pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
         (**self).read_memory(pid, addr, buf)
     }
-    fn read_memory_many(&mut self, pid: Pid, ranges: &[(u64, usize)]) -> Vec<Result<Vec<u8>>> {
-        (**self).read_memory_many(pid, ranges)
+    fn read_memory_many(
+        &mut self,
+        pid: Pid,
+        ranges: &[(u64, usize)],
+        out: &mut [u8],
+    ) -> Vec<Result<()>> {
+        (**self).read_memory_many(pid, ranges, out)
     }
     fn write_memory(&mut self, pid: Pid, via: Tid, addr: u64, data: &[u8]) -> Result<()> {
         (**self).write_memory(pid, via, addr, data)

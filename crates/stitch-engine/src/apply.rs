@@ -610,25 +610,86 @@ fn live_stacks<T: Tracer>(sp: &StoppedProcess<T>, maps: &[Mapping]) -> Vec<(Tid,
         .collect()
 }
 
-/// The live stacks of every held thread (see [`live_stacks`]), read in one batch: `None` for
-/// a stack that could not be read.
-struct StackScan(Vec<(Tid, Option<Vec<u8>>)>);
+/// A buffer for stack scans, kept by the engine between stops: reading 64 thread stacks into
+/// fresh memory costs a page fault per page inside the pause (it doubled the scan's time).
+/// At most [`SCRATCH_KEEP`] bytes are kept.
+#[derive(Default)]
+pub(crate) struct Scratch(std::sync::Mutex<Vec<u8>>);
 
-impl StackScan {
-    fn read<T: Tracer>(sp: &mut StoppedProcess<T>, maps: &[Mapping]) -> Result<Self, EngineError> {
+const SCRATCH_KEEP: usize = 8 << 20;
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let len = self.0.lock().map(|v| v.len()).unwrap_or(0);
+        write!(f, "Scratch({len} bytes)")
+    }
+}
+
+impl Scratch {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+
+    fn put(&self, v: Vec<u8>) {
+        if v.len() <= SCRATCH_KEEP
+            && let Ok(mut kept) = self.0.lock()
+            && kept.len() < v.len()
+        {
+            *kept = v;
+        }
+    }
+}
+
+/// The live stacks of every held thread (see [`live_stacks`]), read in one batch into the
+/// engine's scratch buffer (given back when the scan is dropped).
+struct StackScan<'e> {
+    pool: &'e Scratch,
+    buf: Vec<u8>,
+    /// Thread, offset and length of its stack in `buf`.
+    threads: Vec<(Tid, usize, usize)>,
+}
+
+impl Drop for StackScan<'_> {
+    fn drop(&mut self) {
+        self.pool.put(std::mem::take(&mut self.buf));
+    }
+}
+
+impl<'e> StackScan<'e> {
+    fn read<T: Tracer>(
+        sp: &mut StoppedProcess<T>,
+        maps: &[Mapping],
+        pool: &'e Scratch,
+    ) -> Result<Self, EngineError> {
         let stacks = live_stacks(sp, maps);
         let ranges: Vec<(u64, usize)> = stacks
             .iter()
             .map(|&(_, lo, hi)| (lo, (hi - lo) as usize))
             .collect();
-        let contents = sp.read_many(&ranges)?;
-        Ok(Self(
-            stacks
-                .into_iter()
-                .zip(contents)
-                .map(|((tid, _, _), c)| (tid, c.ok()))
-                .collect(),
-        ))
+        let total: usize = ranges.iter().map(|&(_, len)| len).sum();
+        let mut scan = Self {
+            pool,
+            buf: pool.take(),
+            threads: Vec::with_capacity(stacks.len()),
+        };
+        if scan.buf.len() < total {
+            scan.buf.resize(total, 0);
+        }
+        let results = sp.read_many(&ranges, &mut scan.buf[..total])?;
+        let mut at = 0;
+        for ((tid, _, _), (r, &(_, len))) in
+            stacks.into_iter().zip(results.into_iter().zip(&ranges))
+        {
+            // A live stack that cannot be read cannot be shown clear of sites: refuse (nothing
+            // has been written when stacks are scanned).
+            r?;
+            scan.threads.push((tid, at, len));
+            at += len;
+        }
+        Ok(scan)
     }
 
     /// The first 8-byte word on the readable stacks that lies in `lo..hi` and satisfies
@@ -636,20 +697,15 @@ impl StackScan {
     /// `lo..hi`: a 64-thread scan is some 36,000 words.
     fn find_word(&self, lo: u64, hi: u64, hit: impl Fn(u64) -> bool) -> Option<(Tid, u64)> {
         let span = hi.saturating_sub(lo);
-        for (tid, c) in &self.0 {
-            let Some(c) = c else { continue };
-            for w in c.chunks_exact(8) {
+        for &(tid, at, len) in &self.threads {
+            for w in self.buf[at..at + len].chunks_exact(8) {
                 let v = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
                 if v.wrapping_sub(lo) < span && hit(v) {
-                    return Some((*tid, v));
+                    return Some((tid, v));
                 }
             }
         }
         None
-    }
-
-    fn all_readable(&self) -> bool {
-        self.0.iter().all(|(_, c)| c.is_some())
     }
 }
 
@@ -658,11 +714,12 @@ impl StackScan {
 /// frame is resumed it would land in the middle of the new jump. A thread may sit at a
 /// site's first byte: it then executes the new jump, or the restored original. With no
 /// blocker, also returns the stack scan it made (valid until a thread runs again).
-fn find_blocker<T: Tracer>(
+fn find_blocker<'e, T: Tracer>(
     sp: &mut StoppedProcess<T>,
     ranges: &[(u64, u64)],
     maps: &[Mapping],
-) -> Result<Result<StackScan, Blocker>, EngineError> {
+    pool: &'e Scratch,
+) -> Result<Result<StackScan<'e>, Blocker>, EngineError> {
     let inside = |a: u64| ranges.iter().find(|&&(s, e)| a > s && a < e).copied();
     let by_ip = sp.threads().find_map(|t| {
         let ip = t.regs.resume_ip();
@@ -677,7 +734,7 @@ fn find_blocker<T: Tracer>(
     if let Some(b) = by_ip {
         return Ok(Err(b));
     }
-    let scan = StackScan::read(sp, maps)?;
+    let scan = StackScan::read(sp, maps, pool)?;
     let lo = ranges.iter().map(|&(s, _)| s + 1).min().unwrap_or(0);
     let hi = ranges.iter().map(|&(_, e)| e).max().unwrap_or(0);
     let on_stack = scan
@@ -697,15 +754,15 @@ fn find_blocker<T: Tracer>(
 /// Lets threads found inside `ranges` (by instruction pointer or stack) run on until none
 /// is, bounded. Returns the tries and the last stack scan (taken after the last run, so it
 /// is what the stacks hold until a thread runs again).
-fn wait_out_of<T: Tracer>(
+fn wait_out_of<'e, T: Tracer>(
     sp: &mut StoppedProcess<T>,
     ranges: &[(u64, u64)],
     maps: &[Mapping],
-    engine: &Engine,
-) -> Result<(u32, StackScan), EngineError> {
+    engine: &'e Engine,
+) -> Result<(u32, StackScan<'e>), EngineError> {
     let mut tries = 0;
     loop {
-        let b = match find_blocker(sp, ranges, maps)? {
+        let b = match find_blocker(sp, ranges, maps, &engine.scratch)? {
             Ok(scan) => return Ok((tries, scan)),
             Err(b) => b,
         };
@@ -948,7 +1005,7 @@ fn revert_stopped<T: Tracer>(
 /// Unmaps the region if nothing uses it (see [`region_unused`]).
 fn try_free_region<T: Tracer>(
     sp: &mut StoppedProcess<T>,
-    stacks: &StackScan,
+    stacks: &StackScan<'_>,
     base: u64,
 ) -> Result<bool, EngineError> {
     if !region_unused(sp, stacks, base) {
@@ -961,8 +1018,8 @@ fn try_free_region<T: Tracer>(
 /// True when no thread executes in the region and no register and no word on any thread's
 /// live stack points into it (a return address into a trampoline, e.g. from a relocated
 /// `call`, or a signal frame interrupted there). `stacks` must have been read since any
-/// thread last ran; a stack that could not be read counts as using the region.
-fn region_unused<T: Tracer>(sp: &StoppedProcess<T>, stacks: &StackScan, base: u64) -> bool {
+/// thread last ran (a scan exists only when every live stack could be read).
+fn region_unused<T: Tracer>(sp: &StoppedProcess<T>, stacks: &StackScan<'_>, base: u64) -> bool {
     let end = base + region::REGION_SIZE;
     let inside = |a: u64| a >= base && a < end;
     let in_regs = sp.threads().any(|t| {
@@ -989,7 +1046,7 @@ fn region_unused<T: Tracer>(sp: &StoppedProcess<T>, stacks: &StackScan, base: u6
         .into_iter()
         .any(inside)
     });
-    !in_regs && stacks.all_readable() && stacks.find_word(base, end, |_| true).is_none()
+    !in_regs && stacks.find_word(base, end, |_| true).is_none()
 }
 
 #[cfg(test)]

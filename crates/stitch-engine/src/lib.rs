@@ -116,6 +116,8 @@ pub struct Engine {
     /// Set once the kernel refused `PR_SET_VMA_ANON_NAME` (no `CONFIG_ANON_VMA_NAME`): the
     /// engine stops asking, saving one injected syscall per region it maps.
     anon_name_unsupported: AtomicBool,
+    /// The buffer stack scans read into, kept between stops.
+    scratch: apply::Scratch,
 }
 
 impl Engine {

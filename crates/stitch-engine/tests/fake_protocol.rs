@@ -464,3 +464,24 @@ fn fake_revert_while_a_thread_executes_the_trampoline_keeps_the_region() {
         "a return address into it on a stack keeps it"
     );
 }
+
+#[test]
+fn fake_live_stack_that_cannot_be_read_is_refused_with_nothing_written() {
+    // A stack that cannot be read cannot be shown free of a saved RIP inside a site: the
+    // apply must stop there, not treat the stack as clear.
+    let f = fixture();
+    let engine = fast_engine();
+    let mut clean = world(&f);
+    apply(&engine, &mut clean, &f).unwrap();
+    let stack_read = clean
+        .calls()
+        .iter()
+        .find(|c| c.kind == CallKind::ReadMemory && c.mem.is_some_and(|(a, _)| a == STACK + 0xc000))
+        .map(|c| c.nth)
+        .expect("the thread's stack is read");
+    let mut fake = world(&f);
+    fake.fail_nth(CallKind::ReadMemory, stack_read);
+    let e = apply(&engine, &mut fake, &f).unwrap_err();
+    assert_eq!(e, "sys.mem_io", "{e}");
+    assert_eq!(outcome(&f, &fake, "unreadable stack"), Outcome::Original);
+}

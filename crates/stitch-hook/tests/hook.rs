@@ -985,6 +985,81 @@ fn unchanged_target_stays_held_while_bundles_change() {
     assert!(!events.iter().any(|v| v["event"] == "missed"), "{events:?}");
 }
 
+/// A tracer arms a hardware breakpoint (DR0 = `f`, DR7 = local enable) on a child that calls
+/// `f` every 20 ms, then (mode 0) exits while tracing it, (1) detaches, or (2) clears DR7 and
+/// detaches. Prints how the child ended.
+const DEBUGREG_C: &str = r#"
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/ptrace.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <unistd.h>
+__attribute__((noinline)) void f(void) { __asm__ volatile(""); }
+int main(int argc, char **argv) {
+    int mode = atoi(argv[1]);
+    pid_t child = fork();
+    if (child == 0) {
+        for (int i = 0; i < 25; i++) { usleep(20000); f(); }
+        _exit(0);
+    }
+    pid_t tracer = fork();
+    if (tracer == 0) {
+        if (ptrace(PTRACE_SEIZE, child, 0, 0) < 0) _exit(1);
+        ptrace(PTRACE_INTERRUPT, child, 0, 0);
+        int st;
+        waitpid(child, &st, __WALL);
+        if (ptrace(PTRACE_POKEUSER, child, offsetof(struct user, u_debugreg[0]), (void *)f) < 0
+            || ptrace(PTRACE_POKEUSER, child, offsetof(struct user, u_debugreg[7]), (void *)1) < 0)
+            _exit(2);
+        if (mode == 2) ptrace(PTRACE_POKEUSER, child, offsetof(struct user, u_debugreg[7]), 0);
+        if (mode >= 1) ptrace(PTRACE_DETACH, child, 0, 0);
+        else ptrace(PTRACE_CONT, child, 0, 0);
+        _exit(0);
+    }
+    int st;
+    waitpid(tracer, &st, 0);
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) { printf("tracer failed\n"); return 1; }
+    waitpid(child, &st, 0);
+    if (WIFSIGNALED(st)) printf("killed %d\n", WTERMSIG(st));
+    else printf("exited %d\n", WEXITSTATUS(st));
+    return 0;
+}
+"#;
+
+/// Why holds step syscalls instead of arming a hardware breakpoint on ld.so's
+/// `_dl_debug_state` (2-3 stops instead of ~10): the thread would have to *run* with DR7
+/// armed to reach the breakpoint, and if the hook died then (SIGKILL, OOM, crash), neither the
+/// tracer's exit nor a detach clears the debug registers — the breakpoint fires untraced, the
+/// SIGTRAP kills the program. Fail open would become fail dead. Only clearing DR7 under a
+/// ptrace-stop disarms it, and a dead hook cannot do that. If this test ever fails, the kernel
+/// started clearing debug registers on detach and the breakpoint can be reconsidered.
+#[test]
+fn debug_registers_survive_tracer_exit_and_detach_so_holds_never_arm_them() {
+    if !can_run(&[]) {
+        return;
+    }
+    let fx = Fixture::new();
+    let prog = fx.gcc(DEBUGREG_C, "debugreg", &[]);
+    let ended = |mode: &str| run(Command::new(&prog).arg(mode)).0;
+    assert_eq!(
+        ended("0"),
+        "killed 5\n",
+        "tracer exited with DR7 armed: SIGTRAP kills"
+    );
+    assert_eq!(
+        ended("1"),
+        "killed 5\n",
+        "detached with DR7 armed: SIGTRAP kills"
+    );
+    assert_eq!(
+        ended("2"),
+        "exited 0\n",
+        "DR7 cleared under the stop, then detached"
+    );
+}
+
 /// The newest process whose `comm` is `name`.
 fn pid_of(name: &str) -> Option<i32> {
     std::fs::read_dir("/proc")

@@ -1,5 +1,6 @@
 //! What the agent tells the server about its host: hostname, os-release, kernel, IP
-//! addresses, installed packages (dpkg-query or rpm) and the state of every patch.
+//! addresses, installed packages (dpkg-query or rpm, plus Python distributions in the system's
+//! site-packages) and the state of every patch.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -159,7 +160,86 @@ pub fn parse_dpkg(text: &str) -> Vec<Package> {
         .collect()
 }
 
-/// Installed packages from dpkg, else rpm; sorted and deduplicated. Empty when neither works.
+/// Directories where system-wide Python distributions live: `/usr/lib/python3/dist-packages`
+/// and `{/usr,/usr/local}/{lib,lib64}/python3.*/{site,dist}-packages`.
+pub fn python_site_dirs() -> Vec<std::path::PathBuf> {
+    let mut dirs = vec![std::path::PathBuf::from("/usr/lib/python3/dist-packages")];
+    for base in [
+        "/usr/lib",
+        "/usr/lib64",
+        "/usr/local/lib",
+        "/usr/local/lib64",
+    ] {
+        let Ok(entries) = std::fs::read_dir(base) else {
+            continue;
+        };
+        for e in entries.filter_map(Result::ok) {
+            if e.file_name().to_string_lossy().starts_with("python3") {
+                for sub in ["site-packages", "dist-packages"] {
+                    dirs.push(e.path().join(sub));
+                }
+            }
+        }
+    }
+    dirs.retain(|d| d.is_dir());
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// A distribution's name in its normalised form (PEP 503: lower case, runs of `-`, `_` and
+/// `.` as one `-`), which is how patches name PyPI packages (`pillow`, not `Pillow`).
+pub fn normalize_pypi_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut sep = false;
+    for c in name.chars() {
+        if matches!(c, '-' | '_' | '.') {
+            sep = true;
+        } else {
+            if sep && !out.is_empty() {
+                out.push('-');
+            }
+            sep = false;
+            out.extend(c.to_lowercase());
+        }
+    }
+    out
+}
+
+/// `Pillow-10.2.0.dist-info` -> (`pillow`, `10.2.0`). The directory name is the wheel spec's
+/// `{name}-{version}.dist-info`, where neither part contains `-` (the name's `-` became `_`);
+/// egg-info and malformed names yield `None`.
+pub fn parse_dist_info(dir_name: &str) -> Option<Package> {
+    let stem = dir_name.strip_suffix(".dist-info")?;
+    let (name, version) = stem.split_once('-')?;
+    if name.is_empty() || version.is_empty() || version.contains('-') {
+        return None;
+    }
+    Some(Package {
+        ecosystem: "pypi".into(),
+        name: normalize_pypi_name(name),
+        version: version.to_string(),
+    })
+}
+
+/// Python distributions installed in `dirs` (one `readdir` each, no file is opened).
+pub fn python_packages_in(dirs: &[std::path::PathBuf]) -> Vec<Package> {
+    let mut v = Vec::new();
+    for d in dirs {
+        let Ok(entries) = std::fs::read_dir(d) else {
+            continue;
+        };
+        v.extend(
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| parse_dist_info(&e.file_name().to_string_lossy())),
+        );
+    }
+    v
+}
+
+/// Installed packages from dpkg, else rpm, plus system-wide Python distributions (patches
+/// for wheels name `pypi` packages); sorted and deduplicated. Empty when nothing works.
 pub fn packages() -> Vec<Package> {
     let dpkg = Command::new("dpkg-query")
         .args(["-W", "-f", "${db:Status-Abbrev}\t${Package}\t${Version}\n"])
@@ -184,6 +264,7 @@ pub fn packages() -> Vec<Package> {
             _ => Vec::new(),
         },
     };
+    v.extend(python_packages_in(&python_site_dirs()));
     v.sort();
     v.dedup();
     v
@@ -206,6 +287,51 @@ pub fn packages_hash(sorted: &[Package]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn python_distributions_are_reported_under_the_names_patches_use() {
+        // A patch for Pillow names `pillow`; reporting `Pillow` would make it never relevant.
+        assert_eq!(normalize_pypi_name("Pillow"), "pillow");
+        assert_eq!(normalize_pypi_name("zope.interface"), "zope-interface");
+        assert_eq!(
+            normalize_pypi_name("typing__Extensions"),
+            "typing-extensions"
+        );
+        let p = parse_dist_info("Pillow-10.2.0.dist-info").expect("parsed");
+        assert_eq!(
+            (p.ecosystem.as_str(), p.name.as_str(), p.version.as_str()),
+            ("pypi", "pillow", "10.2.0")
+        );
+        assert_eq!(
+            parse_dist_info("ujson-5.12.0.dist-info").map(|p| p.name),
+            Some("ujson".into())
+        );
+        for bad in [
+            "foo.egg-info",
+            "-1.0.dist-info",
+            "foo-.dist-info",
+            "foo-1-2.dist-info",
+            "foo",
+        ] {
+            assert_eq!(parse_dist_info(bad), None, "{bad}");
+        }
+        let dir = tempfile::tempdir().expect("tmp");
+        for d in [
+            "Pillow-10.2.0.dist-info",
+            "PIL",
+            "ujson-5.12.0.dist-info",
+            "old.egg-info",
+        ] {
+            std::fs::create_dir(dir.path().join(d)).expect("mkdir");
+        }
+        let mut got = python_packages_in(&[dir.path().to_path_buf(), dir.path().join("missing")]);
+        got.sort();
+        let names: Vec<_> = got
+            .iter()
+            .map(|p| format!("{} {}", p.name, p.version))
+            .collect();
+        assert_eq!(names, ["pillow 10.2.0", "ujson 5.12.0"]);
+    }
 
     #[test]
     fn parsers_take_what_matters() {

@@ -672,10 +672,12 @@ impl Controller {
         if !sizes.is_empty() || !self.carriers.is_empty() {
             // A full scan also refreshes what we know about file sizes.
             self.sizes = SizeCache::default();
+            let candidates: Vec<Candidate> = pids
+                .into_iter()
+                .filter_map(|pid| self.candidate(pid, &sizes))
+                .collect();
             let mut pass = Pass::default();
-            for pid in pids {
-                self.check_pid(pid, &sizes, &mut pass);
-            }
+            self.visit_all(candidates, &mut pass);
             self.finish_pass(pass);
         }
         self.last_scan = Instant::now();
@@ -701,7 +703,8 @@ impl Controller {
             return;
         }
         let mut pass = Pass::default();
-        self.check_pid(pid, &sizes, &mut pass);
+        let candidates: Vec<Candidate> = self.candidate(pid, &sizes).into_iter().collect();
+        self.visit_all(candidates, &mut pass);
         self.finish_pass(pass);
     }
 
@@ -722,32 +725,67 @@ impl Controller {
         }
     }
 
-    /// Brings one process in line: rediscovers, applies what is missing, reverts what must
-    /// not be there.
-    fn check_pid(&mut self, pid: i32, sizes: &HashSet<u64>, pass: &mut Pass) {
-        let Some(entries) = scan::maps(pid) else {
-            return;
-        };
+    /// Whether `pid` must be looked at: it maps a file of a target's size, or carries our
+    /// patches. Reads `/proc/PID/maps` (and `stat`s new inodes); no ptrace.
+    fn candidate(&mut self, pid: i32, sizes: &HashSet<u64>) -> Option<Candidate> {
+        let entries = scan::maps(pid)?;
         let mapped = self.sizes.module_sizes(pid, &entries);
-        let candidate = mapped.iter().any(|s| sizes.contains(s));
-        if !candidate && !self.carriers.contains_key(&pid) {
+        let hit = mapped.iter().any(|s| sizes.contains(s));
+        (hit || self.carriers.contains_key(&pid)).then_some(Candidate { pid, mapped })
+    }
+
+    /// Brings the candidates in line — rediscovers, applies what is missing, reverts what
+    /// must not be there — on tracer threads in parallel ([`stitch_engine::fanout`], as
+    /// `stitch apply --all`: one engine stop per thread at a time), then records what they
+    /// did on this thread.
+    fn visit_all(&mut self, candidates: Vec<Candidate>, pass: &mut Pass) {
+        if candidates.is_empty() {
             return;
         }
-        let listed = match self.engine.list(Pid(pid)) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(pid, error = %e, "cannot list patches of process");
-                return;
-            }
-        };
-        let start_time = scan::start_time(pid).unwrap_or(0);
-        // Rediscovery: what the process carries right now.
-        let mut carried: BTreeMap<String, (u32, u64)> = BTreeMap::new();
-        for a in &listed {
-            if a.record.state == stitch_engine::region::RecordState::Applied {
-                carried.insert(a.record.id.clone(), (a.record.revision, a.record.hits));
-            }
+        let views: Vec<SlotView> = self
+            .slots
+            .iter()
+            .map(|(id, s)| SlotView {
+                id: id.clone(),
+                revision: s.row.revision,
+                target_size: s.bundle.patch().target.size,
+                desired: self.desired(id),
+            })
+            .collect();
+        let may_apply = candidates.iter().any(|c| {
+            views
+                .iter()
+                .any(|v| v.desired && c.mapped.contains(&v.target_size))
+        });
+        if may_apply && pass.bundles.is_none() {
+            pass.bundles = Some(self.pass_bundles());
         }
+        let empty = BTreeMap::new();
+        let bundles = pass.bundles.as_ref().unwrap_or(&empty);
+        let (engine, filter) = (&self.engine, self.proc_filter.as_deref());
+        let visits = stitch_engine::fanout::par_map(
+            &candidates,
+            stitch_engine::fanout::jobs(candidates.len()),
+            |c| visit(engine, filter, c, &views, bundles),
+            |_| {},
+        );
+        for v in visits {
+            self.record_visit(v, pass);
+        }
+    }
+
+    /// What a tracer thread did in one process, recorded in the carriers, the store, the
+    /// metrics and the events.
+    fn record_visit(&mut self, v: Visit, pass: &mut Pass) {
+        let Visit {
+            pid,
+            start_time,
+            carried,
+            reverted,
+            applied,
+            failed,
+        } = v;
+        let Some(carried) = carried else { return };
         let known = self
             .carriers
             .get(&pid)
@@ -763,9 +801,6 @@ impl Controller {
             patches: BTreeMap::new(),
         };
         for (id, (rev, hits)) in &carried {
-            if !self.slots.contains_key(id) {
-                continue; // not ours (applied by hand with `stitch apply`): leave it alone
-            }
             // Hits already reported: from memory, else from the store (agent restart), else
             // all of them are new to us but not new attempts: count from now.
             let reported = known
@@ -789,60 +824,23 @@ impl Controller {
                 .patches
                 .insert(id.clone(), (*rev, reported.min(*hits)));
         }
-        let ids: Vec<String> = self.slots.keys().cloned().collect();
-        for id in ids {
-            let Some(slot) = self.slots.get(&id) else {
-                continue;
-            };
-            let revision = slot.row.revision;
-            let target_size = slot.bundle.patch().target.size;
-            let desired = self.desired(&id);
-            let have = carrier.patches.get(&id).map(|x| x.0);
-            if let Some(r) = have
-                && (!desired || r != revision)
-            {
-                match self.engine.revert(Pid(pid), &id) {
-                    Ok(rep) => {
-                        self.metrics.reverted += 1;
-                        carrier.patches.remove(&id);
-                        let _ = self.store.clear_applied(pid, Some(&id));
-                        tracing::info!(pid, patch_id = %id, hits = rep.hits, "reverted");
-                    }
-                    Err(e) => {
-                        self.fail(&id, revision, Some(pid), &AgentError::Engine(e));
-                        continue;
-                    }
+        for id in reverted {
+            self.metrics.reverted += 1;
+            carrier.patches.remove(&id);
+            let _ = self.store.clear_applied(pid, Some(&id));
+        }
+        for (id, revision, new) in applied {
+            carrier.patches.insert(id.clone(), (revision, 0));
+            if new {
+                self.metrics.applied += 1;
+                *pass.applied.entry(id.clone()).or_default() += 1;
+                if let Some(s) = self.slots.get_mut(&id) {
+                    s.error = None;
                 }
             }
-            if !desired || carrier.patches.contains_key(&id) || !mapped.contains(&target_size) {
-                continue;
-            }
-            if pass.bundles.is_none() {
-                pass.bundles = Some(self.pass_bundles());
-            }
-            let Some(bundle) = pass.bundles.as_ref().and_then(|b| b.get(&id)) else {
-                continue;
-            };
-            if let Some(f) = &self.proc_filter {
-                f.add(pid);
-            }
-            match self.engine.apply(Pid(pid), bundle) {
-                Ok(rep) => {
-                    self.metrics.applied += 1;
-                    tracing::info!(pid, patch_id = %id, pause_us = rep.pause.as_micros() as u64, "applied");
-                    carrier.patches.insert(id.clone(), (revision, 0));
-                    *pass.applied.entry(id.clone()).or_default() += 1;
-                    if let Some(s) = self.slots.get_mut(&id) {
-                        s.error = None;
-                    }
-                }
-                // Same size, different file (a replaced or other build): not a target.
-                Err(EngineError::ModuleNotMapped { .. }) => {}
-                Err(EngineError::AlreadyApplied { .. }) => {
-                    carrier.patches.insert(id.clone(), (revision, 0));
-                }
-                Err(e) => self.fail(&id, revision, Some(pid), &AgentError::Engine(e)),
-            }
+        }
+        for (id, revision, e) in failed {
+            self.fail(&id, revision, Some(pid), &AgentError::Engine(e));
         }
         for (id, (rev, hits)) in &carrier.patches {
             let before = known.as_ref().and_then(|c| c.patches.get(id)).copied();
@@ -1598,6 +1596,114 @@ impl Controller {
         }
         true
     }
+}
+
+/// A process to visit (see [`Controller::candidate`]).
+struct Candidate {
+    pid: i32,
+    /// Sizes of the file-backed modules it maps.
+    mapped: Vec<u64>,
+}
+
+/// What a tracer thread needs to know of an installed patch.
+struct SlotView {
+    id: String,
+    revision: u32,
+    target_size: u64,
+    /// In processes now ([`Controller::desired`]).
+    desired: bool,
+}
+
+/// What a tracer thread did in one process ([`visit`]).
+struct Visit {
+    pid: i32,
+    start_time: u64,
+    /// Our patches it carried when listed: id -> (revision, hits). None: it could not be
+    /// listed (gone, or not ours to trace) and nothing was done.
+    carried: Option<BTreeMap<String, (u32, u64)>>,
+    /// Reverted now.
+    reverted: Vec<String>,
+    /// (id, revision, applied now — false: the engine found it already there).
+    applied: Vec<(String, u32, bool)>,
+    failed: Vec<(String, u32, EngineError)>,
+}
+
+/// One process, on a tracer thread: lists what it carries (rediscovery; this is also why
+/// nothing is applied twice), reverts what must not be there (undesired, or another
+/// revision), applies each desired patch whose target size it maps. Touches no controller
+/// state: [`Controller::record_visit`] records the outcome.
+fn visit(
+    engine: &Engine,
+    filter: Option<&crate::procconn::ProcFilter>,
+    c: &Candidate,
+    slots: &[SlotView],
+    bundles: &BTreeMap<String, VerifiedBundle>,
+) -> Visit {
+    let pid = c.pid;
+    let mut v = Visit {
+        pid,
+        start_time: 0,
+        carried: None,
+        reverted: Vec::new(),
+        applied: Vec::new(),
+        failed: Vec::new(),
+    };
+    let listed = match engine.list(Pid(pid)) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(pid, error = %e, "cannot list patches of process");
+            return v;
+        }
+    };
+    v.start_time = scan::start_time(pid).unwrap_or(0);
+    // Patches not installed here (applied by hand with `stitch apply`) are left alone.
+    let carried: BTreeMap<String, (u32, u64)> = listed
+        .iter()
+        .filter(|a| a.record.state == stitch_engine::region::RecordState::Applied)
+        .filter(|a| slots.iter().any(|s| s.id == a.record.id))
+        .map(|a| (a.record.id.clone(), (a.record.revision, a.record.hits)))
+        .collect();
+    let mut has: HashSet<&str> = carried.keys().map(String::as_str).collect();
+    for s in slots {
+        if let Some((r, _)) = carried.get(&s.id)
+            && (!s.desired || *r != s.revision)
+        {
+            match engine.revert(Pid(pid), &s.id) {
+                Ok(rep) => {
+                    tracing::info!(pid, patch_id = %s.id, hits = rep.hits, "reverted");
+                    has.remove(s.id.as_str());
+                    v.reverted.push(s.id.clone());
+                }
+                Err(e) => {
+                    v.failed.push((s.id.clone(), s.revision, e));
+                    continue;
+                }
+            }
+        }
+        if !s.desired || has.contains(s.id.as_str()) || !c.mapped.contains(&s.target_size) {
+            continue;
+        }
+        let Some(bundle) = bundles.get(&s.id) else {
+            continue;
+        };
+        if let Some(f) = filter {
+            f.add(pid);
+        }
+        match engine.apply(Pid(pid), bundle) {
+            Ok(rep) => {
+                tracing::info!(pid, patch_id = %s.id, pause_us = rep.pause.as_micros() as u64, "applied");
+                v.applied.push((s.id.clone(), s.revision, true));
+            }
+            // Same size, different file (a replaced or other build): not a target.
+            Err(EngineError::ModuleNotMapped { .. }) => {}
+            Err(EngineError::AlreadyApplied { .. }) => {
+                v.applied.push((s.id.clone(), s.revision, false));
+            }
+            Err(e) => v.failed.push((s.id.clone(), s.revision, e)),
+        }
+    }
+    v.carried = Some(carried);
+    v
 }
 
 fn unknown(id: &str) -> (String, String) {

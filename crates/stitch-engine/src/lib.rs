@@ -23,6 +23,7 @@
 
 mod apply;
 mod error;
+pub mod fanout;
 mod identify;
 mod plan;
 pub mod region;

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context as _;
+use stitch_engine::fanout::{jobs, par_map};
 use stitch_engine::{AppliedPatch, Engine, EngineError, Plan};
 use stitch_format::{Bundle, TrustedKeys, VerifiedBundle};
 use stitch_sys::Pid;
@@ -144,63 +145,6 @@ fn print_rows(rows: &[Row], json: bool) -> anyhow::Result<()> {
     let ok = rows.iter().filter(|r| r.outcome.is_ok()).count();
     println!("{ok} ok, {} failed", rows.len() - ok);
     Ok(())
-}
-
-/// How many tracer threads `--all` (and several `--pid`s) use: one engine stop per thread at
-/// a time, each on its own thread (a tracee belongs to the thread that seized it). Default:
-/// the number of CPUs, at most 4; `STITCH_APPLY_JOBS` overrides it.
-fn jobs(n_targets: usize) -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    std::env::var("STITCH_APPLY_JOBS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or_else(|| cpus.min(4))
-        .clamp(1, 64)
-        .min(n_targets.max(1))
-}
-
-/// `f` over `items` on `jobs` threads (each item on exactly one), results in item order.
-/// `tick` is called on the caller's thread as items complete.
-fn par_map<I: Sync, R: Send>(
-    items: &[I],
-    jobs: usize,
-    f: impl Fn(&I) -> R + Sync,
-    mut tick: impl FnMut(usize),
-) -> Vec<R> {
-    if jobs <= 1 {
-        return items
-            .iter()
-            .enumerate()
-            .map(|(i, x)| {
-                tick(i);
-                f(x)
-            })
-            .collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let (tx, rx) = std::sync::mpsc::channel::<(usize, R)>();
-    let mut out: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..jobs {
-            let tx = tx.clone();
-            let (next, f) = (&next, &f);
-            scope.spawn(move || {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(item) = items.get(i) else { break };
-                    if tx.send((i, f(item))).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        for (done, (i, r)) in rx.iter().enumerate() {
-            tick(done);
-            out[i] = Some(r);
-        }
-    });
-    out.into_iter().flatten().collect()
 }
 
 pub(crate) fn apply(

@@ -1060,6 +1060,61 @@ fn debug_registers_survive_tracer_exit_and_detach_so_holds_never_arm_them() {
     );
 }
 
+/// The hazard of returning from a bundle change while a hold that started with a removed
+/// bundle is still running: the caller (the agent disabling a patch) would believe it is no
+/// longer applied anywhere, and then the hold applies it. `set_bundles` returns only after
+/// that hold ended.
+#[test]
+fn bundles_change_returns_only_after_holds_with_removed_bundles_ended() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let prog = fx.gcc(OPEN_SLEEP_MAP_C, "open_sleep_map", &[]);
+    let b = fx.bundle(&lib, "ST-2026-9020");
+    let mut h = Hookd::start(
+        &fx,
+        &[&b],
+        &[
+            "--control-stdin",
+            "--no-live-patch",
+            "--hold-timeout-ms",
+            "10000",
+        ],
+    );
+    let child = Command::new(&prog)
+        .arg(&lib)
+        .arg("600")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tgid_of(tracer_of(pid)) != h.pid() {
+        assert!(Instant::now() < deadline, "the hook never held the program");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let t0 = Instant::now();
+    let u = bundles_cmd(&mut h, &[]);
+    let waited = t0.elapsed();
+    assert_eq!(u["unmarked"].as_u64(), Some(1), "{u}");
+    let (out, ok) = wait_bounded(child, Duration::from_secs(10));
+    assert!(ok && out == "opened\nmapped\n", "{out}");
+    // The program sleeps 600 ms inside the hold: an answer much sooner means the change did
+    // not wait for it.
+    assert!(
+        waited >= Duration::from_millis(300),
+        "set_bundles returned after {waited:?}, while the hold was still running"
+    );
+    let outcome = h.wait_for(Duration::from_secs(5), |v| {
+        v["pid"] == pid
+            && (v["event"] == "patched" || v["event"] == "missed" || v["event"] == "skipped")
+    });
+    assert!(outcome.is_some(), "the hold's outcome: {:?}", h.seen);
+}
+
 /// The newest process whose `comm` is `name`.
 fn pid_of(name: &str) -> Option<i32> {
     std::fs::read_dir("/proc")

@@ -694,8 +694,15 @@ pub(crate) fn wait_status(tid: i32, deadline: Instant) -> io::Result<Option<libc
 pub struct PtraceTracer {
     mem: HashMap<Pid, File>,
     /// Seccomp filters per held thread (`None`: no filter). Only the thread itself (or a sibling,
-    /// with TSYNC) can add a filter, and all of them are held: valid until `release_process`.
+    /// with TSYNC) can add a filter, and all of them are held: valid until `release_process`
+    /// or until a thread of the process runs its own code (a brief run, a step).
     filters: HashMap<(Pid, Tid), Option<Vec<Vec<BpfInsn>>>>,
+    /// Each held thread's ignored signals (`SigIgn`), read with its seccomp mode; valid as
+    /// long as `filters`.
+    ignored: HashMap<(Pid, Tid), u64>,
+    /// Threads a stepped remote syscall left in the step's signal-delivery-stop (not yet
+    /// settled back into a `PTRACE_EVENT_STOP`, see [`Tracer::settle`]).
+    stepped: std::collections::HashSet<(Pid, Tid)>,
     /// Whether to try `/proc/PID/mem` for writes (else only PTRACE_POKEDATA).
     proc_mem_writes: bool,
     _bound_to_thread: PhantomData<*const ()>,
@@ -714,6 +721,8 @@ impl PtraceTracer {
         Self {
             mem: HashMap::new(),
             filters: HashMap::new(),
+            ignored: HashMap::new(),
+            stepped: std::collections::HashSet::new(),
             proc_mem_writes: true,
             _bound_to_thread: PhantomData,
         }
@@ -868,6 +877,13 @@ impl PtraceTracer {
         Ok(())
     }
 
+    /// Drops what was cached about `pid`'s threads (seccomp filters, ignored signals): after a
+    /// thread ran its own code, it may have changed either.
+    fn forget_thread_facts(&mut self, pid: Pid) {
+        self.filters.retain(|&(p, _), _| p != pid);
+        self.ignored.retain(|&(p, _), _| p != pid);
+    }
+
     fn seccomp_filters(
         &mut self,
         pid: Pid,
@@ -876,7 +892,9 @@ impl PtraceTracer {
     ) -> Result<Option<&Vec<Vec<BpfInsn>>>> {
         if let std::collections::hash_map::Entry::Vacant(slot) = self.filters.entry((pid, tid)) {
             let forbid = |why: String| SysError::SeccompForbids { pid, tid, nr, why };
-            let loaded = match procfs::task_info(pid, tid)?.seccomp {
+            let info = procfs::task_info(pid, tid)?;
+            self.ignored.insert((pid, tid), info.sig_ignored);
+            let loaded = match info.seccomp {
                 0 => None,
                 1 => return Err(forbid("strict mode".into())),
                 _ => {
@@ -1019,6 +1037,78 @@ impl PtraceTracer {
         // Back to an event stop: registers restored there are seen by the kernel's restart logic.
         Self::park(OP, pid, tid, deadline)?;
         Ok(result)
+    }
+}
+
+impl PtraceTracer {
+    /// The body of a remote syscall in one stop, after registers and mask are replaced:
+    /// `PTRACE_SINGLESTEP` over the `syscall` instruction. The kernel reports the step at
+    /// syscall exit with a forced SIGTRAP (`TRAP_BRKPT`): the thread stops in a
+    /// signal-delivery-stop inside `get_signal`, after the call, before one more instruction,
+    /// with the result in `rax` — the same place in the kernel's signal path as a
+    /// `PTRACE_EVENT_STOP`, so registers restored there are seen by the restart logic; the
+    /// trap is discarded when the thread is resumed (signal 0). No interrupt is pending
+    /// during the call, so a call that waits is not cut short with a restart code (unlike the
+    /// two-stop way).
+    fn run_stepped(
+        pid: Pid,
+        tid: Tid,
+        call: &RemoteSyscall,
+        deadline: Instant,
+        deferred: &mut Vec<i32>,
+    ) -> Result<i64> {
+        const OP: &str = "remote syscall";
+        Self::req(OP, pid, tid, libc::PTRACE_SINGLESTEP, 0, 0)?;
+        loop {
+            match Self::next_event(pid, tid, deadline)? {
+                Event::Signal(libc::SIGTRAP)
+                    if raw::siginfo_code(tid.0).map_err(|e| Self::err(OP, pid, tid, e))? > 0 =>
+                {
+                    let r = raw::get_regs(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
+                    if r.orig_rax != call.nr.cast_unsigned() || r.rip != call.gadget + 2 {
+                        return Err(SysError::UnexpectedStop {
+                            op: OP,
+                            pid,
+                            tid,
+                            what: format!(
+                                "stepped to {:#x} after syscall {}",
+                                r.rip,
+                                r.orig_rax.cast_signed()
+                            ),
+                        });
+                    }
+                    return Ok(r.rax.cast_signed());
+                }
+                // Only SIGKILL/SIGSTOP (unblockable), a forced signal or a SIGTRAP someone sent
+                // can get here: hold it back and queue it again once the thread's own state is
+                // restored.
+                Event::Signal(sig) => {
+                    deferred.push(sig);
+                    Self::req(OP, pid, tid, libc::PTRACE_SINGLESTEP, 0, 0)?;
+                }
+                Event::Parked(_) | Event::Syscall => {
+                    Self::req(OP, pid, tid, libc::PTRACE_SINGLESTEP, 0, 0)?;
+                }
+                Event::Gone => return Err(SysError::ThreadGone { pid, tid }),
+                Event::Exec => return Err(SysError::Execed { pid, tid }),
+                Event::Timeout => {
+                    return Err(SysError::ThreadDidNotStop {
+                        pid,
+                        tid,
+                        waited: Duration::ZERO,
+                        left_seized: Vec::new(),
+                    });
+                }
+                Event::Other(what) => {
+                    return Err(SysError::UnexpectedStop {
+                        op: OP,
+                        pid,
+                        tid,
+                        what: format!("status event {what}"),
+                    });
+                }
+            }
+        }
     }
 }
 
@@ -1191,6 +1281,8 @@ impl Tracer for PtraceTracer {
 
     fn single_step(&mut self, pid: Pid, tid: Tid, deadline: Instant) -> Result<StopKind> {
         const OP: &str = "single step";
+        self.forget_thread_facts(pid);
+        self.stepped.remove(&(pid, tid));
         // The step's SIGTRAP is *forced*: were SIGTRAP blocked, the kernel would unblock it and
         // reset the handler to SIG_DFL. Unblock it ourselves for the step, re-block afterwards.
         let mask = raw::get_sigmask(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
@@ -1273,6 +1365,8 @@ impl Tracer for PtraceTracer {
         deadline: Instant,
     ) -> Result<StopKind> {
         const OP: &str = "run briefly";
+        self.forget_thread_facts(pid);
+        self.stepped.remove(&(pid, tid));
         Self::req(OP, pid, tid, libc::PTRACE_CONT, 0, 0)?;
         // Hand each signal over the moment it stops the thread instead of sleeping through the
         // window: a thread parked in a signal-delivery-stop makes no progress, and one whose
@@ -1329,11 +1423,23 @@ impl Tracer for PtraceTracer {
     ) -> Result<i64> {
         const OP: &str = "remote syscall";
         self.seccomp_check(pid, tid, call)?;
+        // One stop instead of two: single-step the `syscall` instruction. The step's SIGTRAP
+        // is forced, which would reset an *ignored* SIGTRAP's disposition: such a thread gets
+        // the two-stop way.
+        let trap = sigbit(libc::SIGTRAP);
+        let stepped = self
+            .ignored
+            .get(&(pid, tid))
+            .is_some_and(|ignored| ignored & trap == 0);
         let saved = raw::get_regs(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
         let saved_mask = raw::get_sigmask(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
         // Block every signal while the registers are not the thread's own: no handler may run on
         // our borrowed context. SIGKILL/SIGSTOP stay unblockable; they are handled in the loop.
-        raw::set_sigmask(tid.0, !0).map_err(|e| Self::err(OP, pid, tid, e))?;
+        // When stepping, SIGTRAP stays unblocked: a forced SIGTRAP that finds it blocked would
+        // unblock it and reset its handler; unblocked, the step's trap stops the thread for us
+        // (signal-delivery-stop) and is discarded when it resumes — no handler runs.
+        let hijack_mask = if stepped { !trap } else { !0 };
+        raw::set_sigmask(tid.0, hijack_mask).map_err(|e| Self::err(OP, pid, tid, e))?;
         let [a0, a1, a2, a3, a4, a5] = call.args;
         let hijack = Regs {
             rip: call.gadget,
@@ -1356,8 +1462,15 @@ impl Tracer for PtraceTracer {
                 .map_err(|e| Self::err(OP, pid, tid, e))
                 .and_then(|()| Self::run_hijacked(pid, tid, call, deadline, deferred, fast))
         };
-        let result = match run(true, &mut deferred) {
-            Ok(r) if interrupted_return(r) => {
+        let result = if stepped {
+            raw::set_regs(tid.0, &hijack)
+                .map_err(|e| Self::err(OP, pid, tid, e))
+                .and_then(|()| Self::run_stepped(pid, tid, call, deadline, &mut deferred))
+        } else {
+            run(true, &mut deferred)
+        };
+        let result = match result {
+            Ok(r) if !stepped && interrupted_return(r) => {
                 tracing::debug!(
                     pid = pid.0,
                     tid = tid.0,
@@ -1372,10 +1485,16 @@ impl Tracer for PtraceTracer {
         if result.is_err() {
             // Try to get back to a parked stop so the restore below can work.
             let _ = Self::park(OP, pid, tid, Instant::now() + Duration::from_millis(200));
+        } else if stepped {
+            // Left in the step's signal-delivery-stop: further remote syscalls go on from
+            // there; `settle` parks it (one stop for a whole sequence of calls).
+            self.stepped.insert((pid, tid));
         }
-        // Restore at a PTRACE_EVENT_STOP: when the thread resumes, the kernel sees the original
-        // orig_rax/rax (e.g. read() -> -ERESTARTSYS, nanosleep -> -ERESTART_RESTARTBLOCK) and
-        // restarts the interrupted syscall exactly as if we had never been there.
+        // Restore inside the kernel's signal path (a PTRACE_EVENT_STOP, or the step's
+        // signal-delivery-stop; both are inside get_signal): when the thread resumes, the
+        // kernel sees the original orig_rax/rax (e.g. read() -> -ERESTARTSYS, nanosleep ->
+        // -ERESTART_RESTARTBLOCK) and restarts the interrupted syscall exactly as if we had
+        // never been there.
         let restored = raw::set_regs(tid.0, &saved)
             .and_then(|()| raw::set_sigmask(tid.0, saved_mask))
             .map_err(|e| Self::err("restore after remote syscall", pid, tid, e));
@@ -1388,7 +1507,18 @@ impl Tracer for PtraceTracer {
         Ok(value)
     }
 
+    fn settle(&mut self, pid: Pid, tid: Tid, deadline: Instant) -> Result<()> {
+        if self.stepped.remove(&(pid, tid)) {
+            // Resumed with signal 0, the step's SIGTRAP is discarded; the pending interrupt
+            // stops the thread again inside get_signal, before it runs one instruction.
+            Self::park("settle after a remote syscall", pid, tid, deadline)?;
+        }
+        Ok(())
+    }
+
     fn detach(&mut self, pid: Pid, tid: Tid) -> Result<()> {
+        // From the step's signal-delivery-stop a detach with signal 0 discards the SIGTRAP.
+        self.stepped.remove(&(pid, tid));
         match raw::ptrace_int(libc::PTRACE_DETACH, tid.0, 0, 0) {
             Ok(_) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
@@ -1421,6 +1551,7 @@ impl Tracer for PtraceTracer {
 
     fn release_process(&mut self, pid: Pid) {
         self.mem.remove(&pid);
-        self.filters.retain(|&(p, _), _| p != pid);
+        self.stepped.retain(|&(p, _)| p != pid);
+        self.forget_thread_facts(pid);
     }
 }

@@ -120,6 +120,8 @@ impl Held {
             released: false,
             left_seized: Vec::new(),
             timings: self.timings,
+            unsettled: BTreeSet::new(),
+            batch_depth: 0,
         }
     }
 }
@@ -138,6 +140,8 @@ fn stop_once<T: Tracer>(tracer: &mut T, pid: Pid, deadline: Instant) -> Result<H
         released: false,
         left_seized: Vec::new(),
         timings: StopTimings::default(),
+        unsettled: BTreeSet::new(),
+        batch_depth: 0,
     };
     let started = Instant::now();
     match sp.adopt_new_threads(deadline) {
@@ -234,6 +238,10 @@ pub struct StoppedProcess<T: Tracer = PtraceTracer> {
     released: bool,
     left_seized: Vec<Tid>,
     timings: StopTimings,
+    /// Threads a remote syscall may have left outside a `PTRACE_EVENT_STOP`.
+    unsettled: BTreeSet<Tid>,
+    /// Depth of [`StoppedProcess::remote_batch`] calls.
+    batch_depth: u32,
 }
 
 impl<T: Tracer> StoppedProcess<T> {
@@ -765,8 +773,64 @@ impl<T: Tracer> StoppedProcess<T> {
                 let _ = self.release_all();
                 Err(e)
             }
-            ok => ok,
+            Ok(r) => {
+                self.unsettled.insert(tid);
+                if self.batch_depth == 0 {
+                    self.settle()?;
+                }
+                Ok(r)
+            }
         }
+    }
+
+    /// Runs `f` (a sequence of remote syscalls) and settles the threads they ran in only at
+    /// the end: with the kernel tracer each call then costs one stop (the single step over
+    /// the `syscall` instruction) plus one stop for the whole sequence, instead of two per
+    /// call. Inside `f`, a thread that made a remote syscall sits in the step's
+    /// signal-delivery-stop: were the tracer killed then, the kernel would deliver that
+    /// SIGTRAP to the thread (see [`Tracer::settle`]) — the same residual window as a kill
+    /// during one remote syscall, stretched over the sequence. Keep `f` short.
+    ///
+    /// # Errors
+    /// `f`'s error, else a settle error (after which the process is released).
+    pub fn remote_batch<R, E: From<SysError>>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
+        self.batch_depth += 1;
+        let r = f(self);
+        self.batch_depth -= 1;
+        let settled = if self.batch_depth == 0 {
+            self.settle()
+        } else {
+            Ok(())
+        };
+        let r = r?;
+        settled?;
+        Ok(r)
+    }
+
+    /// Parks every thread a remote syscall left in another stop (see [`Tracer::settle`]).
+    fn settle(&mut self) -> Result<()> {
+        if self.released {
+            self.unsettled.clear();
+            return Ok(());
+        }
+        let deadline = self.deadline();
+        for tid in std::mem::take(&mut self.unsettled) {
+            match self.tracer.settle(self.pid, tid, deadline) {
+                Ok(()) => {}
+                Err(e) if e.is_gone() => {
+                    self.held.remove(&tid);
+                    self.gone.insert(tid);
+                }
+                Err(e) => {
+                    let _ = self.release_all();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn checked(&self, tid: Tid, nr: i64, ret: i64) -> Result<i64> {

@@ -168,6 +168,16 @@ pub trait Tracer {
         deadline: Instant,
     ) -> Result<i64>;
 
+    /// After one or more [`Tracer::syscall`]s in `tid`: back to a `PTRACE_EVENT_STOP`. The
+    /// kernel tracer runs remote syscalls in one stop each by single-stepping, which leaves
+    /// the thread in the step's signal-delivery-stop — fine for the next remote syscall, a
+    /// run or a detach (each resumes with signal 0, discarding the trap), but were the tracer
+    /// to die there, the kernel would deliver that SIGTRAP. Call this once a sequence of
+    /// remote syscalls is done. No-op for a thread already parked.
+    fn settle(&mut self, _pid: Pid, _tid: Tid, _deadline: Instant) -> Result<()> {
+        Ok(())
+    }
+
     /// Held → running and no longer ours. A thread that is already gone is not an error.
     fn detach(&mut self, pid: Pid, tid: Tid) -> Result<()>;
 
@@ -234,6 +244,9 @@ impl<T: Tracer + ?Sized> Tracer for &mut T {
         deadline: Instant,
     ) -> Result<i64> {
         (**self).syscall(pid, tid, call, deadline)
+    }
+    fn settle(&mut self, pid: Pid, tid: Tid, deadline: Instant) -> Result<()> {
+        (**self).settle(pid, tid, deadline)
     }
     fn detach(&mut self, pid: Pid, tid: Tid) -> Result<()> {
         (**self).detach(pid, tid)

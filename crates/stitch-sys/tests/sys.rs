@@ -776,6 +776,63 @@ fn unstoppable_vfork_thread_is_reported_and_released_when_the_tracer_thread_exit
 }
 
 #[test]
+fn remote_syscalls_leave_a_sigtrap_handler_mask_or_ignore_exactly_as_they_were() {
+    need_real!("remote_syscalls_leave_a_sigtrap_handler_mask_or_ignore_exactly_as_they_were");
+    // A remote syscall single-steps the `syscall` instruction: the step's SIGTRAP is forced,
+    // and a forced signal that finds SIGTRAP blocked or ignored resets its handler. Neither
+    // may show: the handler never runs, and disposition and mask stay as the target set them
+    // (an ignoring target gets the two-stop way).
+    for (mode, disposition, blocked) in [
+        ("handler", "handler", 0),
+        ("blocked", "handler", 1),
+        ("ignored", "ignored", 0),
+    ] {
+        let mut t = Target::run("trapper", &[mode]);
+        let pid = t.ready();
+        // The main thread is now blocked in read(): the remote syscalls interrupt it.
+        std::thread::sleep(Duration::from_millis(20));
+        let mut sp = stop_all(pid, deadline(5)).expect("stop_all");
+        for _ in 0..3 {
+            let a = sp
+                .remote_mmap(Placement::Anywhere, 0x2000, libc::PROT_READ)
+                .expect("mmap");
+            sp.remote_munmap(a, 0x2000).expect("munmap");
+        }
+        sp.resume().expect("resume");
+        t.write_stdin(b"report\n");
+        let want = format!("disposition={disposition} blocked={blocked} hits=0");
+        t.expect(&want, Duration::from_secs(5), |l| l == want);
+    }
+}
+
+#[test]
+fn tracer_dying_after_remote_syscalls_leaves_no_sigtrap_behind() {
+    need_real!("tracer_dying_after_remote_syscalls_leaves_no_sigtrap_behind");
+    // A stepped remote syscall leaves its thread in the step's signal-delivery-stop; a
+    // tracer that dies there makes the kernel deliver that SIGTRAP. Outside a batch and at
+    // the end of one, the thread is parked again first.
+    let mut t = Target::run("trapper", &["handler"]);
+    let pid = t.ready();
+    std::thread::sleep(Duration::from_millis(20));
+    stitch_sys::run_on_tracer_thread(move || {
+        let mut sp = stop_all(pid, deadline(5)).expect("stop_all");
+        let a = sp
+            .remote_mmap(Placement::Anywhere, 0x2000, libc::PROT_READ)
+            .expect("mmap");
+        sp.remote_batch(|sp| {
+            sp.remote_mprotect(a, 0x1000, libc::PROT_NONE)?;
+            sp.remote_munmap(a, 0x2000)
+        })
+        .expect("batch");
+        // No detach: the tracer thread exits with every thread still held.
+        std::mem::forget(sp);
+    });
+    t.write_stdin(b"report\n");
+    let want = "disposition=handler blocked=0 hits=0";
+    t.expect(want, Duration::from_secs(5), |l| l == want);
+}
+
+#[test]
 fn thread_count_by_stat_equals_the_task_listing() {
     need_real!("thread_count_by_stat_equals_the_task_listing");
     // stop_all takes an equal count for "no thread we do not hold": it must be exact.

@@ -342,7 +342,8 @@ impl Engine {
             None => {
                 let mut tried = vec![plan.region.addr()];
                 tried.extend(candidates(&maps, &span));
-                let addr = create_region(sp, &tried, self)?;
+                // One stop per injected syscall, plus one for the sequence.
+                let addr = sp.remote_batch(|sp| create_region(sp, &tried, self))?;
                 kill_point("region_mapped");
                 let header = RegionHeader::new(span.sha256, span.bias);
                 match link(addr, &header, true) {

@@ -266,6 +266,87 @@ impl Drop for HeldTids<'_> {
     }
 }
 
+/// Holds in progress in one process, and how many of them wait for the others to end.
+#[derive(Debug, Default)]
+pub(crate) struct PidHolds {
+    active: usize,
+    waiting: usize,
+}
+
+/// Counts a hold in its process while it lives. Dropped only after the hold's thread was let
+/// go (declared before the hold), so a sibling hold waiting for it can then seize that thread.
+struct PidHoldGuard<'a> {
+    shared: &'a Shared,
+    pid: Pid,
+}
+
+impl<'a> PidHoldGuard<'a> {
+    fn enter(shared: &'a Shared, pid: Pid) -> Self {
+        if let Ok(mut m) = shared.pid_holds.lock() {
+            m.entry(pid).or_default().active += 1;
+        }
+        Self { shared, pid }
+    }
+}
+
+impl Drop for PidHoldGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.shared.pid_holds.lock()
+            && let Some(h) = m.get_mut(&self.pid)
+        {
+            h.active = h.active.saturating_sub(1);
+            if h.active == 0 && h.waiting == 0 {
+                m.remove(&self.pid);
+            }
+        }
+        self.shared.pid_holds_cv.notify_all();
+    }
+}
+
+/// Before stopping the whole process for a commit. A sibling thread held by another worker
+/// cannot be stopped by us (ptrace allows one tracer per thread): the stop would fail and let
+/// our thread go on unpatched. So wait, bounded by `deadline`, until those holds ended (a
+/// sibling merely reading a target ends its hold when it closes the file; two dlopens cannot
+/// overlap, ld.so serialises them). If a sibling's holder already waits for *us*, give up
+/// instead: two holds waiting for each other would both run into their bound.
+fn wait_for_siblings(shared: &Shared, pid: Pid, deadline: Instant) -> Result<(), MissReason> {
+    let Ok(mut m) = shared.pid_holds.lock() else {
+        return Ok(());
+    };
+    let others = |m: &std::collections::HashMap<Pid, PidHolds>| {
+        m.get(&pid).map_or(0, |h| h.active.saturating_sub(1))
+    };
+    if others(&m) == 0 {
+        return Ok(());
+    }
+    if m.get(&pid).is_some_and(|h| h.waiting > 0) {
+        return Err(MissReason::OtherThreadHeld);
+    }
+    if let Some(h) = m.get_mut(&pid) {
+        h.waiting += 1;
+    }
+    let t0 = Instant::now();
+    while others(&m) > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        m = match shared.pid_holds_cv.wait_timeout(m, left) {
+            Ok((g, _)) => g,
+            Err(_) => return Ok(()),
+        };
+    }
+    if let Some(h) = m.get_mut(&pid) {
+        h.waiting -= 1;
+    }
+    tracing::debug!(
+        pid = pid.0,
+        waited_us = t0.elapsed().as_micros() as u64,
+        "waited for a sibling thread's hold"
+    );
+    Ok(())
+}
+
 /// A held thread whose tids are released before it is detached (field order: `held` drops
 /// first, then `hold` detaches).
 struct Tracked<'a> {
@@ -359,6 +440,8 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
     } else {
         vec![tid.0]
     };
+    // Declared before the hold: dropped after it let the thread go.
+    let _in_process = PidHoldGuard::enter(shared, pid);
     let hold = Tracked {
         held: HeldTids::record(shared, tids),
         hold,
@@ -417,7 +500,9 @@ fn miss(shared: &Shared, job: &Job, pid: Pid, patches: &[String], reason: MissRe
     let retry = shared.config.live_patch_misses
         && !matches!(
             reason,
-            MissReason::AlreadyTraced { .. } | MissReason::GroupStopped
+            MissReason::AlreadyTraced { .. }
+                | MissReason::GroupStopped
+                | MissReason::OtherThreadHeld
         );
     shared.emit(HookEvent::Missed {
         pid,
@@ -486,6 +571,10 @@ fn try_commit<'a>(
     received: Instant,
 ) -> Commit<'a> {
     let pid = hold.pid();
+    // Planned after the wait: a sibling that ran meanwhile may have changed the mappings.
+    if let Err(reason) = wait_for_siblings(shared, pid, deadline) {
+        return Commit::Done(Outcome::Missed(reason));
+    }
     let t_plan = Instant::now();
     let mut plans = Vec::new();
     for b in bundles {

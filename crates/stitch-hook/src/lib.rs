@@ -147,6 +147,9 @@ pub enum MissReason {
     GroupStopped,
     /// An exec on a kernel where holding it could deadlock (< 6.8), or exec holds disabled.
     ExecNotHeld,
+    /// Another thread of the process was being held for another load that was itself
+    /// waiting for this hold to end: this one gave way (its load goes on unpatched).
+    OtherThreadHeld,
     /// The engine refused or failed (stable code and message).
     Engine { code: String, message: String },
     /// Following the thread failed.
@@ -259,6 +262,9 @@ pub(crate) struct Shared {
     /// Read-held by a worker for a whole hold; [`Hook::set_bundles`] takes it for writing once
     /// to wait for the holds that started with the old bundles.
     pub(crate) bundle_gate: RwLock<()>,
+    /// Holds in progress per process (see `hold::wait_for_siblings`).
+    pub(crate) pid_holds: Mutex<std::collections::HashMap<Pid, hold::PidHolds>>,
+    pub(crate) pid_holds_cv: std::sync::Condvar,
 }
 
 impl Shared {
@@ -303,6 +309,8 @@ impl Hook {
             exec_holds,
             stopping: AtomicBool::new(false),
             bundle_gate: RwLock::new(()),
+            pid_holds: Mutex::new(std::collections::HashMap::new()),
+            pid_holds_cv: std::sync::Condvar::new(),
         });
         let stop = Arc::new(stitch_sys::Waker::new()?);
         let reader_stop = Arc::new(stitch_sys::Waker::new()?);

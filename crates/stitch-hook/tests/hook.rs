@@ -1115,6 +1115,175 @@ fn bundles_change_returns_only_after_holds_with_removed_bundles_ended() {
     assert!(outcome.is_some(), "the hold's outcome: {:?}", h.seen);
 }
 
+/// A thread keeps another target (`argv[2]`) open for 150 ms while the main thread dlopens the
+/// first one (`argv[1]`): two holds in one process at once.
+const SIBLING_HOLD_C: &str = r#"
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+static const char *other;
+static volatile int opened;
+static void *reader(void *a) {
+    (void)a;
+    int fd = open(other, O_RDONLY | O_CLOEXEC);
+    opened = 1;
+    struct timespec ts = { 0, 150 * 1000000L };
+    while (nanosleep(&ts, &ts) == -1) {}
+    char b[64];
+    if (read(fd, b, sizeof b) < 0) return 0;
+    close(fd);
+    return 0;
+}
+int main(int argc, char **argv) {
+    (void)argc;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    other = argv[2];
+    pthread_t t;
+    pthread_create(&t, 0, reader, 0);
+    while (!opened) usleep(1000);
+    usleep(20000);
+    void *h = dlopen(argv[1], RTLD_NOW);
+    if (!h) { printf("dlopen failed: %s\n", dlerror()); return 1; }
+    int (*f)(void) = (int (*)(void))dlsym(h, "lib_value");
+    printf("dlopen %d\n", f());
+    pthread_join(t, 0);
+    return 0;
+}
+"#;
+
+/// Two threads of one process held at once by two workers: the dlopen's commit must stop the
+/// other thread, which the other worker traces (one tracer per thread). It used to fail, the
+/// library ran unpatched and the load was reported as a miss; now the commit waits for the
+/// sibling's hold to end.
+#[test]
+fn library_dlopened_while_a_sibling_thread_holds_another_target_open_is_patched() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib_a = fx.lib(1);
+    let (lib_b, _) = second_target(&fx);
+    let prog = fx.gcc(SIBLING_HOLD_C, "sibling_hold", &["-pthread", "-ldl"]);
+    let a = fx.bundle(&lib_a, "ST-2026-9021");
+    let b = fx.bundle(&lib_b, "ST-2026-9022");
+    let mut h = Hookd::start(
+        &fx,
+        &[&a, &b],
+        &["--no-live-patch", "--hold-timeout-ms", "2000"],
+    );
+    let (out, ok, pid) = run(Command::new(&prog).arg(&lib_a).arg(&lib_b));
+    assert!(ok, "{out}");
+    assert_eq!(
+        out, "ctor 1000\ndlopen 1000\n",
+        "patched before its constructor"
+    );
+    let patched = h
+        .wait_for(Duration::from_secs(5), |v| event_is(v, "patched", pid))
+        .expect("patched event");
+    assert_eq!(patched["patch"], "ST-2026-9021");
+    let skipped = h
+        .wait_for(Duration::from_secs(5), |v| event_is(v, "skipped", pid))
+        .expect("the sibling's read reported");
+    assert_eq!(skipped["reason"], "NotMappedExecutable", "{skipped}");
+    assert!(
+        !h.drain(Duration::from_millis(100))
+            .iter()
+            .any(|v| event_is(v, "missed", pid)),
+        "{:?}",
+        h.seen
+    );
+}
+
+/// As `SIBLING_HOLD_C`, but the thread then maps its target executable itself (a loader other
+/// than ld.so): two loads held at once in one process.
+const SIBLING_LOAD_C: &str = r#"
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+static const char *other;
+static volatile int opened;
+static void *loader(void *a) {
+    (void)a;
+    int fd = open(other, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    fstat(fd, &st);
+    opened = 1;
+    struct timespec ts = { 0, 150 * 1000000L };
+    while (nanosleep(&ts, &ts) == -1) {}
+    void *p = mmap(NULL, st.st_size, PROT_READ | PROT_EXEC, MAP_PRIVATE, fd, 0);
+    printf("mapped %d\n", p != MAP_FAILED);
+    return 0;
+}
+int main(int argc, char **argv) {
+    (void)argc;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    other = argv[2];
+    pthread_t t;
+    pthread_create(&t, 0, loader, 0);
+    while (!opened) usleep(1000);
+    usleep(20000);
+    void *h = dlopen(argv[1], RTLD_NOW);
+    if (!h) { printf("dlopen failed: %s\n", dlerror()); return 1; }
+    pthread_join(t, 0);
+    int (*f)(void) = (int (*)(void))dlsym(h, "lib_value");
+    printf("dlopen %d\n", f());
+    return 0;
+}
+"#;
+
+/// Two loads held at once in one process, each waiting to stop the process for its commit:
+/// if both waited for the other's hold to end, both would run into the hold bound and both
+/// loads would go unpatched. The second to get there gives way (`OtherThreadHeld`, its
+/// load is live-patched later), the first commits.
+#[test]
+fn two_threads_loading_two_targets_at_once_do_not_wait_for_each_other() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib_a = fx.lib(1);
+    let (lib_b, _) = second_target(&fx);
+    let prog = fx.gcc(SIBLING_LOAD_C, "sibling_load", &["-pthread", "-ldl"]);
+    let a = fx.bundle(&lib_a, "ST-2026-9023");
+    let b = fx.bundle(&lib_b, "ST-2026-9024");
+    let mut h = Hookd::start(
+        &fx,
+        &[&a, &b],
+        &["--no-live-patch", "--hold-timeout-ms", "5000"],
+    );
+    let t0 = Instant::now();
+    let (out, ok, pid) = run(Command::new(&prog).arg(&lib_a).arg(&lib_b));
+    let took = t0.elapsed();
+    assert!(ok, "{out}");
+    assert!(
+        took < Duration::from_secs(2),
+        "the holds waited for each other: {took:?}"
+    );
+    assert!(
+        out.ends_with("dlopen 1000\n"),
+        "the dlopen was patched: {out}"
+    );
+    assert!(
+        h.wait_for(Duration::from_secs(5), |v| event_is(v, "patched", pid)
+            && v["patch"] == "ST-2026-9023")
+            .is_some()
+    );
+    let missed = h
+        .wait_for(Duration::from_secs(5), |v| event_is(v, "missed", pid))
+        .expect("the other load reported");
+    assert_eq!(missed["reason"], "OtherThreadHeld", "{missed}");
+}
+
 /// The newest process whose `comm` is `name`.
 fn pid_of(name: &str) -> Option<i32> {
     std::fs::read_dir("/proc")

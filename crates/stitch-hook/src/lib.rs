@@ -93,9 +93,9 @@ pub struct HookConfig {
     pub workers: usize,
     /// SCHED_FIFO for the reader thread (events are picked up at once on a busy host).
     pub realtime: bool,
-    /// SCHED_FIFO for workers during holds too. Off by default: measured slower, because
-    /// the engine's tracer waits for each ptrace stop by yielding, and a FIFO thread that
-    /// yields does not let the (normal-priority) target run on its CPU.
+    /// SCHED_FIFO for workers during holds too. Off by default: measured slower
+    /// (`docs/load-time.md`, section 5): a FIFO worker takes its CPU back the moment each
+    /// wait for a ptrace stop ends, and under load the target then waits behind other work.
     pub realtime_holds: bool,
     /// Exec holds policy.
     pub exec_holds: ExecHolds,

@@ -93,7 +93,13 @@ pub struct AppliedPatch {
     pub pid: Pid,
     pub region: u64,
     pub module_sha256: [u8; 32],
+    /// The record, with `state` as it is in effect (see [`Engine::list`]): `applied`
+    /// only when the sites carry its jumps.
     pub record: PatchRecord,
+    /// The region's record says `applied` (or `applying`) but no site carries its jump: the
+    /// library was unloaded and loaded again (the region outlives it), or a patcher was
+    /// killed mid-apply. Listed as `reverted`; the next apply settles it and applies again.
+    pub stale: bool,
 }
 
 const PROT_RW: i32 = libc_prot::READ | libc_prot::WRITE;
@@ -444,16 +450,41 @@ impl Engine {
                 continue;
             }
             let h = RegionHeader::decode(&data)?;
-            for record in h.records {
+            for mut record in h.records {
+                let written = record.state;
+                record.state = state_in_effect(pid, &record);
                 out.push(AppliedPatch {
                     pid,
                     region: e.start,
                     module_sha256: h.module_sha256,
+                    stale: written != RecordState::Reverted
+                        && record.state == RecordState::Reverted,
                     record,
                 });
             }
         }
         Ok(out)
+    }
+}
+
+/// The state a record has in effect, read without stopping (advisory; an apply or revert
+/// decides under the stop): a record not `reverted` is `applied` when any of its sites
+/// carries its jump (all do, unless a patcher died mid-write), else `reverted` — a stale
+/// record, e.g. over a library unloaded and loaded again at the same address, whose fresh
+/// copy has the original bytes while the region (anonymous memory) kept the record.
+pub(crate) fn state_in_effect(pid: Pid, r: &PatchRecord) -> RecordState {
+    if r.state == RecordState::Reverted {
+        return RecordState::Reverted;
+    }
+    let carries_jump = r.sites.iter().any(|s| {
+        let mut now = vec![0u8; s.original.len()];
+        stitch_sys::read_proc_mem(pid, s.addr, &mut now).is_ok()
+            && stitch_x86::site_bytes(s.addr, s.original.len(), s.tramp) == Some(now)
+    });
+    if carries_jump {
+        RecordState::Applied
+    } else {
+        RecordState::Reverted
     }
 }
 

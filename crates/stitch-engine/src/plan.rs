@@ -152,14 +152,14 @@ impl Engine {
                 max: region::MAX_ID,
             });
         }
-        if let Some(r) = header
-            .records
-            .iter()
-            .find(|r| r.id == patch.id && r.state != region::RecordState::Reverted)
-            .filter(|r| !sites_all_original(pid, r))
-        {
-            // A record over original bytes (a patcher killed mid-apply or mid-revert) is
-            // settled under the stop by `commit`; here, only a patch that is in place refuses.
+        if let Some(r) = header.records.iter().find(|r| {
+            r.id == patch.id
+                && crate::apply::state_in_effect(pid, r) != region::RecordState::Reverted
+        }) {
+            // A record whose sites do not carry its jumps (a patcher killed mid-apply or
+            // mid-revert; a library unloaded and loaded again at the same address, whose
+            // fresh copy has the original bytes) is settled under the stop by `commit`;
+            // here, only a patch that is in place refuses.
             return Err(EngineError::AlreadyApplied {
                 pid: pid.0,
                 id: r.id.clone(),
@@ -271,15 +271,6 @@ pub(crate) fn find_region(
         }
     }
     Ok(None)
-}
-
-/// Whether every site of `r` holds its original bytes now (read without stopping: advisory;
-/// `commit` decides under the stop).
-fn sites_all_original(pid: Pid, r: &region::PatchRecord) -> bool {
-    r.sites.iter().all(|s| {
-        let mut now = vec![0u8; s.original.len()];
-        stitch_sys::read_proc_mem(pid, s.addr, &mut now).is_ok() && now == s.original
-    })
 }
 
 /// Where the target module sits in the process: what linking and region placement need.

@@ -3,6 +3,7 @@
 
 use std::process::Command;
 
+use stitch_engine::region::RecordState;
 use stitch_engine::{Engine, EngineError};
 
 use crate::TARGET_C;
@@ -223,4 +224,106 @@ fn file_on_disk_is_byte_identical_after_apply_and_revert() {
     // A second process started from the file now runs the original.
     let mut fresh = Running::start(&t.exe);
     assert_eq!(fresh.ask(1), "2 2");
+}
+
+/// "l" dlopens argv[1] and prints where it was loaded; "c" dlcloses it; a number prints
+/// lib_compute(n) (-1 while not loaded).
+const RELOAD_MAIN_C: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <link.h>
+#include <stdio.h>
+#include <stdlib.h>
+int main(int argc, char **argv) {
+    char line[64];
+    void *h = 0;
+    int (*f)(int) = 0;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    while (fgets(line, sizeof line, stdin)) {
+        if (line[0] == 'l') {
+            h = dlopen(argv[1], RTLD_NOW);
+            f = h ? (int (*)(int))dlsym(h, "lib_compute") : 0;
+            struct link_map *m = 0;
+            if (h) dlinfo(h, RTLD_DI_LINKMAP, &m);
+            printf("loaded %lx\n", m ? (unsigned long)m->l_addr : 0UL);
+        } else if (line[0] == 'c') {
+            int r = h ? dlclose(h) : -1;
+            h = 0;
+            f = 0;
+            printf("closed %d\n", r);
+        } else {
+            printf("%d\n", f ? f(atoi(line)) : -1);
+        }
+    }
+    return 0;
+}
+"#;
+
+#[test]
+fn library_unloaded_and_reloaded_at_the_same_address_is_patched_again() {
+    if !can_trace() {
+        return;
+    }
+    // The region (anonymous, kept) outlives the library: its record says "applied" while
+    // the reloaded library's site holds the original bytes again. That record is stale:
+    // the patch is not in place, is not listed as applied, and applies again.
+    let lib = compile_named(LIB_C, &["-shared", "-fPIC"], "libreload.so");
+    let main = compile(RELOAD_MAIN_C, &[]);
+    let mut r = Running::start_args(&main.exe, &[lib.exe.to_str().unwrap()]);
+    let b = patch_module(
+        &lib.bytes,
+        "libreload.so",
+        "ST-2026-0210",
+        "lib_compute",
+        "drop",
+        RETURN_1000,
+    );
+    let engine = Engine::new();
+    let first = r.ask_str("l");
+    assert_ne!(first, "loaded 0");
+    engine.apply(r.pid(), &b).unwrap();
+    assert_eq!(r.ask(3), "1000");
+    let applied = |engine: &Engine, r: &Running| {
+        engine
+            .list(r.pid())
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.record.id == "ST-2026-0210" && a.record.state == RecordState::Applied)
+            .count()
+    };
+    assert_eq!(applied(&engine, &r), 1);
+    // Unload and load again until the library lands where it was (it usually does at once).
+    let mut same = false;
+    for _ in 0..20 {
+        assert_eq!(r.ask_str("c"), "closed 0");
+        assert_eq!(r.ask(3), "-1", "unloaded");
+        if r.ask_str("l") == first {
+            same = true;
+            break;
+        }
+    }
+    assert!(same, "the library was never reloaded at {first}");
+    assert_eq!(r.ask(3), "4", "a fresh copy of the library: original code");
+    assert_eq!(
+        applied(&engine, &r),
+        0,
+        "a stale record is not listed as applied"
+    );
+    let listed = engine.list(r.pid()).unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|a| a.record.id == "ST-2026-0210" && a.stale),
+        "and is reported stale: {listed:?}"
+    );
+    let rep = engine
+        .apply(r.pid(), &b)
+        .unwrap_or_else(|e| panic!("re-apply over a stale record: [{}] {e}", e.code()));
+    assert!(!rep.region_created, "the module's region is reused");
+    assert_eq!(r.ask(3), "1000");
+    assert_eq!(applied(&engine, &r), 1);
+    let rev = engine.revert(r.pid(), "ST-2026-0210").unwrap();
+    assert_eq!(rev.revision, b.patch().revision);
+    assert_eq!(r.ask(3), "4");
+    assert_eq!(applied(&engine, &r), 0);
 }

@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod store;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -75,8 +76,11 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// An agent seen within this window counts as online.
     pub online_window: Duration,
-    /// Mark session cookies `Secure` (set when served over HTTPS).
+    /// Mark session cookies `Secure` (set when served over HTTPS; implied by `tls`).
     pub secure_cookies: bool,
+    /// Serve HTTPS with this PEM certificate chain and PEM private key; plain HTTP if `None`
+    /// (then put a TLS-terminating proxy in front).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Config {
@@ -93,6 +97,7 @@ impl Config {
             heartbeat_interval: Duration::from_secs(300),
             online_window: Duration::from_secs(900),
             secure_cookies: false,
+            tls: None,
         }
     }
 }
@@ -116,6 +121,8 @@ pub enum StartError {
     },
     #[error("bootstrap: {0}")]
     Bootstrap(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Shared state of all handlers.
@@ -227,14 +234,17 @@ pub struct ServerHandle {
     pub store: Store,
     /// The manifest-signing public key agents should pin.
     pub server_public_key: stitch_format::PublicKey,
+    /// Whether it serves HTTPS.
+    pub tls: bool,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl ServerHandle {
-    /// `http://addr`.
+    /// `http://addr` or `https://addr`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
     /// Stops accepting, lets in-flight requests finish, and waits.
     pub async fn shutdown(mut self) {
@@ -259,7 +269,13 @@ pub async fn run(config: Config) -> Result<ServerHandle, StartError> {
 }
 
 /// Like [`run`] with an already opened store.
-pub async fn run_with_store(config: Config, store: Store) -> Result<ServerHandle, StartError> {
+pub async fn run_with_store(mut config: Config, store: Store) -> Result<ServerHandle, StartError> {
+    // Certificate problems are start-up errors, before anything listens.
+    let acceptor = match &config.tls {
+        Some((cert, key)) => Some(tls::acceptor(cert, key)?),
+        None => None,
+    };
+    config.secure_cookies |= acceptor.is_some();
     let key_path = config
         .server_key_file
         .clone()
@@ -293,21 +309,28 @@ pub async fn run_with_store(config: Config, store: Store) -> Result<ServerHandle
             }
         })
     };
+    let tls = acceptor.is_some();
     let task = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await;
+        let r = match acceptor {
+            Some(acceptor) => tls::serve(listener, acceptor, app, rx).await,
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.await;
+                    })
+                    .await
+            }
+        };
         flusher.abort();
         state.flush_seen().await;
         r
     });
-    tracing::info!(%addr, backend = store.backend_name(), "stitch-server listening");
+    tracing::info!(%addr, tls, backend = store.backend_name(), "stitch-server listening");
     Ok(ServerHandle {
         addr,
         store,
         server_public_key,
+        tls,
         shutdown: Some(tx),
         task,
     })

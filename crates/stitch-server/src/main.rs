@@ -43,9 +43,15 @@ struct Args {
     /// Heartbeat interval asked of agents, seconds.
     #[arg(long, default_value_t = 300)]
     heartbeat_s: u64,
-    /// Mark session cookies Secure (behind HTTPS).
+    /// Mark session cookies Secure (behind an HTTPS proxy; implied by --tls-cert).
     #[arg(long)]
     secure_cookies: bool,
+    /// Serve HTTPS with this PEM certificate chain (leaf first).
+    #[arg(long, env = "STITCH_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "STITCH_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Create (or reuse) this organisation and mint an enrollment token and an API token.
     #[arg(long)]
     bootstrap_org: Option<String>,
@@ -81,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
     config.heartbeat_interval = Duration::from_secs(args.heartbeat_s);
     config.online_window = Duration::from_secs(args.heartbeat_s * 3);
     config.secure_cookies = args.secure_cookies;
+    config.tls = args.tls_cert.clone().zip(args.tls_key.clone());
     if let Some(path) = &args.trusted_keys {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading trusted keys {}", path.display()))?;

@@ -4,6 +4,7 @@
 
 mod common;
 mod dashboard;
+mod tls;
 
 use common::*;
 use reqwest::StatusCode;

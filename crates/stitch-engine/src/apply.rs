@@ -348,10 +348,10 @@ impl Engine {
             None => {
                 let mut tried = vec![plan.region.addr()];
                 tried.extend(candidates(&maps, &span));
-                // One stop per injected syscall, plus one for the sequence.
-                let addr = sp.remote_batch(|sp| create_region(sp, &tried, self))?;
-                kill_point("region_mapped");
                 let header = RegionHeader::new(span.sha256, span.bias);
+                // One stop per injected syscall, plus one for the sequence.
+                let addr = sp.remote_batch(|sp| create_region(sp, &tried, &header, self))?;
+                kill_point("region_mapped");
                 match link(addr, &header, true) {
                     Ok(linked) => (linked, header),
                     Err(e) => {
@@ -555,11 +555,14 @@ fn settle_records<T: Tracer>(
     Ok(())
 }
 
-/// Maps a new region at the first free candidate, names it, and makes the trampoline part
-/// executable. Returns its address.
+/// Maps a new region at the first free candidate, names it, makes the trampoline part
+/// executable and writes its (empty) `header` — at once, so that a patcher killed after this
+/// leaves a region the next apply to the module finds by its magic and uses, not 64 KiB
+/// nobody will ever reclaim. Returns its address.
 fn create_region<T: Tracer>(
     sp: &mut StoppedProcess<T>,
     candidates: &[u64],
+    header: &RegionHeader,
     engine: &Engine,
 ) -> Result<u64, EngineError> {
     let mut last = None;
@@ -588,9 +591,12 @@ fn create_region<T: Tracer>(
                     region::REGION_SIZE - region::TRAMPOLINE_START,
                     PROT_RX,
                 );
-                if let Err(e) = prot {
+                if let Err(e) = prot.map_err(EngineError::from).and_then(|()| {
+                    sp.write_verified(a, &header.encode_fixed())
+                        .map_err(EngineError::from)
+                }) {
                     let _ = sp.remote_munmap(a, region::REGION_SIZE);
-                    return Err(e.into());
+                    return Err(e);
                 }
                 return Ok(a);
             }

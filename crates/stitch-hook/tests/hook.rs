@@ -1284,6 +1284,48 @@ fn two_threads_loading_two_targets_at_once_do_not_wait_for_each_other() {
     assert_eq!(missed["reason"], "OtherThreadHeld", "{missed}");
 }
 
+/// A library hold pins its worker to the CPU the held thread last ran on (each ptrace stop is
+/// then a switch on one CPU). The hazard: a worker left pinned after the hold, every later
+/// hold (and, in the agent, that thread for good) confined to one CPU.
+#[test]
+fn hold_workers_get_their_cpu_affinity_back_after_a_hold() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let main = fx.gcc(MAIN_DYN_C, "main_dyn", &["-ltarget"]);
+    let b = fx.bundle(&lib, "ST-2026-9025");
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let hook_pid = h.pid();
+    let allowed = |tid: &str| {
+        std::fs::read_to_string(format!("/proc/{hook_pid}/task/{tid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    let whole = allowed(&hook_pid.to_string());
+    for _ in 0..5 {
+        let (out, ok, pid) = run(&mut Command::new(&main));
+        assert!(ok && out == "ctor 1000\nmain 1000\n", "{out}");
+        assert!(
+            h.wait_for(Duration::from_secs(5), |v| event_is(v, "patched", pid))
+                .is_some()
+        );
+    }
+    for t in std::fs::read_dir(format!("/proc/{}/task", h.pid()))
+        .unwrap()
+        .flatten()
+    {
+        let tid = t.file_name().to_string_lossy().into_owned();
+        assert_eq!(allowed(&tid), whole, "thread {tid} left pinned");
+    }
+}
+
 /// The newest process whose `comm` is `name`.
 fn pid_of(name: &str) -> Option<i32> {
     std::fs::read_dir("/proc")

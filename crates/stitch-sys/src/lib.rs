@@ -82,6 +82,7 @@
     reason = "stitch-sys is the one crate that talks to the kernel directly: ptrace, waitpid, process_vm_readv, sched_setscheduler, pidfd_open"
 )]
 
+mod affinity;
 mod error;
 mod fake;
 mod fanotify;
@@ -94,6 +95,7 @@ mod tracer;
 mod types;
 mod util;
 
+pub use affinity::{CpuPin, last_cpu_of};
 pub use error::{Result, SysError};
 pub use fake::{
     Call, FAKE_TRACER_TID, FakeProcess, FakeRegion, FakeThread, FakeThreadState, FakeTracer,

@@ -32,9 +32,11 @@
 //!    made to run its own code ([`SysError::GroupStopped`]).
 //! 4. **The target sees its own signals.** A signal that arrives while we are stopping a thread
 //!    or letting it run is delivered as if we were not there; a remote syscall runs with all
-//!    signals blocked and the thread's own mask is restored afterwards.
+//!    signals blocked (but SIGTRAP, when it is single-stepped: see [`Tracer::settle`]) and the
+//!    thread's own mask is restored afterwards.
 //! 5. **Interrupted syscalls resume correctly.** Registers are only ever restored while the
-//!    thread sits in a `PTRACE_EVENT_STOP`, inside the kernel's signal path: when it resumes, the
+//!    thread sits inside the kernel's signal path (a `PTRACE_EVENT_STOP`, or the
+//!    signal-delivery-stop of the step over a `syscall` instruction): when it resumes, the
 //!    kernel applies its usual restart logic to the thread's *own* `orig_rax`/`rax`, so a
 //!    `read()` keeps waiting for its data, `nanosleep` sleeps its full time
 //!    (`restart_syscall`), and a `SA_RESTART`-less handler still sees EINTR.
@@ -51,6 +53,9 @@
 //!   microseconds) the executing thread's registers and signal mask are borrowed. If the agent
 //!   dies exactly then, that one thread resumes after the borrowed `syscall` with borrowed
 //!   registers. Every ptrace-based injector has this window; we keep it as short as possible.
+//!   Within a [`StoppedProcess::remote_batch`] (the few calls that map a region) a thread sits
+//!   between two calls in the step's signal-delivery-stop: a dying tracer there makes the
+//!   kernel deliver it that SIGTRAP. Outside a batch, and at its end, the thread is parked again.
 //! - A seized thread that never stops (uninterruptible sleep, a vfork parent) cannot be detached
 //!   until it stops; it is released when the tracing thread exits. Run stop windows through
 //!   [`run_on_tracer_thread`] and this holds even without a SIGKILL.

@@ -833,6 +833,27 @@ fn tracer_dying_after_remote_syscalls_leaves_no_sigtrap_behind() {
 }
 
 #[test]
+fn ppoll_with_a_temporary_mask_keeps_the_threads_own_mask_after_remote_syscalls() {
+    need_real!("ppoll_with_a_temporary_mask_keeps_the_threads_own_mask_after_remote_syscalls");
+    // Resuming a thread stopped inside ppoll(sigmask) for a remote syscall makes the kernel
+    // put its own mask back (restore_saved_sigmask); restoring the temporary mask read at
+    // the start on top would leave the thread with it after the restarted ppoll returns.
+    let mut t = Target::run("ppoller", &[]);
+    let pid = t.ready();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut sp = stop_all(pid, deadline(5)).expect("stop_all");
+    let a = sp
+        .remote_mmap(Placement::Anywhere, 0x1000, libc::PROT_READ)
+        .expect("mmap");
+    sp.remote_munmap(a, 0x1000).expect("munmap");
+    sp.resume().expect("resume");
+    std::thread::sleep(Duration::from_millis(20));
+    t.write_stdin(b"go\n");
+    let want = "ppoll=1 errno=0 usr2-blocked=1";
+    t.expect(want, Duration::from_secs(5), |l| l == want);
+}
+
+#[test]
 fn thread_count_by_stat_equals_the_task_listing() {
     need_real!("thread_count_by_stat_equals_the_task_listing");
     // stop_all takes an equal count for "no thread we do not hold": it must be exact.

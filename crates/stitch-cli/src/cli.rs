@@ -61,6 +61,10 @@ pub(crate) enum Command {
         /// API token with the admin role (`stk_...`).
         #[arg(long, env = "STITCH_API_TOKEN", hide_env_values = true)]
         token: String,
+        /// PEM file of the CA that signed the server's certificate (a private PKI); the
+        /// built-in Mozilla roots otherwise.
+        #[arg(long, env = "STITCH_CA_FILE")]
+        ca_file: Option<PathBuf>,
     },
     /// Show a bundle: metadata, target identity, each patchlet disassembled.
     Inspect {

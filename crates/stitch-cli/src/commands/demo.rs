@@ -403,7 +403,7 @@ heartbeat_s = 5
         verified.signed_by()[0]
     );
     let t_publish = Instant::now();
-    super::publish::upload(&bundle.encode(), &url, &api)?;
+    super::publish::upload(&bundle.encode(), &url, &api, None)?;
     println!("    published to {url}");
 
     // 4. The agent applies it to the running service.

@@ -72,7 +72,8 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
             bundle,
             server,
             token,
-        } => publish::run(&bundle, &server, &token),
+            ca_file,
+        } => publish::run(&bundle, &server, &token, ca_file.as_deref()),
         Command::Inspect { bundle, json } => inspect::run(&bundle, json),
         Command::Site {
             target,
@@ -128,11 +129,39 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
 /// An HTTP client for talking to a Stitch server: statuses come back as responses (the
 /// server's JSON error body carries the stable code to show), and nothing waits forever.
 pub(crate) fn http_agent(timeout: std::time::Duration) -> ureq::Agent {
+    http_config(timeout).build().into()
+}
+
+fn http_config(
+    timeout: std::time::Duration,
+) -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(timeout))
-        .build()
-        .into()
+}
+
+/// [`http_agent`] that trusts only the CA certificates in `ca_file` (PEM) when given.
+pub(crate) fn http_agent_with_ca(
+    timeout: std::time::Duration,
+    ca_file: Option<&Path>,
+) -> anyhow::Result<ureq::Agent> {
+    let Some(ca_file) = ca_file else {
+        return Ok(http_agent(timeout));
+    };
+    let pem = read(ca_file)?;
+    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    if certs.is_empty() {
+        anyhow::bail!("{}: no PEM certificate in it", ca_file.display());
+    }
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+        .build();
+    Ok(http_config(timeout).tls_config(tls).build().into())
 }
 
 pub(crate) fn read(path: &Path) -> anyhow::Result<Vec<u8>> {

@@ -12,9 +12,10 @@ pub(crate) fn upload(
     bundle: &[u8],
     server: &str,
     token: &str,
+    ca_file: Option<&Path>,
 ) -> anyhow::Result<serde_json::Value> {
     let url = format!("{}/api/v1/catalog/bundles", server.trim_end_matches('/'));
-    let mut resp = super::http_agent(std::time::Duration::from_secs(30))
+    let mut resp = super::http_agent_with_ca(std::time::Duration::from_secs(30), ca_file)?
         .post(&url)
         .header("Authorization", &format!("Bearer {token}"))
         .header("Content-Type", "application/octet-stream")
@@ -32,11 +33,16 @@ pub(crate) fn upload(
     Ok(body)
 }
 
-pub(crate) fn run(bundle: &Path, server: &str, token: &str) -> anyhow::Result<()> {
+pub(crate) fn run(
+    bundle: &Path,
+    server: &str,
+    token: &str,
+    ca_file: Option<&Path>,
+) -> anyhow::Result<()> {
     let bytes = read(bundle)?;
     // Refuse to upload something that is not even a bundle; the server checks signatures.
     let b = Bundle::decode(&bytes).with_context(|| format!("reading {}", bundle.display()))?;
-    let answer = upload(&bytes, server, token)?;
+    let answer = upload(&bytes, server, token, ca_file)?;
     let created = answer["created"].as_bool().unwrap_or(false);
     println!(
         "{} {} r{} ({}), content address {}",

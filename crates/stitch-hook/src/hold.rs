@@ -744,6 +744,9 @@ fn follow_exec(
         };
         let resumed = match stop {
             HoldStop::Exec => {
+                // The commit's stops, on the CPU the exec ended on (see `handle`).
+                let _pin = stitch_sys::last_cpu_of(hold.tid())
+                    .and_then(|c| stitch_sys::CpuPin::to(c).ok());
                 return match try_commit(shared, hold, bundles, deadline, 0, received) {
                     Commit::Done(o) => o,
                     Commit::NotYet(e, _) => Outcome::Missed(engine_miss(&e)),

@@ -1284,8 +1284,8 @@ fn two_threads_loading_two_targets_at_once_do_not_wait_for_each_other() {
     assert_eq!(missed["reason"], "OtherThreadHeld", "{missed}");
 }
 
-/// A library hold pins its worker to the CPU the held thread last ran on (each ptrace stop is
-/// then a switch on one CPU). The hazard: a worker left pinned after the hold, every later
+/// A hold pins its worker to the CPU the held thread last ran on (a library hold from the
+/// start, an exec hold from the exec on; each ptrace stop is then a switch on one CPU). The hazard: a worker left pinned after the hold, every later
 /// hold (and, in the agent, that thread for good) confined to one CPU.
 #[test]
 fn hold_workers_get_their_cpu_affinity_back_after_a_hold() {
@@ -1297,7 +1297,9 @@ fn hold_workers_get_their_cpu_affinity_back_after_a_hold() {
     let lib = fx.lib(1);
     let main = fx.gcc(MAIN_DYN_C, "main_dyn", &["-ltarget"]);
     let b = fx.bundle(&lib, "ST-2026-9025");
-    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let exe = fx.gcc(EXE_C, "exe", &[]);
+    let e = fx.bundle(&exe, "ST-2026-9026");
+    let mut h = Hookd::start(&fx, &[&b, &e], &[]);
     let hook_pid = h.pid();
     let allowed = |tid: &str| {
         std::fs::read_to_string(format!("/proc/{hook_pid}/task/{tid}/status"))
@@ -1309,8 +1311,10 @@ fn hold_workers_get_their_cpu_affinity_back_after_a_hold() {
             .to_string()
     };
     let whole = allowed(&hook_pid.to_string());
-    for _ in 0..5 {
-        let (out, ok, pid) = run(&mut Command::new(&main));
+    for i in 0..6 {
+        // Library holds and exec holds (pinned for their commit) alternate.
+        let prog = if i % 2 == 0 { &main } else { &exe };
+        let (out, ok, pid) = run(&mut Command::new(prog));
         assert!(ok && out == "ctor 1000\nmain 1000\n", "{out}");
         assert!(
             h.wait_for(Duration::from_secs(5), |v| event_is(v, "patched", pid))

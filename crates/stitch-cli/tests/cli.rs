@@ -418,3 +418,146 @@ fn demo_exploit_is_blocked_after_the_agent_applies_the_published_patch() {
         "files on disk unchanged: {text}"
     );
 }
+
+/// Runs `openssl` in `dir`; panics with the arguments on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let st = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is required (apt-get install openssl)");
+    assert!(st.success(), "openssl {args:?}");
+}
+
+#[test]
+fn publish_to_an_https_server_trusts_its_private_ca_only_when_told() {
+    let me = PathBuf::from(env!("CARGO_BIN_EXE_stitch"));
+    let server_bin = me.with_file_name("stitch-server");
+    if !server_bin.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cargo test --workspace builds stitch-server next to stitch"
+        );
+        eprintln!("SKIP: stitch-server not built next to stitch");
+        return;
+    }
+    let s = Setup::new("    nop\n", "before");
+    s.built_and_keys();
+    ok(&s.run(&["sign", "p.stitch", "--key", "author.key"]));
+    let d = s.path();
+    // A private CA and a server certificate it signed, as an operator's PKI would issue.
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend([
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(d, &a);
+    let mut a = vec!["req"];
+    a.extend(ec);
+    a.extend([
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "srv-key.pem",
+        "-out",
+        "srv.csr",
+    ]);
+    openssl(d, &a);
+    std::fs::write(
+        d.join("ext.cnf"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "srv.pem",
+        ],
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(
+        Command::new(&server_bin)
+            .current_dir(d)
+            .args(["--listen", &listen, "--data-dir", "srv-data"])
+            .args(["--trusted-keys", "author.key.pub", "--tls-cert", "srv.pem"])
+            .args(["--tls-key", "srv-key.pem", "--bootstrap-org", "acme"])
+            .args(["--bootstrap-out", "creds.env"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !(d.join("creds.env").exists() && std::net::TcpStream::connect(&listen).is_ok()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stitch-server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let creds = std::fs::read_to_string(d.join("creds.env")).unwrap();
+    let token = creds
+        .lines()
+        .find_map(|l| l.strip_prefix("STITCH_API_TOKEN="))
+        .expect("api token")
+        .trim_matches('\'')
+        .to_string();
+    let url = format!("https://{listen}");
+    let e = err(&s.run(&["publish", "p.stitch", "--server", &url, "--token", &token]));
+    assert!(
+        e.contains("cli.server_unreachable"),
+        "untrusted certificate: {e}"
+    );
+    let out = ok(&s.run(&[
+        "publish",
+        "p.stitch",
+        "--server",
+        &url,
+        "--token",
+        &token,
+        "--ca-file",
+        "ca.pem",
+    ]));
+    assert!(out.starts_with("published ST-2026-0042"), "{out}");
+}

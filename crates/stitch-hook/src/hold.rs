@@ -441,7 +441,7 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
         vec![tid.0]
     };
     // Declared before the hold: dropped after it let the thread go.
-    let _in_process = PidHoldGuard::enter(shared, pid);
+    let in_process = PidHoldGuard::enter(shared, pid);
     let hold = Tracked {
         held: HeldTids::record(shared, tids),
         hold,
@@ -450,11 +450,11 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
     let allowed = Instant::now();
     // A library hold hands the CPU back and forth with its thread at ~9 ptrace stops; with the
     // worker on the CPU the thread last ran on, each stop is a switch on that CPU instead of a
-    // wakeup of another, often idle, one (measured: stepping 174 -> ~110 us p50 at load ~5).
+    // wakeup of another CPU — idle (slow to wake in a VM) or busy (a wait for its time slice).
     // Pinned after the answer, so the move overlaps the end of the open; restored when the
-    // hold ends. Not for an exec: the exec runs on that CPU and the worker would only wait
-    // beside it.
-    let _pin = if exec {
+    // hold ends. An exec hold pins at `PTRACE_EVENT_EXEC` instead (`follow_exec`): the kernel
+    // may move an exec'ing task to another CPU.
+    let pin = if exec {
         None
     } else {
         stitch_sys::last_cpu_of(tid).and_then(|c| stitch_sys::CpuPin::to(c).ok())
@@ -473,6 +473,10 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
     } else {
         follow_library(shared, hold, &job.bundles, deadline, job.received)
     };
+    // The thread is let go: a sibling's hold waiting for ours may go on, and reporting (or a
+    // live patch after a miss) needs neither the pinned CPU nor the count.
+    drop(pin);
+    drop(in_process);
     match outcome {
         Outcome::Patched {
             patches,

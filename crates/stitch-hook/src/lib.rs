@@ -237,6 +237,8 @@ pub struct Hook {
     reader_stop: Arc<stitch_sys::Waker>,
     reader: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
+    /// The directory watch (shared with its thread, for [`Hook::rescan`]).
+    watch: Option<Arc<watch::Watch>>,
 }
 
 impl std::fmt::Debug for Hook {
@@ -327,6 +329,7 @@ impl Hook {
             reader_stop: reader_stop.clone(),
             reader: None,
             shared: shared.clone(),
+            watch: None,
         };
         for i in 0..workers {
             let (s, r) = (shared.clone(), jobs_rx.clone());
@@ -348,12 +351,17 @@ impl Hook {
         // The reader runs: from here on our own opens of marked files are answered.
         let watcher = stitch_sys::DirWatch::new()?;
         let dirs = shared.targets.scan_all(&shared, &watcher);
+        let watch = Arc::new(watch::Watch {
+            watcher,
+            dirs: Mutex::new(dirs),
+        });
+        hook.watch = Some(watch.clone());
         {
             let (s, st) = (shared.clone(), stop);
             hook.threads.push(
                 std::thread::Builder::new()
                     .name("stitch-dirwatch".into())
-                    .spawn(move || watch::run(&s, &watcher, dirs, &st))
+                    .spawn(move || watch::run(&s, &watch, &st))
                     .map_err(HookError::Spawn)?,
             );
         }
@@ -386,10 +394,12 @@ impl Hook {
         update
     }
 
-    /// Re-walks every directory (what a start does), marking new targets.
+    /// Re-walks every directory (what a start does), marking new targets; a configured
+    /// directory that did not exist at start (or any directory found now) is watched from
+    /// here on.
     pub fn rescan(&self) {
-        if let Ok(w) = stitch_sys::DirWatch::new() {
-            let _ = self.shared.targets.scan_all(&self.shared, &w);
+        if let Some(w) = &self.watch {
+            w.rescan(&self.shared);
         }
     }
 

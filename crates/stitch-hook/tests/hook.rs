@@ -1330,6 +1330,41 @@ fn hold_workers_get_their_cpu_affinity_back_after_a_hold() {
     }
 }
 
+/// A configured directory that does not exist when the hook starts (a container root created
+/// later) is walked and watched by a rescan: a target copied into it afterwards is marked. The
+/// hazard: a rescan whose new watches were dropped right away (it used a throwaway inotify
+/// instance), so later copies went unmarked.
+#[test]
+fn directory_created_after_start_is_watched_after_a_rescan() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let b = fx.bundle(&lib, "ST-2026-9027");
+    let other = tempfile::tempdir().unwrap();
+    let later = other.path().join("later");
+    let later_arg = later.display().to_string();
+    let mut h = Hookd::start(&fx, &[&b], &["--control-stdin", "--dir", &later_arg]);
+    std::fs::create_dir(&later).unwrap();
+    h.command("rescan");
+    assert!(
+        h.wait_for(Duration::from_secs(10), |v| v["event"] == "rescanned")
+            .is_some()
+    );
+    let copy = later.join("libtarget-copy.so");
+    std::fs::copy(&lib, &copy).unwrap();
+    let copy_path = copy.display().to_string();
+    assert!(
+        h.wait_for(Duration::from_secs(5), |v| v["event"] == "marked"
+            && v["path"] == copy_path.as_str())
+            .is_some(),
+        "copy not marked: {:?}",
+        h.seen
+    );
+}
+
 /// The newest process whose `comm` is `name`.
 fn pid_of(name: &str) -> Option<i32> {
     std::fs::read_dir("/proc")

@@ -7,6 +7,7 @@
 //!
 //! With `--control-stdin` it reads commands, one per line, from standard input:
 //! `stop` stops the hook (`Hook::stop`), prints `stopped` and exits; end of input does the same.
+//! `rescan` walks the directories again (`Hook::rescan`) and prints `{"event":"rescanned"}`.
 //! `bundles [BUNDLE]...` replaces the hooked bundles (`Hook::set_bundles`) and prints
 //! `{"event":"bundles","marked":N,"unmarked":N,"kept":N}` (or `{"event":"bundles","error":..}`).
 
@@ -51,7 +52,8 @@ struct Args {
     /// Also run holds at SCHED_FIFO (measured slower with the current tracer; see docs).
     #[arg(long)]
     realtime_holds: bool,
-    /// Read commands from standard input (`stop`, `bundles [BUNDLE]...`); stop at end of input.
+    /// Read commands from standard input (`stop`, `rescan`, `bundles [BUNDLE]...`); stop at
+    /// end of input.
     #[arg(long)]
     control_stdin: bool,
     /// Signed bundles.
@@ -179,6 +181,12 @@ fn run() -> anyhow::Result<()> {
         match line.trim() {
             "stop" => break,
             "" => {}
+            "rescan" => {
+                if let Some(h) = hook.as_ref() {
+                    h.rescan();
+                }
+                println!("{}", serde_json::json!({"event": "rescanned"}));
+            }
             cmd if cmd == "bundles" || cmd.starts_with("bundles ") => {
                 let paths: Vec<PathBuf> =
                     cmd.split_whitespace().skip(1).map(PathBuf::from).collect();

@@ -1365,6 +1365,56 @@ fn directory_created_after_start_is_watched_after_a_rescan() {
     );
 }
 
+/// dlopen, call, dlclose, dlopen again (mapped again, usually at the same address).
+const DLOPEN_TWICE_C: &str = r#"
+#include <dlfcn.h>
+#include <stdio.h>
+int main(int argc, char **argv) {
+    (void)argc;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    for (int i = 0; i < 2; i++) {
+        void *h = dlopen(argv[1], RTLD_NOW);
+        if (!h) { printf("dlopen failed: %s\n", dlerror()); return 1; }
+        int (*f)(void) = (int (*)(void))dlsym(h, "lib_value");
+        printf("load %d: %d\n", i, f());
+        dlclose(h);
+    }
+    return 0;
+}
+"#;
+
+/// A library unloaded and loaded again in the same process: the second load must be patched
+/// before its constructor too. The hazard: the engine's record of the first patch lives on in
+/// its region after the unload and could make the second load look already patched (it would
+/// run unpatched, reported as a miss).
+#[test]
+fn library_dlclosed_and_dlopened_again_is_patched_again() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    let prog = fx.gcc(DLOPEN_TWICE_C, "dlopen_twice", &["-ldl"]);
+    let b = fx.bundle(&lib, "ST-2026-9028");
+    let mut h = Hookd::start(&fx, &[&b], &["--no-live-patch"]);
+    let (out, ok, pid) = run(Command::new(&prog).arg(&lib));
+    assert!(ok, "{out}");
+    assert_eq!(out, "ctor 1000\nload 0: 1000\nctor 1000\nload 1: 1000\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let patched = |h: &Hookd| {
+        h.seen
+            .iter()
+            .filter(|v| event_is(v, "patched", pid))
+            .count()
+    };
+    while patched(&h) < 2 && Instant::now() < deadline {
+        h.drain(Duration::from_millis(50));
+    }
+    assert_eq!(patched(&h), 2, "{:?}", h.seen);
+    assert!(!h.seen.iter().any(|v| event_is(v, "missed", pid)));
+}
+
 /// The newest process whose `comm` is `name`.
 fn pid_of(name: &str) -> Option<i32> {
     std::fs::read_dir("/proc")

@@ -88,8 +88,10 @@ pub struct ScanConfig {
     /// Full rescan of every process (catches libraries loaded with dlopen, and processes
     /// missed while the proc connector was unavailable).
     pub interval_s: u64,
-    /// How often hit counters of patched processes are read (exploit-attempt events).
+    /// How often hit counters of patched processes are read (exploit-attempt events) right
+    /// after a hit; while nothing is hit the interval doubles up to `hits_max_interval_s`.
     pub hits_interval_s: u64,
+    pub hits_max_interval_s: u64,
     /// Use the netlink proc connector for exec/fork/exit events (needs CAP_NET_ADMIN).
     pub proc_connector: bool,
 }
@@ -146,6 +148,7 @@ impl Default for ScanConfig {
         Self {
             interval_s: 300,
             hits_interval_s: 10,
+            hits_max_interval_s: 120,
             proc_connector: true,
         }
     }
@@ -241,6 +244,9 @@ impl Config {
         if let Some(v) = num("STITCH_HITS_INTERVAL_S")? {
             self.scan.hits_interval_s = v;
         }
+        if let Some(v) = num("STITCH_HITS_MAX_INTERVAL_S")? {
+            self.scan.hits_max_interval_s = v;
+        }
         if let Some(v) = env("STITCH_PROC_CONNECTOR") {
             self.scan.proc_connector = !matches!(v.as_str(), "0" | "false" | "no");
         }
@@ -287,6 +293,9 @@ impl Config {
     }
     pub(crate) fn hits_interval(&self) -> Duration {
         Duration::from_secs(self.scan.hits_interval_s.max(1))
+    }
+    pub(crate) fn hits_max_interval(&self) -> Duration {
+        Duration::from_secs(self.scan.hits_max_interval_s).max(self.hits_interval())
     }
 }
 

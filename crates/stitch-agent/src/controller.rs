@@ -140,6 +140,8 @@ pub struct Metrics {
     pub proc_events: u64,
     pub exec_checks: u64,
     pub exploit_attempts_blocked: u64,
+    /// Reads of the hit counters (one per timer firing, over every carrier).
+    pub hit_reads: u64,
     pub crashes_seen: u64,
     pub scans: u64,
     pub last_scan_ms: u64,
@@ -187,6 +189,8 @@ pub struct Controller {
     proc_connector: bool,
     last_scan: Instant,
     last_hits: Instant,
+    /// Time between hit-counter reads: `hits_interval` after a hit, doubling while none.
+    hits_every: Duration,
     sizes: SizeCache,
     outbox_wake: Option<Box<dyn Fn() + Send>>,
     sync_now: Option<Box<dyn Fn() + Send>>,
@@ -232,6 +236,7 @@ impl Controller {
             proc_connector: false,
             last_scan: Instant::now(),
             last_hits: Instant::now(),
+            hits_every: Duration::ZERO,
             sizes: SizeCache::default(),
             outbox_wake: None,
             sync_now: None,
@@ -310,7 +315,8 @@ impl Controller {
         self.input_tx = Some(tx);
     }
 
-    /// Starts, restarts or stops the load-time hook so it covers exactly the enabled patches.
+    /// Starts the load-time hook, or changes its bundles, so it covers exactly the enabled
+    /// patches.
     pub fn refresh_hook(&mut self) {
         let set: Vec<(String, u32)> = self
             .slots
@@ -380,9 +386,8 @@ impl Controller {
                         .push((Instant::now() + Duration::from_millis(200), pid.0));
                 }
             }
-            H::Marked { .. } => self.load_time.marked += 1,
-            H::Unmarked { .. } => self.load_time.marked = self.load_time.marked.saturating_sub(1),
-            H::Skipped { .. } => {}
+            // `stitch agent status` asks the hook what is marked.
+            H::Marked { .. } | H::Unmarked { .. } | H::Skipped { .. } => {}
         }
     }
 
@@ -696,14 +701,18 @@ impl Controller {
         }
     }
 
-    fn check_one(&mut self, pid: i32) {
+    /// Some processes (due exec checks): one pass over all of them.
+    fn check_some(&mut self, pids: &[i32]) {
         self.sync_filter();
         let sizes = self.target_sizes();
         if sizes.is_empty() {
             return;
         }
         let mut pass = Pass::default();
-        let candidates: Vec<Candidate> = self.candidate(pid, &sizes).into_iter().collect();
+        let candidates: Vec<Candidate> = pids
+            .iter()
+            .filter_map(|&pid| self.candidate(pid, &sizes))
+            .collect();
         self.visit_all(candidates, &mut pass);
         self.finish_pass(pass);
     }
@@ -974,6 +983,8 @@ impl Controller {
     /// `exploit_blocked` events.
     pub fn poll_hits(&mut self) {
         self.last_hits = Instant::now();
+        self.metrics.hit_reads += 1;
+        let blocked_before = self.metrics.exploit_attempts_blocked;
         let pids: Vec<i32> = self.carriers.keys().copied().collect();
         for pid in pids {
             let listed = match self.engine.list(Pid(pid)) {
@@ -1022,6 +1033,16 @@ impl Controller {
             }
             self.carriers.insert(pid, updated);
         }
+        // Nothing hit: read less often (an idle host wakes the agent rarely); a hit: often.
+        self.hits_every = if self.metrics.exploit_attempts_blocked > blocked_before {
+            self.cfg.hits_interval()
+        } else {
+            (self.hits_every() * 2).min(self.cfg.hits_max_interval())
+        };
+    }
+
+    fn hits_every(&self) -> Duration {
+        self.hits_every.max(self.cfg.hits_interval())
     }
 
     // ------------------------------------------------------------------ process events
@@ -1045,7 +1066,7 @@ impl Controller {
                         &[50, 1000]
                     };
                     for &d in delays {
-                        self.pending.push((now + Duration::from_millis(d), pid));
+                        self.pending.push((self.tick_after(now, d), pid));
                     }
                 }
             }
@@ -1127,20 +1148,29 @@ impl Controller {
 
     fn run_pending(&mut self) {
         let now = Instant::now();
-        let due: Vec<i32> = self
+        let mut due: Vec<i32> = self
             .pending
             .iter()
             .filter(|(t, _)| *t <= now)
             .map(|(_, p)| *p)
             .collect();
-        self.pending.retain(|(t, _)| *t > now);
-        let mut seen = HashSet::new();
-        for pid in due {
-            if seen.insert(pid) {
-                self.metrics.exec_checks += 1;
-                self.check_one(pid);
-            }
+        if due.is_empty() {
+            return;
         }
+        self.pending.retain(|(t, _)| *t > now);
+        due.sort_unstable();
+        due.dedup();
+        self.metrics.exec_checks += due.len() as u64;
+        self.check_some(&due);
+    }
+
+    /// `ms` after `now`, rounded up to the agent's 100 ms tick: the checks of processes
+    /// started close together are done in one wakeup and one pass (a busy host execs hundreds
+    /// of times a second).
+    fn tick_after(&self, now: Instant, ms: u64) -> Instant {
+        let at = now.duration_since(self.started) + Duration::from_millis(ms);
+        let ticks = at.as_millis().div_ceil(100) as u64;
+        self.started + Duration::from_millis(ticks * 100)
     }
 
     // ------------------------------------------------------------------ manifest
@@ -1457,7 +1487,7 @@ impl Controller {
             "ready_after_ms": self.ready_after.map(|d| d.as_millis() as u64),
             "uptime_s": self.started.elapsed().as_secs(),
             "new_processes": if self.proc_connector { "proc connector exec events + periodic scan" } else { "periodic scan only (proc connector unavailable)" },
-            "load_time_hook": if self.load_time.state.is_empty() { "idle (no enabled patch)" } else { self.load_time.state.as_str() },
+            "load_time_hook": self.load_time.state(),
             "metrics": self.metrics,
         })
     }
@@ -1494,7 +1524,7 @@ impl Controller {
         let now = Instant::now();
         let mut next = self.last_scan + self.cfg.scan_interval();
         if !self.carriers.is_empty() {
-            next = next.min(self.last_hits + self.cfg.hits_interval());
+            next = next.min(self.last_hits + self.hits_every());
         }
         if let Some(p) = self.pending.iter().map(|x| x.0).min() {
             next = next.min(p);
@@ -1514,7 +1544,7 @@ impl Controller {
     fn tick_inner(&mut self) {
         let now = Instant::now();
         self.run_pending();
-        if !self.carriers.is_empty() && now >= self.last_hits + self.cfg.hits_interval() {
+        if !self.carriers.is_empty() && now >= self.last_hits + self.hits_every() {
             self.poll_hits();
         }
         if !self.hook_applied.is_empty()

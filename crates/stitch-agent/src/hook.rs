@@ -1,11 +1,14 @@
 //! Load-time patching through `stitch-hook`: fanotify permission events + a ptrace hold patch a
 //! target module as it is mapped, before one instruction of it runs.
 //!
-//! The controller keeps one [`stitch_hook::Hook`] running for the set of patches that are
-//! enabled right now, and restarts it when that set changes (a patch installed, enabled,
-//! disabled, crash-disabled; the agent disabled). Hook events come back as
-//! [`Input::Hook`](crate::controller::Input::Hook): a patched load registers the process as a
-//! carrier (so disable, hit counters and crash protection cover it), a miss is live-patched.
+//! The controller starts one [`stitch_hook::Hook`] when the first patch is enabled and keeps it
+//! running: when the set of enabled patches changes (a patch installed, enabled, disabled,
+//! crash-disabled; the agent disabled) it hands the hook the new set with
+//! [`stitch_hook::Hook::set_bundles`] — targets that stay keep their marks throughout, no
+//! restart, no re-walk of everything; an empty set leaves the hook idle (no marks, no wakeups).
+//! Hook events come back as [`Input::Hook`](crate::controller::Input::Hook): a patched load
+//! registers the process as a carrier (so disable, hit counters and crash protection cover it),
+//! a miss is live-patched.
 //!
 //! Without the hook (no CAP_SYS_ADMIN, fanotify unavailable, `[hook] enabled = false`) the agent
 //! falls back to exec events from the proc connector and periodic scans: a new process then
@@ -23,11 +26,10 @@ use crate::controller::Input;
 #[derive(Default)]
 pub(crate) struct LoadTime {
     hook: Option<stitch_hook::Hook>,
-    /// (patch id, revision) of the bundles the running hook was started with.
+    /// (patch id, revision) of the bundles the hook holds now (or failed to start with).
     hooked: Vec<(String, u32)>,
-    /// For `stitch agent status`.
-    pub(crate) state: String,
-    pub(crate) marked: usize,
+    /// Why there is no hook: disabled in the configuration, or it could not start.
+    unavailable: Option<String>,
     /// Stopping the hook hung: a hold worker is blocked on a permission event nobody answers
     /// any more, and a process may be held with it. Only closing the fanotify group (our
     /// process exiting) releases it: the daemon exits and systemd restarts it.
@@ -59,24 +61,42 @@ impl LoadTime {
         }
     }
 
-    /// Whether a hook is running (exec events then need no live-patch check).
+    /// Whether a hook is patching loads now (exec events then need no early live-patch check).
     pub(crate) fn active(&self) -> bool {
-        self.hook.is_some()
+        self.hook.is_some() && !self.hooked.is_empty()
     }
 
-    /// Whether `set` (sorted (id, revision) of the enabled patches) differs from what runs.
+    /// For `stitch agent status`.
+    pub(crate) fn state(&self) -> String {
+        if self.wedged {
+            return "wedged: stopping stitch-hook did not finish (a hold is blocked); the agent restarts to release it".into();
+        }
+        if let Some(why) = &self.unavailable {
+            return why.clone();
+        }
+        match &self.hook {
+            Some(h) if !self.hooked.is_empty() => {
+                format!("active: {} target file(s) marked", h.marked().len())
+            }
+            _ => "idle (no enabled patch)".into(),
+        }
+    }
+
+    /// Whether `set` (sorted (id, revision) of the enabled patches) differs from what the hook
+    /// holds (or, with the hook off in the configuration, whether that is not reported yet).
     pub(crate) fn needs_refresh(&self, cfg: &Config, set: &[(String, u32)]) -> bool {
         if self.wedged {
             return false;
         }
         if !cfg.hook.enabled {
-            return self.state.is_empty() || self.hook.is_some();
+            return self.unavailable.is_none();
         }
         set != self.hooked.as_slice()
-            || (self.hook.is_none() && !set.is_empty() && self.state.is_empty())
     }
 
-    /// Makes the running hook match `bundles` (restarting it if the set changed).
+    /// Makes the hook hold exactly `bundles`: starts it for the first non-empty set, then
+    /// changes its bundles in place. A hook that could not start is tried again when the set
+    /// changes.
     pub(crate) fn refresh(
         &mut self,
         cfg: &Config,
@@ -84,7 +104,8 @@ impl LoadTime {
         tx: Option<&Sender<Input>>,
     ) {
         if !cfg.hook.enabled {
-            self.state = "disabled in the configuration ([hook] enabled = false)".into();
+            self.unavailable =
+                Some("disabled in the configuration ([hook] enabled = false)".into());
             return;
         }
         let mut set: Vec<(String, u32)> = bundles
@@ -92,24 +113,25 @@ impl LoadTime {
             .map(|b| (b.patch().id.clone(), b.patch().revision))
             .collect();
         set.sort();
-        if set == self.hooked && (self.hook.is_some() || set.is_empty()) {
-            return;
-        }
-        if let Some(h) = self.hook.take()
-            && !stop_bounded(h)
-        {
-            self.wedged = true;
-            self.state = "wedged: stopping stitch-hook did not finish (a hold is blocked); the agent restarts to release it".into();
+        if set == self.hooked {
             return;
         }
         self.hooked = set;
-        self.marked = 0;
+        if let Some(h) = &self.hook {
+            let u = h.set_bundles(bundles);
+            tracing::info!(
+                patches = self.hooked.len(),
+                marked = u.marked,
+                unmarked = u.unmarked,
+                kept = u.kept,
+                "load-time hook bundles changed"
+            );
+            return;
+        }
         if bundles.is_empty() {
-            self.state = "idle (no enabled patch)".into();
             return;
         }
         let Some(tx) = tx else {
-            self.state = "not started".into();
             return;
         };
         let hc = stitch_hook::HookConfig {
@@ -120,10 +142,9 @@ impl LoadTime {
         };
         match stitch_hook::Hook::start(bundles, hc) {
             Ok((hook, rx)) => {
-                self.marked = hook.marked().len();
-                self.state = format!("active: {} target file(s) marked", self.marked);
+                self.unavailable = None;
                 tracing::info!(
-                    marked = self.marked,
+                    marked = hook.marked().len(),
                     patches = self.hooked.len(),
                     "load-time hook started"
                 );
@@ -141,10 +162,10 @@ impl LoadTime {
             }
             Err(e) => {
                 tracing::warn!(code = e.code(), error = %e, "load-time hook unavailable; new processes are patched after exec");
-                self.state = format!(
+                self.unavailable = Some(format!(
                     "unavailable [{}] {e}: new processes are patched shortly after exec",
                     e.code()
-                );
+                ));
             }
         }
     }

@@ -225,12 +225,22 @@ impl ProcConnector {
                     break;
                 }
             }
-            if !batch.is_empty() && !deliver(batch) {
-                return;
+            if !batch.is_empty() {
+                if !deliver(batch) {
+                    return;
+                }
+                // Let the next events gather in the socket (4 MiB) for a moment: a busy host
+                // execs hundreds of times a second, and waking the controller for each costs
+                // more than the checks (two context switches per event). Only after events:
+                // with nothing happening this thread sleeps in recv.
+                std::thread::sleep(COALESCE);
             }
         }
     }
 }
+
+/// How long the reader lets events gather after delivering some (see [`ProcConnector::run`]).
+pub const COALESCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Which events the controller wants, kept up to date by the controller.
 #[derive(Default)]

@@ -751,17 +751,35 @@ fn load_time_hook_patches_a_new_process_before_its_first_call() {
         fresh_ones.iter_mut().all(|f| !f.patched()),
         "load-time carriers reverted too"
     );
-    // (Wait for the hook to be stopped before exec'ing again: a load racing the hook's stop
-    // can wedge a stitch-hook hold worker — reported; the agent then exits to release it.)
-    agent.until("the hook to go idle", Duration::from_secs(10), || {
-        let s = agent.ask(AgentAction::Status);
+    // The hook keeps running with no bundles (Hook::set_bundles returned after any hold
+    // with the old ones finished): a new process is not patched.
+    let s = agent.ask(AgentAction::Status);
+    assert!(
         s["load_time_hook"]
             .as_str()
-            .is_some_and(|h| h.starts_with("idle"))
-            .then_some(())
-    });
+            .is_some_and(|h| h.starts_with("idle")),
+        "{s}"
+    );
     let fresh = Running::start(&target.exe);
     assert_eq!(fresh.first, "start 5");
+    // Enabled again: the same hook takes the bundle back, the next process is patched at exec.
+    agent.ask(AgentAction::Enable {
+        patch: Some("ST-2026-0114".into()),
+    });
+    let s = agent.ask(AgentAction::Status);
+    assert!(
+        s["load_time_hook"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("active: 1 target")),
+        "{s}"
+    );
+    let again = Running::start(&target.exe);
+    assert_eq!(again.first, "start 1000", "{}", agent.log_text());
+    assert_eq!(
+        agent.log_text().matches("load-time hook started").count(),
+        1,
+        "one hook for the agent's life, bundles changed in place"
+    );
 }
 
 /// How many events of `kind` the server holds for the (only) computer.
@@ -825,7 +843,7 @@ fn package_removal_reverts_every_patch_and_reports_agent_uninstalled_but_upgrade
     // While stitchd runs, uninstall refuses: the agent would re-apply what it reverts.
     let o = w
         .agent
-        .command(Path::new(env!("CARGO_BIN_EXE_stitchd")))
+        .command(&stitchd())
         .arg("uninstall")
         .output()
         .unwrap();
@@ -887,7 +905,7 @@ fn uninstall_with_server_down_reverts_within_its_bound_and_queues_agent_uninstal
     let t0 = Instant::now();
     let o = w
         .agent
-        .command(Path::new(env!("CARGO_BIN_EXE_stitchd")))
+        .command(&stitchd())
         .args(["uninstall", "--wait-s", "2", "--json"])
         .output()
         .unwrap();
@@ -908,4 +926,57 @@ fn uninstall_with_server_down_reverts_within_its_bound_and_queues_agent_uninstal
         Duration::from_secs(30),
         || (server_count(&w.server, "agent_uninstalled") == 1).then_some(()),
     );
+}
+
+#[test]
+fn quiet_patch_backs_off_hit_counter_reads_yet_a_later_exploit_is_reported_within_the_cap() {
+    if !can_run() {
+        return;
+    }
+    let mut w = world("hits-backoff", "ST-2026-0118", RETURN_1000, 3);
+    let blocked = |a: &Agent| {
+        a.events()
+            .iter()
+            .filter(|e| e["event"]["kind"] == "exploit_blocked")
+            .count()
+    };
+    // The calls that showed the patch applied were hits: let them be reported first.
+    w.agent
+        .until("the setup's hits reported", Duration::from_secs(10), || {
+            (blocked(&w.agent) > 0).then_some(())
+        });
+    // Production-like: read every 1 s after a hit, doubling up to 4 s while nothing is hit.
+    w.agent.stop();
+    let cfg = std::fs::read_to_string(&w.agent.config).unwrap();
+    std::fs::write(
+        &w.agent.config,
+        cfg.replace("hits_max_interval_s = 1", "hits_max_interval_s = 4"),
+    )
+    .unwrap();
+    w.agent.start();
+    let reads = |a: &Agent| {
+        a.ask(AgentAction::Status)["metrics"]["hit_reads"]
+            .as_u64()
+            .unwrap()
+    };
+    let r0 = reads(&w.agent);
+    std::thread::sleep(Duration::from_secs(10));
+    let quiet = reads(&w.agent) - r0;
+    // Without backoff 10 reads; with it 1 s, 2 s, 4 s, 4 s: 3 or 4.
+    assert!(
+        (2..=5).contains(&quiet),
+        "{quiet} reads in 10 quiet seconds"
+    );
+    let before = blocked(&w.agent);
+    let t0 = Instant::now();
+    assert!(
+        w.run.patched(),
+        "a call through the patch: one blocked attempt"
+    );
+    w.agent.until(
+        "exploit_blocked after the quiet spell",
+        Duration::from_secs(8),
+        || (blocked(&w.agent) > before).then_some(()),
+    );
+    assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
 }

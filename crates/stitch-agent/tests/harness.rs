@@ -56,6 +56,45 @@ pub(crate) fn libc6_version() -> Option<String> {
     (o.status.success() && !v.is_empty()).then_some(v)
 }
 
+/// The `stitchd` binary: Cargo builds it for the agent's own tests and benchmarks; other
+/// crates' tests (the CLI's) have it built here, once, with the same cargo and target dir.
+pub(crate) fn stitchd() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_stitchd") {
+        return PathBuf::from(p);
+    }
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.toml");
+            let o = Command::new(cargo)
+                .args(["build", "-p", "stitch-agent", "--bin", "stitchd"])
+                .args([
+                    "--message-format",
+                    "json-render-diagnostics",
+                    "--manifest-path",
+                ])
+                .arg(manifest)
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("cargo build stitchd");
+            assert!(
+                o.status.success(),
+                "cargo build -p stitch-agent --bin stitchd failed"
+            );
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find_map(|m| {
+                    (m["target"]["name"] == "stitchd")
+                        .then(|| m["executable"].as_str().map(PathBuf::from))
+                        .flatten()
+                })
+                .expect("cargo reported no stitchd executable")
+        })
+        .clone()
+}
+
 pub(crate) fn vendor_key() -> SecretKey {
     SecretKey::from_seed([42; 32])
 }
@@ -448,7 +487,7 @@ impl Agent {
         cfg += if o.realistic {
             "[scan]\ninterval_s = 300\nhits_interval_s = 10\n"
         } else {
-            "[scan]\ninterval_s = 2\nhits_interval_s = 1\n"
+            "[scan]\ninterval_s = 2\nhits_interval_s = 1\nhits_max_interval_s = 1\n"
         };
         cfg += &format!(
             "[crash]\nthreshold = {}\nwindow_s = 600\n",
@@ -481,7 +520,8 @@ impl Agent {
     /// `stitchd` (or whatever `program` finds `stitchd` on PATH, like a maintainer script)
     /// with this agent's config in `STITCH_CONFIG`, without proxy variables.
     pub(crate) fn command(&self, program: &Path) -> Command {
-        let bin_dir = Path::new(env!("CARGO_BIN_EXE_stitchd")).parent().unwrap();
+        let bin = stitchd();
+        let bin_dir = bin.parent().unwrap();
         let path = format!(
             "{}:{}",
             bin_dir.display(),
@@ -511,7 +551,7 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_stitchd"))
+        let child = Command::new(stitchd())
             .arg("--config")
             .arg(&self.config)
             .env("STITCH_LOG", "stitch_agent=debug,info")

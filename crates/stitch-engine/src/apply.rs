@@ -221,6 +221,111 @@ impl Engine {
         self.commit_mapped(sp, plan, patch, maps, &mut laps)
     }
 
+    /// [`Engine::commit`] for a plan made by [`Engine::plan_mapped`] from what the caller saw
+    /// being mapped. Under this stop, from the one maps read the commit uses too: the mapping
+    /// at `known.exec_start` is the caller's file (its device and inode; if the maps name
+    /// another — an overlay reports the backing file — its `map_files` entry is identified by
+    /// digest as [`Engine::apply_plan`] does), every mapping of that inode taken together
+    /// gives the plan's bias (the full consistency check [`Engine::plan`] makes), every site
+    /// is mapped executable from the right file offset, and the cached digest is the plan's.
+    /// Then exactly [`Engine::commit`].
+    pub fn commit_known<T: Tracer>(
+        &self,
+        sp: &mut StoppedProcess<T>,
+        plan: &Plan,
+        patch: &Patch,
+        known: &crate::KnownMapping,
+    ) -> Result<ApplyReport, EngineError> {
+        let mut laps = Laps::new();
+        let maps = sp.mappings()?;
+        laps.lap("maps");
+        self.known_still_mapped(sp.pid(), plan, patch, known, &maps)?;
+        laps.lap("identity");
+        self.commit_mapped(sp, plan, patch, maps, &mut laps)
+    }
+
+    fn known_still_mapped(
+        &self,
+        pid: Pid,
+        plan: &Plan,
+        patch: &Patch,
+        known: &crate::KnownMapping,
+        maps: &[Mapping],
+    ) -> Result<(), EngineError> {
+        let gone = || EngineError::ModuleNotMapped {
+            pid: pid.0,
+            sha256: hex::encode(plan.module_sha256),
+        };
+        let exec = maps
+            .iter()
+            .find(|m| m.start <= known.exec_start && known.exec_start < m.end && m.inode != 0)
+            .ok_or_else(gone)?;
+        let path = exec.name.strip_suffix(" (deleted)").unwrap_or(&exec.name);
+        let path = std::path::Path::new(path);
+        let same_file = exec.inode == known.key.ino
+            && exec.dev == crate::identify::dev_split(known.key.dev)
+            && self.digests.digest_for_key(&known.key) == Some(plan.module_sha256);
+        if !same_file
+            && !self.digests.mapping_has_digest(
+                pid,
+                exec.start,
+                exec.end,
+                path,
+                exec.inode,
+                &plan.module_sha256,
+            )?
+        {
+            return Err(gone());
+        }
+        let Some(bytes) =
+            self.digests
+                .bytes_for_key(pid, &known.key, (exec.start, exec.end), path)?
+        else {
+            return Err(gone());
+        };
+        let layout = |reason: String| EngineError::ModuleLayout {
+            pid: pid.0,
+            path: path.display().to_string(),
+            reason,
+        };
+        let elf = stitch_elf::ElfFile::parse(&bytes[..]).map_err(|e| layout(e.to_string()))?;
+        let module = stitch_elf::maps::Module {
+            path: path.to_path_buf(),
+            deleted: false,
+            dev_major: exec.dev.0,
+            dev_minor: exec.dev.1,
+            inode: exec.inode,
+            mappings: maps
+                .iter()
+                .filter(|m| m.inode == exec.inode && m.dev == exec.dev)
+                .map(|m| stitch_elf::maps::MapEntry {
+                    start: m.start,
+                    end: m.end,
+                    read: m.perms.read,
+                    write: m.perms.write,
+                    exec: m.perms.exec,
+                    shared: m.perms.shared,
+                    offset: m.offset,
+                    dev_major: m.dev.0,
+                    dev_minor: m.dev.1,
+                    inode: m.inode,
+                    path: stitch_elf::maps::MapPath::File {
+                        path: path.to_path_buf(),
+                        deleted: false,
+                    },
+                })
+                .collect(),
+        };
+        let bias = module.load_bias(&elf).map_err(|e| layout(e.to_string()))?;
+        if bias != plan.module_bias {
+            return Err(layout(format!(
+                "mapped at bias {bias:#x} under the stop, planned for {:#x}",
+                plan.module_bias
+            )));
+        }
+        crate::plan::check_sites_mapped(pid, &module, &elf, patch)
+    }
+
     /// [`Engine::commit`] with the maps already read under this stop.
     fn commit_mapped<T: Tracer>(
         &self,
@@ -346,8 +451,7 @@ impl Engine {
         let (fresh, header) = match chosen {
             Some(c) => c,
             None => {
-                let mut tried = vec![plan.region.addr()];
-                tried.extend(candidates(&maps, &span));
+                let tried = region_candidates(&maps, &span, plan.region.addr());
                 let header = RegionHeader::new(span.sha256, span.bias);
                 // One stop per injected syscall, plus one for the sequence.
                 let addr = sp.remote_batch(|sp| create_region(sp, &tried, &header, self))?;
@@ -611,6 +715,27 @@ fn create_region<T: Tracer>(
             near: candidates.first().copied().unwrap_or(0),
         }),
     }
+}
+
+/// Where to try a new region, in order: the plan's proposal if the maps read under this stop
+/// show it free and within reach (a proposal already taken would cost an injected `mmap` that
+/// fails with EEXIST), then the free ranges nearest the module.
+pub(crate) fn region_candidates(maps: &[Mapping], span: &ModuleSpan, proposed: u64) -> Vec<u64> {
+    let free = candidates(maps, span);
+    let end = proposed.saturating_add(region::REGION_SIZE);
+    let clear = proposed.is_multiple_of(4096)
+        && !maps.iter().any(|m| m.start < end && proposed < m.end)
+        && end.abs_diff(span.start) < crate::plan::REACH
+        && proposed.abs_diff(span.end) < crate::plan::REACH
+        && !maps
+            .iter()
+            .any(|m| m.name == "[heap]" && proposed < m.end + (64 << 20) && end > m.start);
+    let mut out = Vec::with_capacity(free.len() + 1);
+    if clear {
+        out.push(proposed);
+    }
+    out.extend(free.into_iter().filter(|&a| a != proposed));
+    out
 }
 
 fn hex_spaced(b: &[u8]) -> String {

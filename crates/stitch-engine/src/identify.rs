@@ -133,6 +133,36 @@ impl DigestCache {
         Ok((key, d))
     }
 
+    /// The digest remembered for `key`, if any (no I/O).
+    pub(crate) fn digest_for_key(&self, key: &FileKey) -> Option<[u8; 32]> {
+        self.get(key)
+    }
+
+    /// The bytes of the file with `key`, mapped by `pid` at `start..end`: from the cache, else
+    /// read through that mapping's `map_files` entry — and only if the descriptor opened there
+    /// still has `key` (else `None`: the caller takes the slow path).
+    pub(crate) fn bytes_for_key(
+        &self,
+        pid: Pid,
+        key: &FileKey,
+        (start, end): (u64, u64),
+        path: &Path,
+    ) -> Result<Option<Arc<Vec<u8>>>, EngineError> {
+        if let Some(b) = self.cached_bytes(key) {
+            return Ok(Some(b));
+        }
+        let mut f = open_mapped_range(pid, start, end, path, key.ino)?;
+        let shown = path.display().to_string();
+        if key_of(&f, &shown)? != *key {
+            return Ok(None);
+        }
+        let mut v = Vec::with_capacity(key.size as usize);
+        f.read_to_end(&mut v).map_err(io_err(&shown))?;
+        let b = Arc::new(v);
+        self.put_bytes(*key, Arc::clone(&b));
+        Ok(Some(b))
+    }
+
     /// Under a stop: whether the file mapped at `start..end` (a module's lowest mapping, as
     /// `/proc/PID/maps` lists it) has the SHA-256 `sha256`. Looks only at that mapping's
     /// `map_files` entry (a `stat`; opened and hashed only if its key is not cached).
@@ -185,6 +215,33 @@ fn stat_mapped_range(
         }
         Err(e) => Err(io_err(&via_map_files)(e)),
     }
+}
+
+/// What a caller that watched a module being mapped knows about it — the load-time hook, at
+/// the exit of the `mmap(PROT_EXEC)` of the descriptor the process opened the file with.
+/// [`crate::Engine::plan_mapped`] plans from it without reading `/proc/PID/maps` or `stat`ing
+/// `map_files`; [`crate::Engine::commit_known`] checks it against the maps under the stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownMapping {
+    /// The file's path (for messages and the plan).
+    pub path: PathBuf,
+    /// `fstat` of the file the process opened (the hook keeps the permission event's
+    /// descriptor), taken at the `mmap`'s exit. Its digest must be in the [`DigestCache`]
+    /// (the hook `remember`s every file it marks); otherwise the plan takes the slow path.
+    pub key: FileKey,
+    /// The executable mapping just made: the `mmap`'s result, one past its end (page
+    /// rounded) and its file offset.
+    pub exec_start: u64,
+    pub exec_end: u64,
+    pub exec_offset: u64,
+}
+
+/// `major:minor` of an `st_dev` as `/proc/PID/maps` prints it (glibc's `gnu_dev_major`,
+/// `gnu_dev_minor`).
+pub(crate) fn dev_split(dev: u64) -> (u32, u32) {
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    (major as u32, minor as u32)
 }
 
 /// A module mapped in a process, identified.

@@ -6,7 +6,9 @@ use stitch_format::{Patch, VerifiedBundle};
 use stitch_sys::Pid;
 use stitch_x86::{LinkContext, link_patchlet};
 
-use crate::identify::{MappedModule, file_name, maybe_region, read_maps};
+use stitch_elf::maps::{MapEntry, MapPath, Module};
+
+use crate::identify::{KnownMapping, MappedModule, dev_split, file_name, maybe_region, read_maps};
 use crate::region::{self, PatchRecord, RegionHeader};
 use crate::{Engine, EngineError};
 
@@ -86,19 +88,7 @@ impl Engine {
             path: module.path.display().to_string(),
             reason: e.to_string(),
         })?;
-        let found_bid = elf.build_id().map(<[u8]>::to_vec);
-        if found_bid != patch.target.build_id {
-            return Err(EngineError::BuildIdMismatch {
-                pid: pid.0,
-                path: module.path.display().to_string(),
-                expected: patch
-                    .target
-                    .build_id
-                    .as_ref()
-                    .map_or("none".into(), hex::encode),
-                found: found_bid.as_ref().map_or("none".into(), hex::encode),
-            });
-        }
+        check_build_id(pid, &module.path, &elf, patch)?;
         let bias = module
             .module
             .load_bias(&elf)
@@ -108,22 +98,7 @@ impl Engine {
                 reason: e.to_string(),
             })?;
         // Every site must be mapped executable right now (a library mid-load is not yet).
-        for p in &patch.patchlets {
-            if module
-                .module
-                .runtime_exec_addr(&elf, p.at, p.original.len() as u64)
-                .is_none()
-            {
-                return Err(EngineError::ModuleLayout {
-                    pid: pid.0,
-                    path: module.path.display().to_string(),
-                    reason: format!(
-                        "site {:#x} of patchlet {} is not mapped executable",
-                        p.at, p.name
-                    ),
-                });
-            }
-        }
+        check_sites_mapped(pid, &module.module, &elf, patch)?;
         let imports = self.resolve_imports(pid, &entries, patch)?;
         let span = ModuleSpan {
             path: module.path.display().to_string(),
@@ -197,6 +172,83 @@ impl Engine {
         }
     }
 
+    /// [`Engine::plan`] for a module whose mapping the caller watched being made (the
+    /// load-time hook, at the exit of the `mmap(PROT_EXEC)` of the file the process opened;
+    /// see [`KnownMapping`]): no read of `/proc/PID/maps`, no `stat` of `map_files`. The
+    /// module's digest comes from the cache by the caller's key; build-id, bias and "every
+    /// site mapped executable" are decided from the ELF and that executable mapping. The
+    /// region is only a proposal (just below the module): existing regions, their records and
+    /// free ranges are looked at under the stop by [`Engine::commit_known`], which also checks
+    /// the mapping, the inode and the bias against the maps read there. A patch with imports,
+    /// or a key whose digest or bytes are not at hand, takes the full [`Engine::plan`].
+    pub fn plan_mapped(
+        &self,
+        pid: Pid,
+        bundle: &VerifiedBundle,
+        known: &KnownMapping,
+    ) -> Result<Plan, EngineError> {
+        let patch = bundle.patch();
+        if !patch.imports.is_empty() {
+            return self.plan(pid, bundle);
+        }
+        let Some(sha256) = self.digests.digest_for_key(&known.key) else {
+            return self.plan(pid, bundle);
+        };
+        if sha256 != patch.target.sha256 || known.key.size != patch.target.size {
+            return Err(EngineError::ModuleNotMapped {
+                pid: pid.0,
+                sha256: hex::encode(patch.target.sha256),
+            });
+        }
+        let range = (known.exec_start, known.exec_end);
+        let Some(bytes) = self
+            .digests
+            .bytes_for_key(pid, &known.key, range, &known.path)?
+        else {
+            return self.plan(pid, bundle);
+        };
+        let shown = known.path.display().to_string();
+        let layout = |reason: String| EngineError::ModuleLayout {
+            pid: pid.0,
+            path: shown.clone(),
+            reason,
+        };
+        let elf = ElfFile::parse(&bytes[..]).map_err(|e| layout(e.to_string()))?;
+        check_build_id(pid, &known.path, &elf, patch)?;
+        let module = known_module(known);
+        let bias = module.load_bias(&elf).map_err(|e| layout(e.to_string()))?;
+        check_sites_mapped(pid, &module, &elf, patch)?;
+        let (start, end) = elf_span(&elf, bias).ok_or_else(|| layout("no PT_LOAD".into()))?;
+        if patch.id.len() > region::MAX_ID {
+            return Err(EngineError::IdTooLong {
+                id: patch.id.clone(),
+                max: region::MAX_ID,
+            });
+        }
+        let span = ModuleSpan {
+            path: shown.clone(),
+            sha256,
+            bias,
+            start,
+            end,
+        };
+        let addr = start
+            .checked_sub(region::REGION_SIZE)
+            .ok_or(EngineError::NoFreeRange {
+                pid: pid.0,
+                near: start,
+            })?;
+        link_plan(
+            pid,
+            patch,
+            bundle.bundle().patch_digest(),
+            &span,
+            RegionPlan::New { addr },
+            &RegionHeader::new(sha256, bias),
+            Vec::new(),
+        )
+    }
+
     /// The module of `pid` whose mapped inode has the patch's SHA-256.
     fn find_target(
         &self,
@@ -246,6 +298,94 @@ impl Engine {
         }
         Ok(out)
     }
+}
+
+/// The build-id the patch was made for is the module's.
+fn check_build_id(
+    pid: Pid,
+    path: &std::path::Path,
+    elf: &ElfFile<'_>,
+    patch: &Patch,
+) -> Result<(), EngineError> {
+    let found_bid = elf.build_id().map(<[u8]>::to_vec);
+    if found_bid != patch.target.build_id {
+        return Err(EngineError::BuildIdMismatch {
+            pid: pid.0,
+            path: path.display().to_string(),
+            expected: patch
+                .target
+                .build_id
+                .as_ref()
+                .map_or("none".into(), hex::encode),
+            found: found_bid.as_ref().map_or("none".into(), hex::encode),
+        });
+    }
+    Ok(())
+}
+
+/// Every site of the patch is mapped executable, from the right file offset, in `module`.
+pub(crate) fn check_sites_mapped(
+    pid: Pid,
+    module: &Module,
+    elf: &ElfFile<'_>,
+    patch: &Patch,
+) -> Result<(), EngineError> {
+    for p in &patch.patchlets {
+        if module
+            .runtime_exec_addr(elf, p.at, p.original.len() as u64)
+            .is_none()
+        {
+            return Err(EngineError::ModuleLayout {
+                pid: pid.0,
+                path: module.path.display().to_string(),
+                reason: format!(
+                    "site {:#x} of patchlet {} is not mapped executable",
+                    p.at, p.name
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The module as far as one known executable mapping of it shows it.
+fn known_module(known: &KnownMapping) -> Module {
+    let (dev_major, dev_minor) = dev_split(known.key.dev);
+    Module {
+        path: known.path.clone(),
+        deleted: false,
+        dev_major,
+        dev_minor,
+        inode: known.key.ino,
+        mappings: vec![MapEntry {
+            start: known.exec_start,
+            end: known.exec_end,
+            read: true,
+            write: false,
+            exec: true,
+            shared: false,
+            offset: known.exec_offset,
+            dev_major,
+            dev_minor,
+            inode: known.key.ino,
+            path: MapPath::File {
+                path: known.path.clone(),
+                deleted: false,
+            },
+        }],
+    }
+}
+
+/// Lowest and one-past-highest runtime address of the module's PT_LOAD segments (pages).
+fn elf_span(elf: &ElfFile<'_>, bias: u64) -> Option<(u64, u64)> {
+    const PAGE: u64 = 4096;
+    let segs = elf.load_segments();
+    let lo = segs.iter().map(|s| s.vaddr & !(PAGE - 1)).min()?;
+    let hi = segs
+        .iter()
+        .map(|s| s.vaddr.saturating_add(s.memsz).div_ceil(PAGE) * PAGE)
+        .max()?;
+    Some((bias.wrapping_add(lo), bias.wrapping_add(hi)))
 }
 
 /// The module's existing region, if any: a region-shaped mapping within reach whose header

@@ -6,6 +6,7 @@
 mod common;
 mod fake_protocol;
 mod killed;
+mod known;
 mod modules;
 mod redis;
 mod refusals;

@@ -27,6 +27,9 @@ struct PendingState {
     event: Option<PermEvent>,
     /// A worker took the job: the reader's queue bound no longer applies.
     picked: bool,
+    /// The event's descriptor, kept after the answer: the file the thread opened, `fstat`ed
+    /// at the `mmap` of it for the engine's key (no open, no event).
+    file: Option<std::os::fd::OwnedFd>,
 }
 
 pub(crate) struct Pending(Mutex<PendingState>);
@@ -36,6 +39,7 @@ impl Pending {
         Arc::new(Self(Mutex::new(PendingState {
             event: Some(event),
             picked: false,
+            file: None,
         })))
     }
 
@@ -47,10 +51,26 @@ impl Pending {
         match st.event.take() {
             Some(ev) => {
                 allow_event(shared, &ev);
+                st.file = Some(ev.file);
                 true
             }
             None => false,
         }
+    }
+
+    /// The engine's key of the file the held thread opened, as of now (`fstat` of the
+    /// event's descriptor).
+    fn file_key(&self) -> Option<stitch_engine::FileKey> {
+        let st = self.0.lock().ok()?;
+        let fd = st.file.as_ref()?;
+        let s = stitch_sys::fd_stat(std::os::fd::AsFd::as_fd(fd)).ok()?;
+        Some(stitch_engine::FileKey {
+            dev: s.dev,
+            ino: s.ino,
+            size: s.size,
+            ctime: s.ctime,
+            ctime_nsec: s.ctime_nsec,
+        })
     }
 
     fn is_answered(&self) -> bool {
@@ -471,7 +491,7 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
     let outcome = if exec {
         follow_exec(shared, hold, &job.bundles, deadline, job.received)
     } else {
-        follow_library(shared, hold, &job.bundles, deadline, job.received)
+        follow_library(shared, hold, job, deadline)
     };
     // The thread is let go: a sibling's hold waiting for ours may go on, and reporting (or a
     // live patch after a miss) needs neither the pinned CPU nor the count.
@@ -581,6 +601,7 @@ fn try_commit<'a>(
     shared: &Shared,
     mut hold: Tracked<'a>,
     bundles: &[Arc<VerifiedBundle>],
+    known: Option<&stitch_engine::KnownMapping>,
     deadline: Instant,
     syscalls: u32,
     received: Instant,
@@ -593,7 +614,13 @@ fn try_commit<'a>(
     let t_plan = Instant::now();
     let mut plans = Vec::new();
     for b in bundles {
-        match shared.engine.plan(pid, b) {
+        // With the mapping seen at the `mmap`'s exit: no maps read, no map_files stat here
+        // (`commit_known` checks it under the stop).
+        let planned = match known {
+            Some(k) => shared.engine.plan_mapped(pid, b, k),
+            None => shared.engine.plan(pid, b),
+        };
+        match planned {
             Ok(p) => plans.push((b, p)),
             Err(e) if not_yet(&e) => return Commit::NotYet(e, hold),
             Err(e) => return Commit::Done(Outcome::Missed(engine_miss(&e))),
@@ -613,8 +640,15 @@ fn try_commit<'a>(
     let mut patched = Vec::new();
     let mut failed = None;
     for (b, plan) in &plans {
-        match shared.engine.commit(&mut sp, plan, b.patch()) {
-            Ok(_) => patched.push(b.patch().id.clone()),
+        let committed = match known {
+            Some(k) => shared.engine.commit_known(&mut sp, plan, b.patch(), k),
+            None => shared.engine.commit(&mut sp, plan, b.patch()),
+        };
+        match committed {
+            Ok(report) => {
+                tracing::debug!(pid = pid.0, phases = ?report.phases, "load-time commit phases");
+                patched.push(b.patch().id.clone());
+            }
             Err(e) => {
                 tracing::warn!(pid = pid.0, patch_id = %b.patch().id, error = %e, "load-time commit failed");
                 failed.get_or_insert(e);
@@ -649,13 +683,8 @@ fn try_commit<'a>(
 /// Follows a thread that opened a target library until the `mmap(PROT_EXEC)` of that
 /// descriptor maps every site, then commits. Lets go untouched on close, exec, exit, or the
 /// bounds.
-fn follow_library(
-    shared: &Shared,
-    mut hold: Tracked<'_>,
-    bundles: &[Arc<VerifiedBundle>],
-    deadline: Instant,
-    received: Instant,
-) -> Outcome {
+fn follow_library(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: Instant) -> Outcome {
+    let (bundles, received) = (&job.bundles[..], job.received);
     let mut fd: Option<u64> = None;
     let mut entry: Option<(u64, [u64; 6])> = None;
     let mut syscalls = 0u32;
@@ -705,11 +734,39 @@ fn follow_library(
                 entry = Some((nr, args));
                 hold.step_syscall(0)
             }
-            HoldStop::SyscallExit { is_error, .. } => {
-                let mapped_exec = matches!(entry.take(), Some((SYS_MMAP, a))
-                    if !is_error && Some(a[4]) == fd && a[2] & PROT_EXEC != 0);
-                if mapped_exec {
-                    match try_commit(shared, hold, bundles, deadline, syscalls, received) {
+            HoldStop::SyscallExit { rval, is_error } => {
+                let mapped_exec = match entry.take() {
+                    Some((SYS_MMAP, a))
+                        if !is_error && Some(a[4]) == fd && a[2] & PROT_EXEC != 0 =>
+                    {
+                        Some(a)
+                    }
+                    _ => None,
+                };
+                if let Some(a) = mapped_exec {
+                    // What was just mapped, for the engine's plan without a maps read: the
+                    // file the thread opened (the event's descriptor, `fstat`ed now), where.
+                    let known = job
+                        .pending
+                        .file_key()
+                        .map(|key| stitch_engine::KnownMapping {
+                            path: job.path.clone(),
+                            key,
+                            exec_start: rval.cast_unsigned(),
+                            exec_end: rval
+                                .cast_unsigned()
+                                .saturating_add(a[1].div_ceil(4096) * 4096),
+                            exec_offset: a[5],
+                        });
+                    match try_commit(
+                        shared,
+                        hold,
+                        bundles,
+                        known.as_ref(),
+                        deadline,
+                        syscalls,
+                        received,
+                    ) {
                         Commit::Done(o) => return o,
                         Commit::NotYet(e, h) => {
                             last_err = Some(e);
@@ -751,7 +808,7 @@ fn follow_exec(
                 // The commit's stops, on the CPU the exec ended on (see `handle`).
                 let _pin = stitch_sys::last_cpu_of(hold.tid())
                     .and_then(|c| stitch_sys::CpuPin::to(c).ok());
-                return match try_commit(shared, hold, bundles, deadline, 0, received) {
+                return match try_commit(shared, hold, bundles, None, deadline, 0, received) {
                     Commit::Done(o) => o,
                     Commit::NotYet(e, _) => Outcome::Missed(engine_miss(&e)),
                 };

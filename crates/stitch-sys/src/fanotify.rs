@@ -370,13 +370,38 @@ fn parse_events(mut buf: &[u8]) -> Result<Vec<PermEvent>> {
 /// # Errors
 /// [`SysError::Os`].
 pub fn fd_inode(fd: BorrowedFd<'_>) -> Result<(u64, u64)> {
+    fd_stat(fd).map(|s| (s.dev, s.ino))
+}
+
+/// What `fstat` says about the file behind a descriptor: enough to tell whether its contents
+/// may have changed (the key the engine caches digests by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStat {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub ctime: i64,
+    pub ctime_nsec: i64,
+}
+
+/// `fstat` of a descriptor (no open, no event).
+///
+/// # Errors
+/// [`SysError::Os`].
+pub fn fd_stat(fd: BorrowedFd<'_>) -> Result<FileStat> {
     // SAFETY: `stat` is plain integers; all-zero is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat writes one `stat` into `st`, a live local of that type.
     if unsafe { libc::fstat(fd.as_raw_fd(), &raw mut st) } < 0 {
         return Err(os_err("fstat"));
     }
-    Ok((st.st_dev, st.st_ino))
+    Ok(FileStat {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        ctime: st.st_ctime,
+        ctime_nsec: st.st_ctime_nsec,
+    })
 }
 
 /// One inotify event.

@@ -1,0 +1,144 @@
+//! `Engine::plan_mapped` / `Engine::commit_known`: the load-time hook's plan from what it saw
+//! being mapped (no maps read, no map_files stat before the stop), checked under the stop.
+
+use std::os::unix::fs::MetadataExt as _;
+use std::time::{Duration, Instant};
+
+use stitch_engine::{Engine, FileKey, KnownMapping, RegionPlan};
+use stitch_sys::Pid;
+
+use crate::TARGET_C;
+use crate::common::*;
+
+/// The executable mapping of `path` in `pid`: (start, end, file offset).
+fn exec_mapping(pid: Pid, path: &std::path::Path) -> (u64, u64, u64) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let want = path.display().to_string();
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 6 && f[5] == want && f[1].contains('x') {
+            let (a, b) = f[0].split_once('-').unwrap();
+            return (
+                u64::from_str_radix(a, 16).unwrap(),
+                u64::from_str_radix(b, 16).unwrap(),
+                u64::from_str_radix(f[2], 16).unwrap(),
+            );
+        }
+    }
+    panic!("no executable mapping of {want} in {pid}");
+}
+
+fn file_key(path: &std::path::Path) -> FileKey {
+    let md = std::fs::metadata(path).unwrap();
+    FileKey {
+        dev: md.dev(),
+        ino: md.ino(),
+        size: md.size(),
+        ctime: md.ctime(),
+        ctime_nsec: md.ctime_nsec(),
+    }
+}
+
+/// An engine that knows the target's digest (as the hook does for every file it marks) and
+/// what the hook would know at the `mmap`'s exit.
+fn known_of(t: &Target, pid: Pid, engine: &Engine) -> KnownMapping {
+    let key = file_key(&t.exe);
+    engine.digests.remember(key, stitch_elf::sha256(&t.bytes));
+    let (exec_start, exec_end, exec_offset) = exec_mapping(pid, &t.exe);
+    KnownMapping {
+        path: t.exe.clone(),
+        key,
+        exec_start,
+        exec_end,
+        exec_offset,
+    }
+}
+
+#[test]
+fn plan_from_a_known_mapping_is_checked_under_the_stop_and_applies() {
+    if !can_trace() {
+        return;
+    }
+    let t = compile(TARGET_C, &[]);
+    let mut r = Running::start(&t.exe);
+    let engine = Engine::new();
+    let b = patch(&t, "ST-2026-0501", "compute", "drop", RETURN_1000);
+    let known = known_of(&t, r.pid(), &engine);
+    let plan = engine.plan_mapped(r.pid(), &b, &known).unwrap();
+    // Same decisions as the full plan, which reads the maps.
+    let full = engine.plan(r.pid(), &b).unwrap();
+    assert_eq!(plan.module_bias, full.module_bias);
+    assert_eq!(plan.module_sha256, full.module_sha256);
+    assert_eq!(
+        plan.sites.iter().map(|s| s.addr).collect::<Vec<_>>(),
+        full.sites.iter().map(|s| s.addr).collect::<Vec<_>>()
+    );
+    assert_eq!(plan.module_start, full.module_start);
+    let mut sp = stitch_sys::stop_all(r.pid(), Instant::now() + Duration::from_secs(2)).unwrap();
+    let report = engine.commit_known(&mut sp, &plan, b.patch(), &known);
+    sp.resume().unwrap();
+    let report = report.unwrap();
+    assert!(report.region_created);
+    assert_eq!(r.ask(5), "1000 10");
+}
+
+#[test]
+fn known_mapping_that_is_not_the_planned_file_is_refused_under_the_stop() {
+    if !can_trace() {
+        return;
+    }
+    let t = compile(TARGET_C, &[]);
+    let mut r = Running::start(&t.exe);
+    let engine = Engine::new();
+    let b = patch(&t, "ST-2026-0502", "compute", "drop", RETURN_1000);
+    let known = known_of(&t, r.pid(), &engine);
+    let plan = engine.plan_mapped(r.pid(), &b, &known).unwrap();
+    // By the stop, the address the hook saw mapped holds another file (libc's text here):
+    // the maps read under the stop show another inode, whose digest is not the plan's.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", r.pid())).unwrap();
+    let libc_exec = maps
+        .lines()
+        .find(|l| l.contains("libc.so") && l.split_whitespace().nth(1).unwrap().contains('x'))
+        .expect("libc mapped executable");
+    let start = u64::from_str_radix(libc_exec.split('-').next().unwrap(), 16).unwrap();
+    let elsewhere = KnownMapping {
+        exec_start: start,
+        ..known.clone()
+    };
+    let mut sp = stitch_sys::stop_all(r.pid(), Instant::now() + Duration::from_secs(2)).unwrap();
+    let e = engine.commit_known(&mut sp, &plan, b.patch(), &elsewhere);
+    sp.resume().unwrap();
+    let e = e.unwrap_err();
+    assert_eq!(e.code(), "engine.module_not_mapped", "{e}");
+    assert_eq!(r.ask(5), "6 10", "nothing was written");
+}
+
+#[test]
+fn region_proposal_already_taken_falls_back_to_a_free_range() {
+    if !can_trace() {
+        return;
+    }
+    let t = compile(TARGET_C, &[]);
+    let mut r = Running::start(&t.exe);
+    let engine = Engine::new();
+    let b = patch(&t, "ST-2026-0503", "compute", "drop", RETURN_1000);
+    let known = known_of(&t, r.pid(), &engine);
+    let mut plan = engine.plan_mapped(r.pid(), &b, &known).unwrap();
+    // The proposal names memory that is in use by the stop (here: the module itself).
+    let taken = plan.module_start;
+    plan.region = RegionPlan::New { addr: taken };
+    let mut sp = stitch_sys::stop_all(r.pid(), Instant::now() + Duration::from_secs(2)).unwrap();
+    let report = engine.commit_known(&mut sp, &plan, b.patch(), &known);
+    sp.resume().unwrap();
+    let report = report.unwrap();
+    assert!(report.region_created);
+    assert_ne!(report.plan.region.addr(), taken);
+    assert_eq!(r.ask(5), "1000 10");
+    // The module's first page is still the module's.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", r.pid())).unwrap();
+    assert!(
+        maps.lines()
+            .any(|l| l.starts_with(&format!("{taken:x}-")) && l.contains(&*t.exe.to_string_lossy())),
+        "{maps}"
+    );
+}

@@ -1,12 +1,7 @@
-//! The local control socket (`/run/stitch/stitchd.sock`): one JSON request line, one JSON
-//! answer line. Only root (or the agent's own user) may connect: the socket file is mode 0600
-//! in a 0700 directory, and the peer's credentials (`SO_PEERCRED`) are checked on every
-//! connection.
-//!
-//! ```text
-//! -> {"action":"disable","patch":"ST-2026-0001"}
-//! <- {"ok":true,"result":{...}}      or      {"ok":false,"error":{"code":"...","message":"..."}}
-//! ```
+//! The local control socket (`/run/stitch/stitchd.sock`), serving the protocol of
+//! `stitch_protocol::control` (one JSON request line, one JSON answer line). Only root (or the
+//! agent's own user) may connect: the socket file is mode 0600 in a 0700 directory, and the
+//! peer's credentials (`SO_PEERCRED`) are checked on every connection.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
@@ -15,13 +10,11 @@ use std::path::Path;
 use std::sync::mpsc::{Sender, channel};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
+use stitch_protocol::control::{MAX_REQUEST, encode_reply};
 
 use crate::controller::{AgentAction, Input};
 use crate::error::{AgentError, Result};
-
-/// Longest request line.
-const MAX_REQUEST: u64 = 64 << 10;
 
 /// Binds the socket (replacing a stale one).
 pub fn bind(path: &Path) -> Result<UnixListener> {
@@ -45,13 +38,8 @@ pub fn peer_allowed(peer_uid: u32, own_uid: u32) -> bool {
     peer_uid == 0 || peer_uid == own_uid
 }
 
-fn answer(r: std::result::Result<Value, (String, String)>) -> Value {
-    match r {
-        Ok(v) => json!({ "ok": true, "result": v }),
-        Err((code, message)) => {
-            json!({ "ok": false, "error": { "code": code, "message": message } })
-        }
-    }
+fn answer(r: std::result::Result<Value, (String, String)>) -> Vec<u8> {
+    encode_reply(r)
 }
 
 fn serve_one(stream: UnixStream, tx: &Sender<Input>) {
@@ -99,9 +87,7 @@ fn serve_one(stream: UnixStream, tx: &Sender<Input>) {
         }
         Err(e) => answer(Err(("control.peer".into(), e.to_string()))),
     };
-    let mut bytes = serde_json::to_vec(&reply).unwrap_or_default();
-    bytes.push(b'\n');
-    let _ = w.write_all(&bytes);
+    let _ = w.write_all(&reply);
 }
 
 /// Accepts connections forever, one thread per connection (they are rare and short).
@@ -121,32 +107,13 @@ pub fn serve(listener: UnixListener, tx: Sender<Input>) {
 
 /// Client side: sends `action`, returns the result or the agent's error.
 pub fn request(path: &Path, action: &AgentAction) -> Result<Value> {
-    let mut s = UnixStream::connect(path).map_err(AgentError::io("connect", path))?;
+    let s = UnixStream::connect(path).map_err(AgentError::io("connect", path))?;
     s.set_read_timeout(Some(Duration::from_secs(130)))
         .map_err(AgentError::io("connect", path))?;
-    let mut line = serde_json::to_vec(action).unwrap_or_default();
-    line.push(b'\n');
-    s.write_all(&line).map_err(AgentError::io("write", path))?;
-    let mut resp = String::new();
-    BufReader::new(s)
-        .read_line(&mut resp)
-        .map_err(AgentError::io("read", path))?;
-    let v: Value = serde_json::from_str(&resp).map_err(|e| AgentError::Control {
-        code: "control.bad_answer",
+    stitch_protocol::control::exchange(&s, action).map_err(|e| AgentError::Control {
+        code: e.code(),
         reason: e.to_string(),
-    })?;
-    if v["ok"] == true {
-        Ok(v["result"].clone())
-    } else {
-        Err(AgentError::Control {
-            code: "control.refused",
-            reason: format!(
-                "[{}] {}",
-                v["error"]["code"].as_str().unwrap_or("?"),
-                v["error"]["message"].as_str().unwrap_or("?")
-            ),
-        })
-    }
+    })
 }
 
 #[cfg(test)]
@@ -154,20 +121,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_root_or_self_may_connect_and_actions_parse() {
+    fn only_root_or_self_may_connect() {
         assert!(peer_allowed(0, 1000));
         assert!(peer_allowed(1000, 1000));
         assert!(!peer_allowed(1001, 1000));
-        let a: AgentAction =
-            serde_json::from_str(r#"{"action":"disable","patch":"ST-1"}"#).unwrap();
-        assert_eq!(
-            a,
-            AgentAction::Disable {
-                patch: Some("ST-1".into())
-            }
-        );
-        let a: AgentAction = serde_json::from_str(r#"{"action":"events"}"#).unwrap();
-        assert_eq!(a, AgentAction::Events { limit: 50 });
-        assert!(serde_json::from_str::<AgentAction>(r#"{"action":"rm -rf"}"#).is_err());
     }
 }

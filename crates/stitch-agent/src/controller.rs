@@ -31,36 +31,8 @@ use crate::scan::{self, SizeCache};
 use crate::store::{AppliedRow, InstalledPatch, LocalPolicy, Store, StoredManifest};
 use crate::sync::{ManifestEntry, ManifestPayload};
 
-/// A request to the agent, whatever transport it came over.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, Serialize)]
-#[serde(tag = "action", rename_all = "snake_case")]
-pub enum AgentAction {
-    /// Agent state: enabled, server connection, counts.
-    Status,
-    /// Every installed patch with where it is applied.
-    Patches,
-    /// The most recent events.
-    Events {
-        #[serde(default = "default_limit")]
-        limit: usize,
-    },
-    /// Enable the agent (no patch) or one patch.
-    Enable {
-        #[serde(default)]
-        patch: Option<String>,
-    },
-    /// Disable the agent (reverting every patch) or one patch.
-    Disable {
-        #[serde(default)]
-        patch: Option<String>,
-    },
-    /// Heartbeat, deliver events and fetch the manifest now.
-    Sync,
-}
-
-fn default_limit() -> usize {
-    50
-}
+/// A request to the agent, whatever transport it came over (the control protocol's type).
+pub use stitch_protocol::control::AgentAction;
 
 /// Answer to an action: JSON, or an error with a stable code.
 pub type Reply = std::result::Result<Value, (String, String)>;

@@ -1,10 +1,12 @@
-//! What the server and the agent must agree on byte for byte. Pure: no I/O, no clock (the
-//! caller passes `now`).
+//! What the server, the agent and the CLI must agree on byte for byte. Pure: no I/O of its
+//! own, no clock (the caller passes `now` and its connected streams).
 //!
 //! - The signed per-agent manifest (this module's root): the server signs it, the agent must
 //!   verify it exactly like [`verify`] before trusting a byte of it.
 //! - [`event`]: the agent's events (`POST /api/v1/agent/events`), recorded and sent by the
 //!   agent, parsed strictly by the server.
+//! - [`control`]: the agent's local control socket, between `stitchd` and `stitch agent`
+//!   (no socket code here: one round trip over a stream the caller connected).
 //!
 //! ## Wire form (`docs/protocol.md` § Manifest)
 //! ```json
@@ -21,6 +23,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod event;
 
 pub use event::{Event, EventBatch, EventBody, EventError, EventsAccepted, MAX_EVENTS};

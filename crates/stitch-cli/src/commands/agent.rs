@@ -2,14 +2,14 @@
 //! over its control socket (one JSON request line, one JSON answer line; root only). The
 //! protocol is documented in `docs/agent.md`; this file only renders the answers.
 
-use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use serde_json::{Value, json};
+use serde_json::Value;
+use stitch_protocol::control::{AgentAction, exchange};
 
 /// Arguments of `stitch agent`.
 #[derive(Debug, Args)]
@@ -48,44 +48,32 @@ enum AgentCommand {
     Sync,
 }
 
-fn request(socket: &Path, body: &Value) -> anyhow::Result<Value> {
-    let mut s = UnixStream::connect(socket).with_context(|| {
+fn request(socket: &Path, action: &AgentAction) -> anyhow::Result<Value> {
+    let s = UnixStream::connect(socket).with_context(|| {
         format!(
             "cannot connect to the agent at {} (is stitchd running, and are you root?)",
             socket.display()
         )
     })?;
     s.set_read_timeout(Some(Duration::from_secs(130)))?;
-    let mut line = serde_json::to_vec(body)?;
-    line.push(b'\n');
-    s.write_all(&line)
-        .with_context(|| format!("cannot write to {}", socket.display()))?;
-    let mut answer = String::new();
-    BufReader::new(s)
-        .read_line(&mut answer)
-        .with_context(|| format!("no answer from {}", socket.display()))?;
-    let v: Value = serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
-    if v["ok"] == true {
-        Ok(v["result"].clone())
-    } else {
-        bail!(
-            "the agent refused: [{}] {}",
-            v["error"]["code"].as_str().unwrap_or("?"),
-            v["error"]["message"].as_str().unwrap_or("?")
-        )
-    }
+    let v = exchange(&s, action)?;
+    Ok(v)
 }
 
 pub(crate) fn run(a: AgentArgs) -> anyhow::Result<()> {
-    let body = match &a.command {
-        AgentCommand::Status => json!({ "action": "status" }),
-        AgentCommand::Patches => json!({ "action": "patches" }),
-        AgentCommand::Events { limit } => json!({ "action": "events", "limit": limit }),
-        AgentCommand::Enable { patch } => json!({ "action": "enable", "patch": patch }),
-        AgentCommand::Disable { patch } => json!({ "action": "disable", "patch": patch }),
-        AgentCommand::Sync => json!({ "action": "sync" }),
+    let action = match &a.command {
+        AgentCommand::Status => AgentAction::Status,
+        AgentCommand::Patches => AgentAction::Patches,
+        AgentCommand::Events { limit } => AgentAction::Events { limit: *limit },
+        AgentCommand::Enable { patch } => AgentAction::Enable {
+            patch: patch.clone(),
+        },
+        AgentCommand::Disable { patch } => AgentAction::Disable {
+            patch: patch.clone(),
+        },
+        AgentCommand::Sync => AgentAction::Sync,
     };
-    let v = request(&a.socket, &body)?;
+    let v = request(&a.socket, &action)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

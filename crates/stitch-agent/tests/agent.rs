@@ -4,6 +4,7 @@
 //! `CI=true` they fail instead.
 
 mod harness;
+mod tls;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};

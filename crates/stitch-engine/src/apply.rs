@@ -277,53 +277,51 @@ impl Engine {
         {
             return Err(gone());
         }
-        let Some(bytes) =
-            self.digests
-                .bytes_for_key(pid, &known.key, (exec.start, exec.end), path)?
-        else {
-            return Err(gone());
-        };
+        // The file offset the plan assumed at every site (`plan_mapped` placed each one in
+        // the known mapping, from the ELF): the mapping under the stop must map exactly that
+        // byte of this inode there, executable and private — the layout `Module::load_bias`
+        // and `runtime_exec_addr` check for `plan`, at the sites, without parsing the ELF
+        // again under the stop.
         let layout = |reason: String| EngineError::ModuleLayout {
             pid: pid.0,
             path: path.display().to_string(),
             reason,
         };
-        let elf = stitch_elf::ElfFile::parse(&bytes[..]).map_err(|e| layout(e.to_string()))?;
-        let module = stitch_elf::maps::Module {
-            path: path.to_path_buf(),
-            deleted: false,
-            dev_major: exec.dev.0,
-            dev_minor: exec.dev.1,
-            inode: exec.inode,
-            mappings: maps
-                .iter()
-                .filter(|m| m.inode == exec.inode && m.dev == exec.dev)
-                .map(|m| stitch_elf::maps::MapEntry {
-                    start: m.start,
-                    end: m.end,
-                    read: m.perms.read,
-                    write: m.perms.write,
-                    exec: m.perms.exec,
-                    shared: m.perms.shared,
-                    offset: m.offset,
-                    dev_major: m.dev.0,
-                    dev_minor: m.dev.1,
-                    inode: m.inode,
-                    path: stitch_elf::maps::MapPath::File {
-                        path: path.to_path_buf(),
-                        deleted: false,
-                    },
-                })
-                .collect(),
+        let file_offset = |addr: u64| {
+            known
+                .exec_offset
+                .checked_add(addr.checked_sub(known.exec_start)?)
         };
-        let bias = module.load_bias(&elf).map_err(|e| layout(e.to_string()))?;
-        if bias != plan.module_bias {
-            return Err(layout(format!(
-                "mapped at bias {bias:#x} under the stop, planned for {:#x}",
-                plan.module_bias
-            )));
+        let ours = |m: &&Mapping| m.inode == exec.inode && m.dev == exec.dev;
+        let spans = std::iter::once((known.exec_start, 1u64)).chain(
+            patch
+                .patchlets
+                .iter()
+                .map(|p| (plan.module_bias.wrapping_add(p.at), p.original.len() as u64)),
+        );
+        for (addr, len) in spans {
+            let mut cursor = addr;
+            let end = addr.saturating_add(len);
+            while cursor < end {
+                let m = maps
+                    .iter()
+                    .filter(ours)
+                    .find(|m| m.start <= cursor && cursor < m.end)
+                    .ok_or_else(|| layout(format!("{cursor:#x} is not mapped from the file")))?;
+                let mapped = m.offset.checked_add(cursor - m.start);
+                if !m.perms.exec
+                    || m.perms.shared
+                    || mapped.is_none()
+                    || mapped != file_offset(cursor)
+                {
+                    return Err(layout(format!(
+                        "{cursor:#x} does not map the planned file offset executable"
+                    )));
+                }
+                cursor = m.end;
+            }
         }
-        crate::plan::check_sites_mapped(pid, &module, &elf, patch)
+        Ok(())
     }
 
     /// [`Engine::commit`] with the maps already read under this stop.

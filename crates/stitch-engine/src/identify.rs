@@ -133,6 +133,11 @@ impl DigestCache {
         Ok((key, d))
     }
 
+    /// The bytes cached for `key`, if any (no I/O).
+    pub(crate) fn cached_bytes_of(&self, key: &FileKey) -> Option<Arc<Vec<u8>>> {
+        self.cached_bytes(key)
+    }
+
     /// The digest remembered for `key`, if any (no I/O).
     pub(crate) fn digest_for_key(&self, key: &FileKey) -> Option<[u8; 32]> {
         self.get(key)

@@ -8,7 +8,9 @@ use stitch_x86::{LinkContext, link_patchlet};
 
 use stitch_elf::maps::{MapEntry, MapPath, Module};
 
-use crate::identify::{KnownMapping, MappedModule, dev_split, file_name, maybe_region, read_maps};
+use crate::identify::{
+    FileKey, KnownMapping, MappedModule, dev_split, file_name, maybe_region, read_maps,
+};
 use crate::region::{self, PatchRecord, RegionHeader};
 use crate::{Engine, EngineError};
 
@@ -207,18 +209,35 @@ impl Engine {
         else {
             return self.plan(pid, bundle);
         };
+        let elf = ElfFile::parse(&bytes[..]).map_err(|e| EngineError::ModuleLayout {
+            pid: pid.0,
+            path: known.path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        self.plan_known_elf(pid, bundle, known, sha256, &elf)
+    }
+
+    /// [`Engine::plan_mapped`] once the file's ELF is parsed.
+    fn plan_known_elf(
+        &self,
+        pid: Pid,
+        bundle: &VerifiedBundle,
+        known: &KnownMapping,
+        sha256: [u8; 32],
+        elf: &ElfFile<'_>,
+    ) -> Result<Plan, EngineError> {
+        let patch = bundle.patch();
         let shown = known.path.display().to_string();
         let layout = |reason: String| EngineError::ModuleLayout {
             pid: pid.0,
             path: shown.clone(),
             reason,
         };
-        let elf = ElfFile::parse(&bytes[..]).map_err(|e| layout(e.to_string()))?;
-        check_build_id(pid, &known.path, &elf, patch)?;
+        check_build_id(pid, &known.path, elf, patch)?;
         let module = known_module(known);
-        let bias = module.load_bias(&elf).map_err(|e| layout(e.to_string()))?;
-        check_sites_mapped(pid, &module, &elf, patch)?;
-        let (start, end) = elf_span(&elf, bias).ok_or_else(|| layout("no PT_LOAD".into()))?;
+        let bias = module.load_bias(elf).map_err(|e| layout(e.to_string()))?;
+        check_sites_mapped(pid, &module, elf, patch)?;
+        let (start, end) = elf_span(elf, bias).ok_or_else(|| layout("no PT_LOAD".into()))?;
         if patch.id.len() > region::MAX_ID {
             return Err(EngineError::IdTooLong {
                 id: patch.id.clone(),
@@ -247,6 +266,92 @@ impl Engine {
             &RegionHeader::new(sha256, bias),
             Vec::new(),
         )
+    }
+
+    /// For an executable just exec'd (the load-time hook at `PTRACE_EVENT_EXEC`):
+    /// [`Engine::plan_mapped`] for its executable segment holding the patch's sites, found from
+    /// the address its program headers are mapped at (`AT_PHDR` of the new program) and the
+    /// file the exec opened (`key`) — one ELF parse, no `/proc` read. `Ok(None)` — take
+    /// [`Engine::plan`] — when the patch has imports, the file's digest or bytes are not in
+    /// the cache, or the sites are not all in one executable `PT_LOAD`. Nothing here is
+    /// trusted: [`Engine::commit_known`] checks the mapping, inode and file offsets against
+    /// the maps under the stop.
+    pub fn plan_from_phdr(
+        &self,
+        pid: Pid,
+        bundle: &VerifiedBundle,
+        path: &std::path::Path,
+        key: FileKey,
+        at_phdr: u64,
+    ) -> Result<Option<(KnownMapping, Plan)>, EngineError> {
+        const PAGE: u64 = 4096;
+        let patch = bundle.patch();
+        if !patch.imports.is_empty() {
+            return Ok(None);
+        }
+        let Some(sha256) = self.digests.digest_for_key(&key) else {
+            return Ok(None);
+        };
+        if sha256 != patch.target.sha256 || key.size != patch.target.size {
+            return Err(EngineError::ModuleNotMapped {
+                pid: pid.0,
+                sha256: hex::encode(patch.target.sha256),
+            });
+        }
+        let Some(bytes) = self.digests.cached_bytes_of(&key) else {
+            return Ok(None);
+        };
+        let Ok(elf) = ElfFile::parse(&bytes[..]) else {
+            return Ok(None);
+        };
+        let Some(phoff) = bytes
+            .get(0x20..0x28)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+        else {
+            return Ok(None);
+        };
+        let segs = elf.load_segments();
+        let Some(holding) = segs
+            .iter()
+            .find(|s| s.offset <= phoff && phoff < s.offset.saturating_add(s.filesz))
+        else {
+            return Ok(None);
+        };
+        let phdr_vaddr = holding
+            .vaddr
+            .wrapping_sub(holding.offset)
+            .wrapping_add(phoff);
+        let bias = at_phdr.wrapping_sub(phdr_vaddr);
+        let Some(first) = patch.patchlets.first() else {
+            return Ok(None);
+        };
+        let Some(seg) = segs.iter().find(|s| {
+            s.executable && s.vaddr <= first.at && first.at < s.vaddr.saturating_add(s.filesz)
+        }) else {
+            return Ok(None);
+        };
+        let inside = |at: u64, len: u64| {
+            at >= seg.vaddr && at.saturating_add(len) <= seg.vaddr.saturating_add(seg.filesz)
+        };
+        if !patch
+            .patchlets
+            .iter()
+            .all(|p| inside(p.at, p.original.len() as u64))
+        {
+            return Ok(None);
+        }
+        let lo = seg.vaddr & !(PAGE - 1);
+        let hi = seg.vaddr.saturating_add(seg.filesz).div_ceil(PAGE) * PAGE;
+        let known = KnownMapping {
+            path: path.to_path_buf(),
+            key,
+            exec_start: bias.wrapping_add(lo),
+            exec_end: bias.wrapping_add(hi),
+            exec_offset: seg.offset & !(PAGE - 1),
+        };
+        let plan = self.plan_known_elf(pid, bundle, &known, sha256, &elf)?;
+        Ok(Some((known, plan)))
     }
 
     /// The module of `pid` whose mapped inode has the patch's SHA-256.

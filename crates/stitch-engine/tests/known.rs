@@ -142,3 +142,76 @@ fn region_proposal_already_taken_falls_back_to_a_free_range() {
         "{maps}"
     );
 }
+
+fn at_phdr(pid: Pid) -> u64 {
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).unwrap();
+    auxv.chunks_exact(16)
+        .find(|p| u64::from_ne_bytes(p[..8].try_into().unwrap()) == 3)
+        .map(|p| u64::from_ne_bytes(p[8..].try_into().unwrap()))
+        .expect("AT_PHDR")
+}
+
+#[test]
+fn known_mapping_from_at_phdr_is_the_executable_text_pie_and_non_pie() {
+    if !can_trace() {
+        return;
+    }
+    for flags in [&[][..], &["-no-pie"][..]] {
+        let t = compile(TARGET_C, flags);
+        let mut r = Running::start(&t.exe);
+        let engine = Engine::new();
+        let b = patch(&t, "ST-2026-0504", "compute", "drop", RETURN_1000);
+        let key = file_key(&t.exe);
+        engine.digests.remember(key, stitch_elf::sha256(&t.bytes));
+        // The file's bytes not cached yet: no plan this way.
+        assert!(
+            engine
+                .plan_from_phdr(r.pid(), &b, &t.exe, key, at_phdr(r.pid()))
+                .unwrap()
+                .is_none()
+        );
+        engine.plan(r.pid(), &b).unwrap(); // caches the file's bytes by its key
+        let (known, plan) = engine
+            .plan_from_phdr(r.pid(), &b, &t.exe, key, at_phdr(r.pid()))
+            .unwrap()
+            .expect("planned from AT_PHDR");
+        let (start, end, offset) = exec_mapping(r.pid(), &t.exe);
+        assert_eq!(
+            (known.exec_start, known.exec_end, known.exec_offset),
+            (start, end, offset),
+            "{flags:?}"
+        );
+        assert_eq!(plan, engine.plan_mapped(r.pid(), &b, &known).unwrap());
+        let mut sp =
+            stitch_sys::stop_all(r.pid(), Instant::now() + Duration::from_secs(2)).unwrap();
+        let report = engine.commit_known(&mut sp, &plan, b.patch(), &known);
+        sp.resume().unwrap();
+        report.unwrap();
+        assert_eq!(r.ask(5), "1000 10", "{flags:?}");
+    }
+}
+
+#[test]
+fn known_mapping_whose_file_offsets_disagree_with_the_maps_is_refused_under_the_stop() {
+    if !can_trace() {
+        return;
+    }
+    let t = compile(TARGET_C, &[]);
+    let mut r = Running::start(&t.exe);
+    let engine = Engine::new();
+    let b = patch(&t, "ST-2026-0505", "compute", "drop", RETURN_1000);
+    let known = known_of(&t, r.pid(), &engine);
+    let plan = engine.plan_mapped(r.pid(), &b, &known).unwrap();
+    // The right file at the right address, but not the layout the plan assumed (a page off):
+    // the sites would not hold the bytes the plan was linked for.
+    let shifted = KnownMapping {
+        exec_offset: known.exec_offset + 0x1000,
+        ..known.clone()
+    };
+    let mut sp = stitch_sys::stop_all(r.pid(), Instant::now() + Duration::from_secs(2)).unwrap();
+    let e = engine.commit_known(&mut sp, &plan, b.patch(), &shifted);
+    sp.resume().unwrap();
+    let e = e.unwrap_err();
+    assert_eq!(e.code(), "engine.module_layout", "{e}");
+    assert_eq!(r.ask(5), "6 10", "nothing was written");
+}

@@ -489,7 +489,7 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
     );
     let deadline = job.received + shared.config.hold_timeout;
     let outcome = if exec {
-        follow_exec(shared, hold, &job.bundles, deadline, job.received)
+        follow_exec(shared, hold, job, deadline)
     } else {
         follow_library(shared, hold, job, deadline)
     };
@@ -601,7 +601,11 @@ fn try_commit<'a>(
     shared: &Shared,
     mut hold: Tracked<'a>,
     bundles: &[Arc<VerifiedBundle>],
-    known: Option<&stitch_engine::KnownMapping>,
+    // What the hook saw mapped, and plans already made from it (one per bundle, in order).
+    known: Option<(
+        &stitch_engine::KnownMapping,
+        Option<Vec<stitch_engine::Plan>>,
+    )>,
     deadline: Instant,
     syscalls: u32,
     received: Instant,
@@ -612,8 +616,16 @@ fn try_commit<'a>(
         return Commit::Done(Outcome::Missed(reason));
     }
     let t_plan = Instant::now();
+    let (known, premade) = match known {
+        Some((k, p)) => (Some(k), p),
+        None => (None, None),
+    };
     let mut plans = Vec::new();
-    for b in bundles {
+    if let Some(p) = premade {
+        // Planned by the caller, one per bundle, in order.
+        plans.extend(bundles.iter().zip(p));
+    }
+    for b in bundles.iter().skip(plans.len()) {
         // With the mapping seen at the `mmap`'s exit: no maps read, no map_files stat here
         // (`commit_known` checks it under the stop).
         let planned = match known {
@@ -641,7 +653,21 @@ fn try_commit<'a>(
     let mut failed = None;
     for (b, plan) in &plans {
         let committed = match known {
-            Some(k) => shared.engine.commit_known(&mut sp, plan, b.patch(), k),
+            // Refused before anything is written when the maps under the stop contradict
+            // what the hook saw (another inode there, another bias): plan again the full way
+            // (reads `/proc` only; nothing can map or unmap while every thread is held).
+            Some(k) => match shared.engine.commit_known(&mut sp, plan, b.patch(), k) {
+                Err(
+                    e @ (EngineError::ModuleNotMapped { .. } | EngineError::ModuleLayout { .. }),
+                ) => {
+                    tracing::debug!(pid = pid.0, error = %e, "known mapping not confirmed; full plan");
+                    shared
+                        .engine
+                        .plan(pid, b)
+                        .and_then(|p| shared.engine.commit(&mut sp, &p, b.patch()))
+                }
+                other => other,
+            },
             None => shared.engine.commit(&mut sp, plan, b.patch()),
         };
         match committed {
@@ -762,7 +788,7 @@ fn follow_library(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: I
                         shared,
                         hold,
                         bundles,
-                        known.as_ref(),
+                        known.as_ref().map(|k| (k, None)),
                         deadline,
                         syscalls,
                         received,
@@ -791,13 +817,8 @@ fn follow_library(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: I
 }
 
 /// Follows a thread that opened a target executable for exec to `PTRACE_EVENT_EXEC`, commits.
-fn follow_exec(
-    shared: &Shared,
-    mut hold: Tracked<'_>,
-    bundles: &[Arc<VerifiedBundle>],
-    deadline: Instant,
-    received: Instant,
-) -> Outcome {
+fn follow_exec(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: Instant) -> Outcome {
+    let (bundles, received) = (&job.bundles[..], job.received);
     loop {
         let stop = match hold.wait(deadline) {
             Ok(s) => s,
@@ -808,7 +829,47 @@ fn follow_exec(
                 // The commit's stops, on the CPU the exec ended on (see `handle`).
                 let _pin = stitch_sys::last_cpu_of(hold.tid())
                     .and_then(|c| stitch_sys::CpuPin::to(c).ok());
-                return match try_commit(shared, hold, bundles, None, deadline, 0, received) {
+                // The executable's text, from where the kernel put its program headers and
+                // the file the exec opened: the plan then reads no maps (checked under the
+                // stop by `commit_known`). Only when every bundle's sites fit one segment and
+                // the file's bytes are cached (after its first hold); else the full plan.
+                let pid = hold.pid();
+                let phdr = hold
+                    .regs()
+                    .ok()
+                    .and_then(|r| crate::proc::at_phdr_after_exec(pid, r.rsp));
+                let premade = match (job.pending.file_key(), phdr) {
+                    (Some(key), Some(phdr)) => {
+                        let each: Option<Vec<_>> = bundles
+                            .iter()
+                            .map(|b| {
+                                shared
+                                    .engine
+                                    .plan_from_phdr(pid, b, &job.path, key, phdr)
+                                    .ok()
+                                    .flatten()
+                            })
+                            .collect();
+                        // One known mapping for the commit: every bundle's sites in it.
+                        each.filter(|e| e.windows(2).all(|w| w[0].0 == w[1].0))
+                            .and_then(|e| {
+                                let known = e.first()?.0.clone();
+                                Some((known, e.into_iter().map(|(_, p)| p).collect()))
+                            })
+                    }
+                    _ => None,
+                };
+                let known = premade.as_ref().map(|(k, _)| k.clone());
+                let plans = premade.map(|(_, p)| p);
+                return match try_commit(
+                    shared,
+                    hold,
+                    bundles,
+                    known.as_ref().map(|k| (k, plans)),
+                    deadline,
+                    0,
+                    received,
+                ) {
                     Commit::Done(o) => o,
                     Commit::NotYet(e, _) => Outcome::Missed(engine_miss(&e)),
                 };

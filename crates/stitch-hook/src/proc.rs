@@ -63,6 +63,54 @@ pub(crate) fn is_exec(nr: i64) -> bool {
     nr == SYS_EXECVE || nr == SYS_EXECVEAT
 }
 
+/// `AT_PHDR` of a program right after its exec (at `PTRACE_EVENT_EXEC`, its stack pointer
+/// `rsp` points at `argc`, then `argv`, `envp` and the auxiliary vector): one
+/// `process_vm_readv` of the top of its stack. (`/proc/PID/auxv` costs ~55 us here, the first
+/// `/proc` access after an exec.) `None` if the vector is not within the bytes read.
+pub(crate) fn at_phdr_after_exec(pid: Pid, rsp: u64) -> Option<u64> {
+    // Pointers only (the strings lie above them): 4 KiB holds ~500 of them; else 64 KiB.
+    [4 << 10, 64 << 10]
+        .into_iter()
+        .find_map(|len| at_phdr_in(pid, rsp, len))
+}
+
+fn at_phdr_in(pid: Pid, rsp: u64, len: usize) -> Option<u64> {
+    let mut buf = vec![0u8; len];
+    let n = stitch_sys::read_vm_partial(pid, rsp, &mut buf).ok()?;
+    buf.truncate(n);
+    let words: Vec<u64> = buf
+        .chunks_exact(8)
+        .map(|w| u64::from_ne_bytes(w.try_into().unwrap_or_default()))
+        .collect();
+    let argc = usize::try_from(*words.first()?).ok()?;
+    // argc, argv[0..argc], NULL, envp..., NULL, auxv.
+    let mut i = argc.checked_add(2)?;
+    if *words.get(i - 1)? != 0 {
+        return None;
+    }
+    while *words.get(i)? != 0 {
+        i += 1;
+    }
+    let auxv = words.get(i + 1..)?;
+    let bytes: Vec<u8> = auxv.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    parse_at_phdr(&bytes)
+}
+
+pub(crate) fn parse_at_phdr(auxv: &[u8]) -> Option<u64> {
+    const AT_NULL: u64 = 0;
+    const AT_PHDR: u64 = 3;
+    for pair in auxv.chunks_exact(16) {
+        let k = u64::from_ne_bytes(pair[..8].try_into().ok()?);
+        let v = u64::from_ne_bytes(pair[8..].try_into().ok()?);
+        match k {
+            AT_PHDR => return Some(v),
+            AT_NULL => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +135,27 @@ mod tests {
             Some(Pid(4242))
         );
         assert_eq!(parse_tgid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn at_phdr_is_read_from_auxv_pairs_up_to_at_null() {
+        let mut v = Vec::new();
+        for (k, val) in [(6u64, 4096u64), (3, 0x5555_0000_0040), (0, 0)] {
+            v.extend_from_slice(&k.to_ne_bytes());
+            v.extend_from_slice(&val.to_ne_bytes());
+        }
+        assert_eq!(parse_at_phdr(&v), Some(0x5555_0000_0040));
+        assert_eq!(parse_at_phdr(&v[32..]), None);
+    }
+
+    #[test]
+    fn at_phdr_after_exec_walks_argv_and_envp_of_a_real_stack() {
+        // A stack laid out as the kernel does at exec, in our own memory.
+        let mut words: Vec<u64> = vec![2, 0x1000, 0x1008, 0, 0x2000, 0x2008, 0x2010, 0];
+        words.extend([6, 4096, 3, 0x5555_0000_0040, 0, 0]);
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let me = Pid(i32::try_from(std::process::id()).unwrap());
+        let at = bytes.as_ptr() as u64;
+        assert_eq!(at_phdr_after_exec(me, at), Some(0x5555_0000_0040));
     }
 }

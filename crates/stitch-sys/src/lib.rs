@@ -123,5 +123,5 @@ pub use types::{
 };
 pub use util::{
     PidFd, RealtimeGuard, STOP_WINDOW_RT_PRIORITY, SchedState, gettid, process_alive,
-    read_proc_mem, run_on_tracer_thread, set_realtime_priority,
+    read_proc_mem, read_vm_partial, run_on_tracer_thread, set_realtime_priority,
 };

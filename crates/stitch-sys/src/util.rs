@@ -156,6 +156,21 @@ pub fn read_proc_mem(pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
     })
 }
 
+/// One `process_vm_readv` of up to `buf.len()` bytes at `addr` in another process; returns how
+/// many bytes it read (it stops at the first page it cannot read). No `/proc` access.
+///
+/// # Errors
+/// [`SysError::MemIo`] when nothing could be read.
+pub fn read_vm_partial(pid: Pid, addr: u64, buf: &mut [u8]) -> Result<usize> {
+    raw::vm_read(pid.0, addr, buf).map_err(|e| SysError::MemIo {
+        op: "process_vm_readv",
+        pid,
+        addr,
+        len: buf.len(),
+        source: e,
+    })
+}
+
 /// Whether the process exists and has not exited (zombies count as exited), using `kill(pid, 0)`
 /// and `/proc/PID/stat`. Subject to pid reuse; hold a [`PidFd`] for a race-free answer.
 #[must_use]

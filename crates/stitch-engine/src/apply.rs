@@ -1012,21 +1012,65 @@ fn commit_linked<T: Tracer>(
     let base = plan.region.addr();
     let record_addr = base + plan.record_offset;
     // Trampolines, then the record (state Applying), then the header that counts it.
-    // None of this is reachable until a site jumps to it.
+    // None of this is reachable until a site jumps to it, so it is read back once, all of it
+    // in one batched read, before the first site is written (fewer `/proc/PID/mem` round
+    // trips: a read-back per write cost ~2.5 us each).
     for s in &plan.sites {
-        sp.write_verified(s.tramp_addr, &s.trampoline)?;
+        sp.write(s.tramp_addr, &s.trampoline)?;
     }
     kill_point("trampolines_written");
     let mut record = plan.record.clone();
     record.state = RecordState::Applying;
-    sp.write_verified(record_addr, &record.encode())?;
+    let record_bytes = record.encode();
     let mut h = header.clone();
     h.records.push(record.clone());
     h.records_next =
         (plan.record_offset as usize + PatchRecord::encoded_len(plan.sites.len())) as u32;
     h.tramp_next = plan.tramp_offset as u32 + record.tramp_len;
-    if let Err(e) = sp.write_verified(base, &h.encode_fixed()) {
-        // The old header may be half overwritten: put it back (best effort).
+    let header_bytes = h.encode_fixed();
+    // Record and header: one write when the record directly follows the header (the first
+    // record of a region), the record first otherwise.
+    let contiguous = record_addr == base + header_bytes.len() as u64;
+    let written = if contiguous {
+        let mut both = header_bytes.clone();
+        both.extend_from_slice(&record_bytes);
+        sp.write(base, &both)
+    } else {
+        sp.write(record_addr, &record_bytes)
+            .and_then(|()| sp.write(base, &header_bytes))
+    };
+    let mut ranges: Vec<(u64, usize)> = plan
+        .sites
+        .iter()
+        .map(|s| (s.tramp_addr, s.trampoline.len()))
+        .collect();
+    ranges.push((record_addr, record_bytes.len()));
+    ranges.push((base, header_bytes.len()));
+    let expected: Vec<u8> = plan
+        .sites
+        .iter()
+        .flat_map(|s| s.trampoline.iter().copied())
+        .chain(record_bytes.iter().copied())
+        .chain(header_bytes.iter().copied())
+        .collect();
+    let verified = written.and_then(|()| {
+        let mut back = vec![0u8; expected.len()];
+        let results = sp.read_many(&ranges, &mut back)?;
+        for r in results {
+            r?;
+        }
+        if back == expected {
+            Ok(())
+        } else {
+            Err(stitch_sys::SysError::VerifyMismatch {
+                pid: sp.pid(),
+                addr: base,
+                len: expected.len(),
+            })
+        }
+    });
+    if let Err(e) = verified {
+        // The old header may be (half) overwritten: put it back (best effort).
         let _ = sp.write(base, &header.encode_fixed());
         return Err(e.into());
     }

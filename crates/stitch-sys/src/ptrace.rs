@@ -892,7 +892,8 @@ impl PtraceTracer {
     ) -> Result<Option<&Vec<Vec<BpfInsn>>>> {
         if let std::collections::hash_map::Entry::Vacant(slot) = self.filters.entry((pid, tid)) {
             let forbid = |why: String| SysError::SeccompForbids { pid, tid, nr, why };
-            let info = procfs::task_info(pid, tid)?;
+            // `status` alone: the seccomp mode and SigIgn are all this needs.
+            let info = procfs::task_status(pid, tid)?;
             self.ignored.insert((pid, tid), info.sig_ignored);
             let loaded = match info.seccomp {
                 0 => None,

@@ -74,8 +74,16 @@ int main(int argc, char **argv) {
     let engine = Engine::new();
     let mut outcomes = std::collections::BTreeMap::<String, u32>::new();
     for i in 0..30u64 {
+        // Most live 0.5-4.5 ms and exit mid-apply; every fifth lives 200 ms, so some
+        // applies must succeed however slow the host is (on a loaded host the short ones can
+        // all end before their program is even mapped).
+        let life_us = if i % 5 == 0 {
+            200_000
+        } else {
+            (i * 997) % 4000 + 500
+        };
         let mut child = Command::new(&t.exe)
-            .arg(((i * 997) % 4000 + 500).to_string())
+            .arg(life_us.to_string())
             .spawn()
             .unwrap();
         let pid = Pid(child.id() as i32);

@@ -362,6 +362,28 @@ async fn admin_logs_in_sees_computer_and_approves_patch_in_chromium() {
         .post("", "/api/v1/enroll", &json!({"enrollment_token": token}))
         .await;
     assert_eq!(r.status(), StatusCode::CREATED);
+
+    // Team & tokens: the owner adds a colleague and mints an API token that works at once.
+    b.click("nav a[href='/team']").await;
+    b.wait_path("/team").await;
+    b.type_into("#add-user input[name=username]", "carol").await;
+    b.type_into("#add-user input[name=password]", "a long enough password")
+        .await;
+    b.click("#add-user button.primary").await;
+    b.wait_path("/team").await;
+    assert!(b.text(".flash.ok").await.contains("carol added"));
+    assert!(b.text("#users").await.contains("carol"));
+    b.type_into("#add-api-token input[name=name]", "CI publisher")
+        .await;
+    b.click("#add-api-token button.primary").await;
+    let api = b.text("#new-api-token").await;
+    assert!(api.starts_with("stk_"), "{api}");
+    assert!(b.text("#api-tokens").await.contains("CI publisher"));
+    b.screenshot("dashboard-team").await;
+    assert_eq!(
+        t.get(&api, "/api/v1/computers").await.status(),
+        StatusCode::OK
+    );
     let _ = org;
     b.close().await;
     t.stop().await;

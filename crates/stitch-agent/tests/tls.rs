@@ -3,74 +3,11 @@
 //! server (and say why) rather than enroll.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use stitch_agent::AgentAction;
 
 use crate::harness::*;
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let st = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl is required (apt-get install openssl)");
-    assert!(st.success(), "openssl {args:?}");
-}
-
-/// `ca.pem` and a server certificate `srv.pem` / `srv-key.pem` it signed for 127.0.0.1.
-fn private_ca(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut a = vec!["req", "-x509"];
-    a.extend(ec);
-    a.extend(["-days", "2", "-subj", "/CN=agent test CA"]);
-    a.extend(["-keyout", "ca-key.pem", "-out", "ca.pem"]);
-    openssl(dir, &a);
-    let mut a = vec!["req"];
-    a.extend(ec);
-    a.extend([
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "srv-key.pem",
-        "-out",
-        "srv.csr",
-    ]);
-    openssl(dir, &a);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "srv.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "srv.pem",
-        ],
-    );
-}
 
 #[test]
 fn agent_enrolls_over_https_only_when_ca_file_trusts_the_servers_private_ca() {
@@ -79,7 +16,7 @@ fn agent_enrolls_over_https_only_when_ca_file_trusts_the_servers_private_ca() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    private_ca(d);
+    let pki = stitch_testkit::private_ca(d, "srv");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -87,7 +24,7 @@ fn agent_enrolls_over_https_only_when_ca_file_trusts_the_servers_private_ca() {
         .unwrap();
     let mut c = stitch_server::Config::new(d.join("server"));
     c.listen = "127.0.0.1:0".parse().unwrap();
-    c.tls = Some((d.join("srv.pem"), d.join("srv-key.pem")));
+    c.tls = Some((pki.cert.clone(), pki.key.clone()));
     c.trusted_keys.insert(vendor_key().public());
     let server = rt.block_on(stitch_server::run(c)).expect("HTTPS server");
     let url = server.url();
@@ -136,7 +73,7 @@ fn agent_enrolls_over_https_only_when_ca_file_trusts_the_servers_private_ca() {
     untrusting.stop();
 
     // With ca_file: enrolled and online, and the server knows the computer.
-    let mut trusting = configure("trusting", Some(&d.join("ca.pem")));
+    let mut trusting = configure("trusting", Some(&pki.ca));
     trusting.start();
     trusting.until("online over HTTPS", Duration::from_secs(30), || {
         (trusting.ask(AgentAction::Status)["server"]["state"] == "online").then_some(())

@@ -419,17 +419,6 @@ fn demo_exploit_is_blocked_after_the_agent_applies_the_published_patch() {
     );
 }
 
-/// Runs `openssl` in `dir`; panics with the arguments on failure.
-fn openssl(dir: &Path, args: &[&str]) {
-    let st = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl is required (apt-get install openssl)");
-    assert!(st.success(), "openssl {args:?}");
-}
-
 #[test]
 fn publish_to_an_https_server_trusts_its_private_ca_only_when_told() {
     let me = PathBuf::from(env!("CARGO_BIN_EXE_stitch"));
@@ -447,62 +436,7 @@ fn publish_to_an_https_server_trusts_its_private_ca_only_when_told() {
     ok(&s.run(&["sign", "p.stitch", "--key", "author.key"]));
     let d = s.path();
     // A private CA and a server certificate it signed, as an operator's PKI would issue.
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut a = vec!["req", "-x509"];
-    a.extend(ec);
-    a.extend([
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test CA",
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca.pem",
-    ]);
-    openssl(d, &a);
-    let mut a = vec!["req"];
-    a.extend(ec);
-    a.extend([
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "srv-key.pem",
-        "-out",
-        "srv.csr",
-    ]);
-    openssl(d, &a);
-    std::fs::write(
-        d.join("ext.cnf"),
-        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n",
-    )
-    .unwrap();
-    openssl(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "srv.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "srv.pem",
-        ],
-    );
+    let pki = stitch_testkit::private_ca(d, "srv");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -520,8 +454,11 @@ fn publish_to_an_https_server_trusts_its_private_ca_only_when_told() {
         Command::new(&server_bin)
             .current_dir(d)
             .args(["--listen", &listen, "--data-dir", "srv-data"])
-            .args(["--trusted-keys", "author.key.pub", "--tls-cert", "srv.pem"])
-            .args(["--tls-key", "srv-key.pem", "--bootstrap-org", "acme"])
+            .args(["--trusted-keys", "author.key.pub", "--tls-cert"])
+            .arg(&pki.cert)
+            .arg("--tls-key")
+            .arg(&pki.key)
+            .args(["--bootstrap-org", "acme"])
             .args(["--bootstrap-out", "creds.env"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

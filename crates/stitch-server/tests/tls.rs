@@ -1,80 +1,11 @@
-//! The server speaking HTTPS itself (`--tls-cert`/`--tls-key`): a real certificate made by
-//! `openssl`, a real rustls client that trusts it, and the failures an operator will meet.
+//! The server speaking HTTPS itself (`--tls-cert`/`--tls-key`): a real certificate from a
+//! private CA made by `openssl` (stitch-testkit), a real rustls client that trusts it, and the
+//! failures an operator will meet.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use stitch_server::Config;
-
-fn openssl(args: &[&str], dir: &Path) {
-    let st = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl is required (apt-get install openssl)");
-    assert!(st.success(), "openssl {args:?} failed");
-}
-
-/// A private CA (`ca.pem`) and a server certificate it signed for 127.0.0.1 / localhost
-/// (`{name}.pem`, `{name}-key.pem`), as an operator with an internal PKI would have.
-fn ca_and_leaf(dir: &Path, name: &str) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    if !dir.join("ca.pem").exists() {
-        let mut a = vec!["req", "-x509"];
-        a.extend(ec);
-        a.extend([
-            "-days",
-            "2",
-            "-subj",
-            "/CN=stitch test CA",
-            "-keyout",
-            "ca-key.pem",
-            "-out",
-            "ca.pem",
-        ]);
-        openssl(&a, dir);
-    }
-    let key = format!("{name}-key.pem");
-    let csr = format!("{name}.csr");
-    let mut a = vec!["req"];
-    a.extend(ec);
-    a.extend(["-subj", "/CN=localhost", "-keyout", &key, "-out", &csr]);
-    openssl(&a, dir);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .expect("ext");
-    let out = format!("{name}.pem");
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            &out,
-        ],
-        dir,
-    );
-}
 
 fn client(ca: Option<&Path>) -> ureq::Agent {
     let mut b = ureq::Agent::config_builder()
@@ -97,7 +28,7 @@ fn client(ca: Option<&Path>) -> ureq::Agent {
     b.build().new_agent()
 }
 
-fn config(dir: &Path, cert: &str, key: &str) -> Config {
+fn config(dir: &Path, cert: &Path, key: &Path) -> Config {
     let mut c = Config::new(dir.join("data"));
     c.listen = "127.0.0.1:0".parse().expect("addr");
     c.tls = Some((dir.join(cert), dir.join(key)));
@@ -118,13 +49,13 @@ async fn get(agent: ureq::Agent, url: String) -> Result<(u16, String), ureq::Err
 #[tokio::test]
 async fn https_server_is_trusted_only_through_its_ca_and_survives_plain_http_on_its_port() {
     let dir = tempfile::tempdir().expect("tmp");
-    ca_and_leaf(dir.path(), "cert");
-    let server = stitch_server::run(config(dir.path(), "cert.pem", "cert-key.pem"))
+    let pki = stitch_testkit::private_ca(dir.path(), "cert");
+    let server = stitch_server::run(config(dir.path(), &pki.cert, &pki.key))
         .await
         .expect("starts with TLS");
     let url = server.url();
     assert!(url.starts_with("https://"), "{url}");
-    let ca = dir.path().join("ca.pem");
+    let ca = pki.ca.clone();
 
     let (status, body) = get(client(Some(&ca)), format!("{url}/healthz"))
         .await
@@ -152,8 +83,8 @@ async fn https_server_is_trusted_only_through_its_ca_and_survives_plain_http_on_
 #[tokio::test]
 async fn unusable_certificate_or_key_stops_the_start_with_its_code() {
     let dir = tempfile::tempdir().expect("tmp");
-    ca_and_leaf(dir.path(), "a");
-    ca_and_leaf(dir.path(), "b");
+    stitch_testkit::private_ca(dir.path(), "a");
+    stitch_testkit::private_ca(dir.path(), "b");
     std::fs::write(dir.path().join("empty.pem"), "not a certificate\n").expect("write");
     for (cert, key, code) in [
         ("empty.pem", "a-key.pem", "tls.no_certificate"),
@@ -161,7 +92,7 @@ async fn unusable_certificate_or_key_stops_the_start_with_its_code() {
         ("a.pem", "b-key.pem", "tls.config"),
         ("missing.pem", "a-key.pem", "tls.read"),
     ] {
-        match stitch_server::run(config(dir.path(), cert, key)).await {
+        match stitch_server::run(config(dir.path(), Path::new(cert), Path::new(key))).await {
             Err(stitch_server::StartError::Tls(e)) => {
                 assert_eq!(e.code(), code, "{cert} {key}: {e}")
             }

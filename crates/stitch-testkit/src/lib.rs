@@ -1,0 +1,93 @@
+//! Fixtures more than one test suite needs, so each is written once. A dev-dependency only:
+//! no Stitch crate may depend on it for its library or binaries (`.ci/check-deps`).
+//!
+//! Fixtures are real things made by real tools (a CA made by `openssl`), never mocks.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A private certificate authority and one server certificate it signed, as PEM files.
+#[derive(Debug, Clone)]
+pub struct PrivateCa {
+    /// The CA certificate: what a client must trust (`ca_file`, `--ca-file`).
+    pub ca: PathBuf,
+    /// The server's certificate (leaf, `CA:FALSE`, SAN `IP:127.0.0.1`, `DNS:localhost`).
+    pub cert: PathBuf,
+    /// The server certificate's private key.
+    pub key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let st = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is required (apt-get install openssl; scripts/test installs it)");
+    assert!(st.success(), "openssl {args:?} failed");
+}
+
+/// Makes a P-256 CA in `dir` (once: `ca.pem`, `ca-key.pem`) and a server certificate it signs
+/// for 127.0.0.1 / localhost (`{name}.pem`, `{name}-key.pem`), valid two days. webpki refuses
+/// a self-signed CA certificate used as the server's own, so the two are always separate, as
+/// in an operator's internal PKI.
+///
+/// # Panics
+/// When `openssl` is missing or fails.
+pub fn private_ca(dir: &Path, name: &str) -> PrivateCa {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    if !dir.join("ca.pem").exists() {
+        let mut a = vec!["req", "-x509"];
+        a.extend(ec);
+        a.extend(["-days", "2", "-subj", "/CN=stitch test CA"]);
+        a.extend(["-keyout", "ca-key.pem", "-out", "ca.pem"]);
+        openssl(dir, &a);
+    }
+    let (key, csr, cert) = (
+        format!("{name}-key.pem"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+    );
+    let mut a = vec!["req"];
+    a.extend(ec);
+    a.extend(["-subj", "/CN=localhost", "-keyout", &key, "-out", &csr]);
+    openssl(dir, &a);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("write ext.cnf");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            &cert,
+        ],
+    );
+    PrivateCa {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(cert),
+        key: dir.join(key),
+    }
+}

@@ -399,6 +399,13 @@ fn is_revoked(e: &AgentError) -> bool {
     matches!(e, AgentError::Server { code, .. } if code == "agent.revoked" || code == "agent.unknown")
 }
 
+/// Reports a failed exchange with the server: `revoked` when the server no longer knows this
+/// agent, `offline` otherwise, with the error.
+fn status_failed(tx: &Sender<Input>, id: &Identity, e: &AgentError) {
+    let state = if is_revoked(e) { "revoked" } else { "offline" };
+    status(tx, state, Some(id), Some(e), false);
+}
+
 /// Long-polls the manifest; downloads and checks bundles; hands both to the controller.
 fn poller(
     cfg: &Config,
@@ -445,13 +452,7 @@ fn poller(
                     backoff.next_delay()
                 };
                 tracing::warn!(code = e.code(), error = %e, retry_ms = d.as_millis() as u64, "manifest fetch failed; keeping what we have");
-                status(
-                    tx,
-                    if revoked { "revoked" } else { "offline" },
-                    Some(id),
-                    Some(&e),
-                    false,
-                );
+                status_failed(tx, id, &e);
                 last_full = None;
                 sync_now.wait(d);
                 continue;
@@ -599,13 +600,7 @@ fn reporter(
         // Events first: they are what the dashboard shows.
         if let Err(e) = deliver_outbox(&client, &store, &id.credential) {
             tracing::warn!(code = e.code(), error = %e, "event delivery failed; kept in the outbox");
-            status(
-                &tx,
-                if is_revoked(&e) { "revoked" } else { "offline" },
-                Some(&id),
-                Some(&e),
-                false,
-            );
+            status_failed(&tx, &id, &e);
             ok = false;
         }
         if ok && Instant::now() >= next_hb {
@@ -659,13 +654,7 @@ fn reporter(
                     }
                     Err(e) => {
                         tracing::warn!(code = e.code(), error = %e, "heartbeat failed");
-                        status(
-                            &tx,
-                            if is_revoked(&e) { "revoked" } else { "offline" },
-                            Some(&id),
-                            Some(&e),
-                            false,
-                        );
+                        status_failed(&tx, &id, &e);
                         ok = false;
                     }
                 }

@@ -169,12 +169,9 @@ fn rss_kb(pid: u32) -> u64 {
 fn bench_latency_and_idle(samples: usize, idle: Duration) {
     let server = Server::start_with(false, Duration::from_secs(60));
     let home = tempfile::tempdir().unwrap();
-    let url = server.url();
-    let mut agent = Agent::configure(
+    let mut agent = server.agent(
         home.path(),
-        &AgentOpts {
-            server: Some(&url),
-            enroll: Some(&server.enroll),
+        AgentOpts {
             realistic: true,
             ..Default::default()
         },
@@ -244,14 +241,11 @@ fn bench_latency_and_idle(samples: usize, idle: Duration) {
 fn bench_idle_quiet(idle: Duration) {
     let server = Server::start_with(false, Duration::from_secs(60));
     let home = tempfile::tempdir().unwrap();
-    let url = server.url();
     let target = compile(&unique_tag("bench-quiet"));
     let mut run = Running::start(&target.exe);
-    let mut agent = Agent::configure(
+    let mut agent = server.agent(
         home.path(),
-        &AgentOpts {
-            server: Some(&url),
-            enroll: Some(&server.enroll),
+        AgentOpts {
             realistic: true,
             ..Default::default()
         },

@@ -246,12 +246,9 @@ fn bad_bundle_from_server_is_rejected_and_reported() {
     let target = compile(&unique_tag("badbundle"));
     let mut run = Running::start(&target.exe);
     let home = tempfile::tempdir().unwrap();
-    let url = server.url();
-    let mut agent = Agent::configure(
+    let mut agent = server.agent(
         home.path(),
-        &AgentOpts {
-            server: Some(&url),
-            enroll: Some(&server.enroll),
+        AgentOpts {
             ..Default::default()
         },
     );
@@ -299,12 +296,9 @@ fn crash_protection_threshold_disables_patch_and_reverts_everywhere() {
     let server = Server::start(false);
     let target = compile(&unique_tag("crash"));
     let home = tempfile::tempdir().unwrap();
-    let url = server.url();
-    let mut agent = Agent::configure(
+    let mut agent = server.agent(
         home.path(),
-        &AgentOpts {
-            server: Some(&url),
-            enroll: Some(&server.enroll),
+        AgentOpts {
             crash_threshold: 2,
             ..Default::default()
         },
@@ -465,12 +459,9 @@ fn proxy_in_between_with_authentication_carries_all_agent_traffic() {
     let target = compile(&unique_tag("proxy"));
     let mut run = Running::start(&target.exe);
     let home = tempfile::tempdir().unwrap();
-    let url = server.url();
-    let mut agent = Agent::configure(
+    let mut agent = server.agent(
         home.path(),
-        &AgentOpts {
-            server: Some(&url),
-            enroll: Some(&server.enroll),
+        AgentOpts {
             proxy: Some(&proxy),
             ..Default::default()
         },
@@ -523,13 +514,10 @@ fn full_disk_state_dir_agent_keeps_patching_from_memory() {
     let target = compile(&unique_tag("full"));
     let mut run = Running::start(&target.exe);
     let home = tempfile::tempdir().unwrap();
-    let url = server.url();
     let state = mnt.path().join("state");
-    let mut agent = Agent::configure(
+    let mut agent = server.agent(
         home.path(),
-        &AgentOpts {
-            server: Some(&url),
-            enroll: Some(&server.enroll),
+        AgentOpts {
             state_dir: Some(&state),
             ..Default::default()
         },
@@ -679,12 +667,9 @@ fn load_time_hook_patches_a_new_process_before_its_first_call() {
     let target = compile(&unique_tag("hook"));
     let mut old = Running::start(&target.exe);
     let home = tempfile::tempdir().unwrap();
-    let url = server.url();
-    let mut agent = Agent::configure(
+    let mut agent = server.agent(
         home.path(),
-        &AgentOpts {
-            server: Some(&url),
-            enroll: Some(&server.enroll),
+        AgentOpts {
             hook_dir: Some(target.dir.path()),
             ..Default::default()
         },

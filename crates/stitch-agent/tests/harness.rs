@@ -353,6 +353,19 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
+    /// An agent configured in `home` to enroll with this server; `opts` says the rest.
+    pub(crate) fn agent(&self, home: &Path, opts: AgentOpts<'_>) -> Agent {
+        let url = self.url();
+        Agent::configure(
+            home,
+            &AgentOpts {
+                server: Some(&url),
+                enroll: Some(&self.enroll),
+                ..opts
+            },
+        )
+    }
+
     pub(crate) fn publish(&self, bytes: Vec<u8>) -> Instant {
         let t = Instant::now();
         let r = self.rt.block_on(async {
@@ -681,12 +694,9 @@ pub(crate) fn world(name: &str, id: &str, code: &str, threshold: u32) -> World {
     let target = compile(&unique_tag(name));
     let mut run = Running::start(&target.exe);
     let home = tempfile::tempdir().unwrap();
-    let url = server.url();
-    let mut agent = Agent::configure(
+    let mut agent = server.agent(
         home.path(),
-        &AgentOpts {
-            server: Some(&url),
-            enroll: Some(&server.enroll),
+        AgentOpts {
             crash_threshold: threshold,
             ..Default::default()
         },

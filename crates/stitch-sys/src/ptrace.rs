@@ -522,6 +522,30 @@ enum Event {
     Timeout,
 }
 
+impl Event {
+    /// The error of an event that ends a wait on `tid` with no result: gone, exec'd (callers
+    /// that must detach first match `Exec` themselves), deadline passed, or an unexpected
+    /// ptrace event. Waits go on from the other events; given one, this names it as
+    /// unexpected rather than panic.
+    fn into_error(self, op: &'static str, pid: Pid, tid: Tid) -> SysError {
+        let unexpected = |what: String| SysError::UnexpectedStop { op, pid, tid, what };
+        match self {
+            Event::Gone => SysError::ThreadGone { pid, tid },
+            Event::Exec => SysError::Execed { pid, tid },
+            Event::Timeout => SysError::ThreadDidNotStop {
+                pid,
+                tid,
+                waited: Duration::ZERO,
+                left_seized: Vec::new(),
+            },
+            Event::Other(what) => unexpected(format!("status event {what}")),
+            Event::Parked(kind) => unexpected(format!("event stop {kind:?}")),
+            Event::Syscall => unexpected("syscall stop".into()),
+            Event::Signal(sig) => unexpected(format!("signal {sig}")),
+        }
+    }
+}
+
 fn decode(status: i32) -> Event {
     if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
         return Event::Gone;
@@ -795,29 +819,15 @@ impl PtraceTracer {
             match Self::next_event(pid, tid, deadline)? {
                 Event::Parked(kind) => return Ok(kind),
                 Event::Signal(sig) => Self::req(op, pid, tid, libc::PTRACE_CONT, 0, sig as usize)?,
-                Event::Gone => return Err(SysError::ThreadGone { pid, tid }),
                 Event::Exec => {
                     // The address space is new: let this thread go and tell the caller.
                     let _ = raw::ptrace_int(libc::PTRACE_DETACH, tid.0, 0, 0);
                     return Err(SysError::Execed { pid, tid });
                 }
-                Event::Timeout => {
-                    return Err(SysError::ThreadDidNotStop {
-                        pid,
-                        tid,
-                        waited: Duration::ZERO,
-                        left_seized: Vec::new(),
-                    });
-                }
                 // A syscall stop can only be a leftover of an interrupted remote syscall: go on.
                 Event::Syscall => Self::req(op, pid, tid, libc::PTRACE_CONT, 0, 0)?,
-                Event::Other(what) => {
-                    return Err(SysError::UnexpectedStop {
-                        op,
-                        pid,
-                        tid,
-                        what: format!("status event {what}"),
-                    });
+                ev @ (Event::Gone | Event::Timeout | Event::Other(_)) => {
+                    return Err(ev.into_error(op, pid, tid));
                 }
             }
         }
@@ -1015,23 +1025,8 @@ impl PtraceTracer {
                     Self::req(OP, pid, tid, resume, 0, 0)?;
                 }
                 Event::Parked(_) => Self::req(OP, pid, tid, resume, 0, 0)?,
-                Event::Gone => return Err(SysError::ThreadGone { pid, tid }),
-                Event::Exec => return Err(SysError::Execed { pid, tid }),
-                Event::Timeout => {
-                    return Err(SysError::ThreadDidNotStop {
-                        pid,
-                        tid,
-                        waited: Duration::ZERO,
-                        left_seized: Vec::new(),
-                    });
-                }
-                Event::Other(what) => {
-                    return Err(SysError::UnexpectedStop {
-                        op: OP,
-                        pid,
-                        tid,
-                        what: format!("status event {what}"),
-                    });
+                ev @ (Event::Gone | Event::Exec | Event::Timeout | Event::Other(_)) => {
+                    return Err(ev.into_error(OP, pid, tid));
                 }
             }
         };
@@ -1090,23 +1085,8 @@ impl PtraceTracer {
                 Event::Parked(_) | Event::Syscall => {
                     Self::req(OP, pid, tid, libc::PTRACE_SINGLESTEP, 0, 0)?;
                 }
-                Event::Gone => return Err(SysError::ThreadGone { pid, tid }),
-                Event::Exec => return Err(SysError::Execed { pid, tid }),
-                Event::Timeout => {
-                    return Err(SysError::ThreadDidNotStop {
-                        pid,
-                        tid,
-                        waited: Duration::ZERO,
-                        left_seized: Vec::new(),
-                    });
-                }
-                Event::Other(what) => {
-                    return Err(SysError::UnexpectedStop {
-                        op: OP,
-                        pid,
-                        tid,
-                        what: format!("status event {what}"),
-                    });
+                ev @ (Event::Gone | Event::Exec | Event::Timeout | Event::Other(_)) => {
+                    return Err(ev.into_error(OP, pid, tid));
                 }
             }
         }
@@ -1311,7 +1291,6 @@ impl Tracer for PtraceTracer {
                     Event::Parked(_) if interrupted => return Ok(()),
                     Event::Parked(_) => Self::req(OP, pid, tid, libc::PTRACE_SINGLESTEP, 0, 0)?,
                     Event::Syscall => Self::req(OP, pid, tid, libc::PTRACE_SINGLESTEP, 0, 0)?,
-                    Event::Gone => return Err(SysError::ThreadGone { pid, tid }),
                     Event::Exec => {
                         let _ = raw::ptrace_int(libc::PTRACE_DETACH, tid.0, 0, 0);
                         return Err(SysError::Execed { pid, tid });
@@ -1322,21 +1301,8 @@ impl Tracer for PtraceTracer {
                         Self::req(OP, pid, tid, libc::PTRACE_INTERRUPT, 0, 0)?;
                         wait_until = Instant::now() + Duration::from_millis(500);
                     }
-                    Event::Timeout => {
-                        return Err(SysError::ThreadDidNotStop {
-                            pid,
-                            tid,
-                            waited: Duration::ZERO,
-                            left_seized: Vec::new(),
-                        });
-                    }
-                    Event::Other(what) => {
-                        return Err(SysError::UnexpectedStop {
-                            op: OP,
-                            pid,
-                            tid,
-                            what: format!("status event {what}"),
-                        });
+                    ev @ (Event::Gone | Event::Timeout | Event::Other(_)) => {
+                        return Err(ev.into_error(OP, pid, tid));
                     }
                 }
             }
@@ -1381,18 +1347,12 @@ impl Tracer for PtraceTracer {
                 Event::Syscall => Self::req(OP, pid, tid, libc::PTRACE_CONT, 0, 0)?,
                 // A job-control stop arrived meanwhile: the thread is parked already.
                 Event::Parked(kind) => return Ok(kind),
-                Event::Gone => return Err(SysError::ThreadGone { pid, tid }),
                 Event::Exec => {
                     let _ = raw::ptrace_int(libc::PTRACE_DETACH, tid.0, 0, 0);
                     return Err(SysError::Execed { pid, tid });
                 }
-                Event::Other(what) => {
-                    return Err(SysError::UnexpectedStop {
-                        op: OP,
-                        pid,
-                        tid,
-                        what: format!("status event {what}"),
-                    });
+                ev @ (Event::Gone | Event::Other(_)) => {
+                    return Err(ev.into_error(OP, pid, tid));
                 }
             }
         }

@@ -187,25 +187,6 @@ pub fn python_site_dirs() -> Vec<std::path::PathBuf> {
     dirs
 }
 
-/// A distribution's name in its normalised form (PEP 503: lower case, runs of `-`, `_` and
-/// `.` as one `-`), which is how patches name PyPI packages (`pillow`, not `Pillow`).
-pub fn normalize_pypi_name(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    let mut sep = false;
-    for c in name.chars() {
-        if matches!(c, '-' | '_' | '.') {
-            sep = true;
-        } else {
-            if sep && !out.is_empty() {
-                out.push('-');
-            }
-            sep = false;
-            out.extend(c.to_lowercase());
-        }
-    }
-    out
-}
-
 /// `Pillow-10.2.0.dist-info` -> (`pillow`, `10.2.0`). The directory name is the wheel spec's
 /// `{name}-{version}.dist-info`, where neither part contains `-` (the name's `-` became `_`);
 /// egg-info and malformed names yield `None`.
@@ -217,7 +198,7 @@ pub fn parse_dist_info(dir_name: &str) -> Option<Package> {
     }
     Some(Package {
         ecosystem: "pypi".into(),
-        name: normalize_pypi_name(name),
+        name: stitch_format::normalize_pypi_name(name),
         version: version.to_string(),
     })
 }
@@ -291,12 +272,6 @@ mod tests {
     #[test]
     fn python_distributions_are_reported_under_the_names_patches_use() {
         // A patch for Pillow names `pillow`; reporting `Pillow` would make it never relevant.
-        assert_eq!(normalize_pypi_name("Pillow"), "pillow");
-        assert_eq!(normalize_pypi_name("zope.interface"), "zope-interface");
-        assert_eq!(
-            normalize_pypi_name("typing__Extensions"),
-            "typing-extensions"
-        );
         let p = parse_dist_info("Pillow-10.2.0.dist-info").expect("parsed");
         assert_eq!(
             (p.ecosystem.as_str(), p.name.as_str(), p.version.as_str()),

@@ -236,6 +236,42 @@ fn new_writes_a_patch_that_builds_and_never_overwrites_an_authors_files() {
 }
 
 #[test]
+fn new_names_the_wheel_that_installed_a_module_as_patches_and_inventories_do() {
+    // A module under site-packages belongs to the distribution whose RECORD lists it; its
+    // METADATA says `Pillow`, but patches and the agent's inventory say `pillow`.
+    let s = Setup::new("    ret\n", "before");
+    let site = s.path().join("site-packages");
+    std::fs::create_dir_all(site.join("PIL")).unwrap();
+    std::fs::create_dir_all(site.join("Pillow-10.2.0.dist-info")).unwrap();
+    std::fs::copy(s.path().join("libdemo.so.1"), site.join("PIL/libdemo.so.1")).unwrap();
+    std::fs::write(
+        site.join("Pillow-10.2.0.dist-info/RECORD"),
+        "PIL/__init__.py,sha256=x,1\nPIL/libdemo.so.1,sha256=y,2\n",
+    )
+    .unwrap();
+    std::fs::write(
+        site.join("Pillow-10.2.0.dist-info/METADATA"),
+        "Metadata-Version: 2.1\nName: Pillow\nVersion: 10.2.0\n",
+    )
+    .unwrap();
+    ok(&s.run(&[
+        "new",
+        "--target",
+        "site-packages/PIL/libdemo.so.1",
+        "check_len",
+        "--id",
+        "ST-2026-0079",
+        "-o",
+        "wheel",
+    ]));
+    let toml = std::fs::read_to_string(s.path().join("wheel/patch.toml")).unwrap();
+    assert!(
+        toml.contains("ecosystem = \"pypi\", name = \"pillow\", version = \"10.2.0\""),
+        "{toml}"
+    );
+}
+
+#[test]
 fn new_names_the_debian_package_that_ships_a_system_library() {
     // dpkg lists /lib/... on merged-/usr Debian while the file resolves to /usr/lib/...
     let lib = std::path::Path::new("/lib/x86_64-linux-gnu/libz.so.1");

@@ -121,6 +121,26 @@ pub struct Package {
     pub version: String,
 }
 
+/// A PyPI distribution's name in its normalised form (PEP 503: lower case, runs of `-`, `_`
+/// and `.` as one `-`). Patches, `stitch new` and the agent's inventory all name `pypi`
+/// packages this way (`pillow`, not `Pillow`), so the server can match them exactly.
+pub fn normalize_pypi_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut sep = false;
+    for c in name.chars() {
+        if matches!(c, '-' | '_' | '.') {
+            sep = true;
+        } else {
+            if sep && !out.is_empty() {
+                out.push('-');
+            }
+            sep = false;
+            out.extend(c.to_lowercase());
+        }
+    }
+    out
+}
+
 /// The one exact module a patch applies to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {

@@ -411,3 +411,17 @@ proptest! {
         let _ = Bundle::decode_verified(&bytes, &trusted(&[&key(1)]));
     }
 }
+
+#[test]
+fn pypi_names_differing_only_in_case_or_separators_are_one_package() {
+    // A patch for Pillow names `pillow`; an inventory reporting `Pillow` or `zope_interface`
+    // would make it never relevant on the dashboard.
+    use stitch_format::normalize_pypi_name;
+    assert_eq!(normalize_pypi_name("Pillow"), "pillow");
+    assert_eq!(normalize_pypi_name("zope.interface"), "zope-interface");
+    assert_eq!(
+        normalize_pypi_name("typing__Extensions"),
+        "typing-extensions"
+    );
+    assert_eq!(normalize_pypi_name("ujson"), "ujson");
+}

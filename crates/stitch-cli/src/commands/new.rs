@@ -85,7 +85,7 @@ pub(crate) fn run(a: &Args<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_new(path: &PathBuf, text: &str) -> anyhow::Result<()> {
+fn write_new(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -202,7 +202,9 @@ fn wheel_owner(path: &Path) -> Option<(Ecosystem, String, String)> {
                     .find_map(|l| l.strip_prefix(k))
                     .map(|v| v.trim().to_string())
             };
-            return Some((Ecosystem::Pypi, field("Name:")?, field("Version:")?));
+            // Under the name patches and the agent's inventory use (`pillow`, not `Pillow`).
+            let name = stitch_format::normalize_pypi_name(&field("Name:")?);
+            return Some((Ecosystem::Pypi, name, field("Version:")?));
         }
         return None;
     }

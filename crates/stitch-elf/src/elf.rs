@@ -167,6 +167,10 @@ pub struct ElfFile<'a> {
     by_addr: Vec<usize>,
     /// Largest symbol size: bounds the backwards scan in `symbol_containing`.
     max_size: u64,
+    /// Has a `PT_INTERP` (an executable asking for a dynamic loader).
+    interp: bool,
+    /// Its dynamic section names it (`DT_SONAME`): a shared library.
+    soname: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -258,6 +262,15 @@ impl<'a> ElfFile<'a> {
         for ph in phdrs.iter().filter(|ph| ph.p_type(LE) == abi::PT_LOAD) {
             segments.push(load_segment(ph, data.len())?);
         }
+        let interp = phdrs.iter().any(|ph| ph.p_type(LE) == abi::PT_INTERP);
+        let mut soname = false;
+        for ph in phdrs.iter() {
+            if let Some(dynamic) = ph.dynamic(LE, data).map_err(malformed("PT_DYNAMIC"))? {
+                soname |= dynamic
+                    .iter()
+                    .any(|d| d.d_tag.get(LE) == u64::from(abi::DT_SONAME));
+            }
+        }
 
         let sections = header
             .sections(LE, data)
@@ -313,6 +326,8 @@ impl<'a> ElfFile<'a> {
             dynsym_start,
             by_addr,
             max_size,
+            interp,
+            soname,
         })
     }
 
@@ -347,6 +362,14 @@ impl<'a> ElfFile<'a> {
 
     pub fn kind(&self) -> ElfKind {
         self.kind
+    }
+
+    /// Whether this file is loaded as a library rather than exec'd: `ET_DYN` without
+    /// `PT_INTERP` (a plain shared object, or a dynamic loader), or with a `DT_SONAME` (a
+    /// library that can also run, like `libc.so.6`). A PIE executable (interpreter, no
+    /// soname) is not.
+    pub fn is_library(&self) -> bool {
+        self.kind == ElfKind::SharedObject && (!self.interp || self.soname)
     }
 
     /// `PT_LOAD` segments in program-header order.

@@ -167,6 +167,20 @@ fn kinds_and_machine_match_link_mode() {
     }
 }
 
+/// The load-time hook watches the mappings of libraries only: a PIE executable taken for a
+/// library would cost every exec of it a kernel round trip per read and mapping.
+#[test]
+fn pie_executables_are_not_libraries_but_shared_objects_and_libc_are() {
+    let f = fixtures();
+    assert!(f.shared.elf().is_library());
+    assert!(!f.pie.elf().is_library(), "PIE: interpreter, no soname");
+    assert!(!f.no_pie.elf().is_library());
+    assert!(!f.static_exe.elf().is_library());
+    let (path, bytes) = system_libc();
+    let libc = ElfFile::parse(&bytes).unwrap();
+    assert!(libc.is_library(), "{}: has PT_INTERP and DT_SONAME", path.display());
+}
+
 #[test]
 fn relocatable_object_is_rejected() {
     let err = ElfFile::parse(&fixtures().object.bytes).unwrap_err();

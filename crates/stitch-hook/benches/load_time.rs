@@ -222,7 +222,7 @@ fn main() {
     // Passed on to stitch-hookd (e.g. --realtime-holds).
     let hookd_args: Vec<&str> = args
         .iter()
-        .filter(|a| *a == "--realtime-holds")
+        .filter(|a| *a == "--realtime-holds" || *a == "--no-watch-mappings")
         .map(String::as_str)
         .collect();
     let n: usize = args

@@ -72,23 +72,33 @@ impl Pending {
             ctime_nsec: s.ctime_nsec,
         })
     }
-
-    fn is_answered(&self) -> bool {
-        self.0.lock().map_or(true, |s| s.event.is_none())
-    }
 }
 
 fn allow_event(shared: &Shared, ev: &PermEvent) {
+    tracing::trace!(tid = ev.tid.0, mask = ev.mask, range = ?ev.range, "allow");
     if let Err(e) = shared.group.respond(ev, true) {
         tracing::warn!(tid = ev.tid.0, error = %e, "fanotify answer failed");
     }
+}
+
+/// What an event held a thread in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobKind {
+    /// The open of a library (or of an executable without exec holds): follow it syscall
+    /// by syscall to the executable mapping.
+    Open,
+    /// The open of an executable for exec (`FAN_OPEN_EXEC_PERM`): to `PTRACE_EVENT_EXEC`.
+    Exec,
+    /// A read or mapping starting where a library's executable segment starts
+    /// (`FAN_PRE_ACCESS`): one stop, right after that syscall.
+    Mapping,
 }
 
 /// One event for a marked file, for a worker.
 pub(crate) struct Job {
     pending: Arc<Pending>,
     tid: Tid,
-    exec_event: bool,
+    kind: JobKind,
     path: PathBuf,
     bundles: Vec<Arc<VerifiedBundle>>,
     received: Instant,
@@ -96,7 +106,12 @@ pub(crate) struct Job {
 
 struct Waiting {
     pending: Arc<Pending>,
+    /// Allowed unheld if no worker took it by then ([`crate::HookConfig::queue_timeout`]).
     deadline: Instant,
+    /// Allowed if still unanswered by then although a worker took it
+    /// ([`crate::HookConfig::hold_timeout`]): a seize that blocks — a thread inside an exec
+    /// holds `cred_guard_mutex`, which `PTRACE_SEIZE` takes — must not hold the load forever.
+    hold_deadline: Instant,
     tid: Tid,
     path: PathBuf,
     patches: Vec<String>,
@@ -120,7 +135,7 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker) {
         let now = Instant::now();
         let timeout = waiting
             .iter()
-            .map(|w| w.deadline.saturating_duration_since(now))
+            .map(|w| w.next_deadline().saturating_duration_since(now))
             .min();
         let (events, woken) = match shared.group.read_events_until(stop, timeout) {
             Ok(r) => r,
@@ -146,15 +161,37 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker) {
             let target = stitch_sys::fd_inode(std::os::fd::AsFd::as_fd(&ev.file))
                 .ok()
                 .and_then(|key| shared.targets.lookup(key));
-            let Some((path, bundles)) = target else {
+            let Some(target) = target else {
                 allow_event(shared, &ev);
                 continue;
             };
-            let exec_event = ev.is_exec();
+            let kind = if ev.is_pre_access() {
+                // A read or a mapping: held only where a loader maps the code (`cat`,
+                // `sha256sum` and the loader's own header read go on at once).
+                match ev.range {
+                    Some((offset, count)) if count > 0 && target.map_offsets.contains(&offset) => {
+                        JobKind::Mapping
+                    }
+                    _ => {
+                        allow_event(shared, &ev);
+                        continue;
+                    }
+                }
+            } else if ev.is_exec() {
+                JobKind::Exec
+            } else if !target.map_offsets.is_empty() {
+                // Its executable mapping raises its own event: the open needs no hold.
+                allow_event(shared, &ev);
+                continue;
+            } else {
+                JobKind::Open
+            };
+            let (path, bundles) = (target.path, target.bundles);
             let pending = Pending::new(ev);
             waiting.push(Waiting {
                 pending: pending.clone(),
                 deadline: received + shared.config.queue_timeout,
+                hold_deadline: received + shared.config.hold_timeout,
                 tid,
                 path: path.clone(),
                 patches: bundles.iter().map(|b| b.patch().id.clone()).collect(),
@@ -162,7 +199,7 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker) {
             let job = Job {
                 pending: pending.clone(),
                 tid,
-                exec_event,
+                kind,
                 path,
                 bundles,
                 received,
@@ -181,21 +218,35 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker) {
     }
 }
 
-/// Drops the entries a worker took or that were answered; answers (and reports) those that
-/// waited past their queue bound.
+impl Waiting {
+    /// When the reader must look at it again.
+    fn next_deadline(&self) -> Instant {
+        let picked = self.pending.0.lock().map_or(true, |st| st.picked);
+        if picked {
+            self.hold_deadline
+        } else {
+            self.deadline
+        }
+    }
+}
+
+/// Drops the entries that were answered; answers (and reports) those that waited past their
+/// queue bound for a worker, or past the hold bound in a worker that has not answered yet.
 fn expire_waiting(shared: &Shared, waiting: &mut Vec<Waiting>) {
     let now = Instant::now();
     waiting.retain(|w| {
-        if w.pending.is_answered() {
-            return false;
-        }
         let Ok(mut st) = w.pending.0.lock() else {
             return false;
         };
-        if st.picked {
+        if st.event.is_none() {
             return false;
         }
-        if now < w.deadline {
+        let (bound, reason) = if st.picked {
+            (w.hold_deadline, MissReason::HoldTimeout)
+        } else {
+            (w.deadline, MissReason::QueueTimeout)
+        };
+        if now < bound {
             return true;
         }
         if let Some(ev) = st.event.take() {
@@ -204,7 +255,7 @@ fn expire_waiting(shared: &Shared, waiting: &mut Vec<Waiting>) {
                 pid: tgid_of(w.tid).unwrap_or(Pid(w.tid.0)),
                 module: w.path.clone(),
                 patches: w.patches.clone(),
-                reason: MissReason::QueueTimeout,
+                reason,
             });
         }
         false
@@ -413,9 +464,9 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
         job.pending.allow(shared);
         return;
     };
-    let (exec, writing) = if job.exec_event {
+    let (exec, writing) = if job.kind == JobKind::Exec {
         (true, false)
-    } else if shared.exec_holds {
+    } else if job.kind == JobKind::Mapping || shared.exec_holds {
         // An exec raises FAN_OPEN_EXEC_PERM first, so this is no exec; opened for writing is
         // seen at the first stop, from the registers (no read of /proc/TID/syscall here).
         (false, false)
@@ -466,7 +517,11 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
         held: HeldTids::record(shared, tids),
         hold,
     };
-    job.pending.allow(shared);
+    if !job.pending.allow(shared) {
+        // The reader answered it at the hold bound (reported there): the seize blocked for
+        // that long, the thread has moved on. Let it go.
+        return;
+    }
     let allowed = Instant::now();
     // A library hold hands the CPU back and forth with its thread at ~9 ptrace stops; with the
     // worker on the CPU the thread last ran on, each stop is a switch on that CPU instead of a
@@ -488,10 +543,10 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
         "held"
     );
     let deadline = job.received + shared.config.hold_timeout;
-    let outcome = if exec {
-        follow_exec(shared, hold, job, deadline)
-    } else {
-        follow_library(shared, hold, job, deadline)
+    let outcome = match job.kind {
+        _ if exec => follow_exec(shared, hold, job, deadline),
+        JobKind::Mapping => follow_mapping(shared, hold, job, deadline),
+        JobKind::Open | JobKind::Exec => follow_library(shared, hold, job, deadline),
     };
     // The thread is let go: a sibling's hold waiting for ours may go on, and reporting (or a
     // live patch after a miss) needs neither the pinned CPU nor the count.
@@ -600,7 +655,8 @@ enum Commit<'a> {
 fn try_commit<'a>(
     shared: &Shared,
     mut hold: Tracked<'a>,
-    bundles: &[Arc<VerifiedBundle>],
+    // Its bundles and when its event was read.
+    job: &Job,
     // What the hook saw mapped, and plans already made from it (one per bundle, in order).
     known: Option<(
         &stitch_engine::KnownMapping,
@@ -608,8 +664,10 @@ fn try_commit<'a>(
     )>,
     deadline: Instant,
     syscalls: u32,
-    received: Instant,
+    // The thread already sits in a `PTRACE_EVENT_STOP` (no park needed).
+    parked: Option<StopKind>,
 ) -> Commit<'a> {
+    let (bundles, received) = (&job.bundles[..], job.received);
     let pid = hold.pid();
     // Planned after the wait: a sibling that ran meanwhile may have changed the mappings.
     if let Err(reason) = wait_for_siblings(shared, pid, deadline) {
@@ -639,7 +697,7 @@ fn try_commit<'a>(
         }
     }
     let t_stop = Instant::now();
-    let stop = match hold.park(deadline) {
+    let stop = match parked.map_or_else(|| hold.park(deadline), Ok) {
         Ok(s) => s,
         Err(e) => return Commit::Done(Outcome::Missed(MissReason::Trace(e.to_string()))),
     };
@@ -710,7 +768,6 @@ fn try_commit<'a>(
 /// descriptor maps every site, then commits. Lets go untouched on close, exec, exit, or the
 /// bounds.
 fn follow_library(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: Instant) -> Outcome {
-    let (bundles, received) = (&job.bundles[..], job.received);
     let mut fd: Option<u64> = None;
     let mut entry: Option<(u64, [u64; 6])> = None;
     let mut syscalls = 0u32;
@@ -787,11 +844,11 @@ fn follow_library(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: I
                     match try_commit(
                         shared,
                         hold,
-                        bundles,
+                        job,
                         known.as_ref().map(|k| (k, None)),
                         deadline,
                         syscalls,
-                        received,
+                        None,
                     ) {
                         Commit::Done(o) => return o,
                         Commit::NotYet(e, h) => {
@@ -816,9 +873,77 @@ fn follow_library(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: I
     }
 }
 
+/// Follows a thread held in a read or `mmap` of a target library that starts where one of
+/// its executable segments starts (`FAN_PRE_ACCESS`). The interrupt stop comes right after
+/// that syscall returns, before one more instruction of the thread: if it was the
+/// `mmap(PROT_EXEC)`, the code is mapped and nothing of it has run — commit there (the plan
+/// from what was just mapped, checked under the stop by `commit_known`). A read (`cat` at
+/// that offset) or a mapping that does not cover the sites is let go untouched; a library
+/// whose sites lie in another executable segment is held again at that segment's `mmap`.
+fn follow_mapping(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: Instant) -> Outcome {
+    loop {
+        let stop = match hold.wait(deadline) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Missed(MissReason::Trace(e.to_string())),
+        };
+        let resumed = match stop {
+            HoldStop::Parked(StopKind::Interrupted) => {
+                let r = match hold.regs() {
+                    Ok(r) => r,
+                    Err(e) => return Outcome::Missed(MissReason::Trace(e.to_string())),
+                };
+                // Registers at the return of the syscall the event came from: its number,
+                // arguments (length, prot, offset) and result are all still there.
+                let mapped = r.orig_rax == SYS_MMAP
+                    && r.rdx & PROT_EXEC != 0
+                    && !(-4095..0).contains(&r.rax.cast_signed());
+                if !mapped {
+                    return Outcome::Skipped(SkipReason::NotMappedExecutable);
+                }
+                let known = job
+                    .pending
+                    .file_key()
+                    .map(|key| stitch_engine::KnownMapping {
+                        path: job.path.clone(),
+                        key,
+                        exec_start: r.rax,
+                        exec_end: r.rax.saturating_add(r.rsi.div_ceil(4096) * 4096),
+                        exec_offset: r.r9,
+                    });
+                return match try_commit(
+                    shared,
+                    hold,
+                    job,
+                    known.as_ref().map(|k| (k, None)),
+                    deadline,
+                    0,
+                    Some(StopKind::Interrupted),
+                ) {
+                    Commit::Done(o) => o,
+                    // Sites elsewhere: another segment's mapping raises its own event.
+                    Commit::NotYet(..) => Outcome::Skipped(SkipReason::NotMappedExecutable),
+                };
+            }
+            // Ctrl-Z: stay stopped, as the shell expects; our interrupt stop follows SIGCONT.
+            HoldStop::Parked(StopKind::GroupStopped(_)) => hold.listen(),
+            HoldStop::Signal(sig) => hold.resume(sig),
+            HoldStop::SyscallEntry { .. } | HoldStop::SyscallExit { .. } => hold.resume(0),
+            HoldStop::Exec => return Outcome::Skipped(SkipReason::ExecElsewhere),
+            HoldStop::Exited => return Outcome::Skipped(SkipReason::Exited),
+            HoldStop::Timeout => return Outcome::Missed(MissReason::HoldTimeout),
+        };
+        if let Err(e) = resumed {
+            if e.is_gone() {
+                return Outcome::Skipped(SkipReason::Exited);
+            }
+            return Outcome::Missed(MissReason::Trace(e.to_string()));
+        }
+    }
+}
+
 /// Follows a thread that opened a target executable for exec to `PTRACE_EVENT_EXEC`, commits.
 fn follow_exec(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: Instant) -> Outcome {
-    let (bundles, received) = (&job.bundles[..], job.received);
+    let bundles = &job.bundles[..];
     loop {
         let stop = match hold.wait(deadline) {
             Ok(s) => s,
@@ -864,11 +989,11 @@ fn follow_exec(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: Inst
                 return match try_commit(
                     shared,
                     hold,
-                    bundles,
+                    job,
                     known.as_ref().map(|k| (k, plans)),
                     deadline,
                     0,
-                    received,
+                    None,
                 ) {
                     Commit::Done(o) => o,
                     Commit::NotYet(e, _) => Outcome::Missed(engine_miss(&e)),

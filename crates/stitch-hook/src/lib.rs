@@ -101,6 +101,12 @@ pub struct HookConfig {
     pub exec_holds: ExecHolds,
     /// Live-patch a process right after a miss (with the engine), and report the outcome.
     pub live_patch_misses: bool,
+    /// Hold a library at its executable `mmap` rather than at its open: the kernel reports
+    /// the mapping itself (`FAN_PRE_ACCESS`, Linux 6.14+, on filesystems that allow it), so
+    /// the thread is stopped once, right after that `mmap`, instead of at every syscall from
+    /// the open on. Per file, where the mark is refused, the open hold is used. Only with
+    /// exec holds (a thread in exec must never be seized at a mapping).
+    pub watch_mappings: bool,
 }
 
 impl Default for HookConfig {
@@ -117,6 +123,7 @@ impl Default for HookConfig {
             realtime_holds: false,
             exec_holds: ExecHolds::Auto,
             live_patch_misses: true,
+            watch_mappings: true,
         }
     }
 }
@@ -302,7 +309,7 @@ impl Hook {
         engine.options.stop_timeout = config.hold_timeout.min(Duration::from_millis(100));
         engine.options.realtime = config.realtime_holds;
         let shared = Arc::new(Shared {
-            targets: targets::Targets::new(bundles, exec_holds),
+            targets: targets::Targets::new(bundles, exec_holds, config.watch_mappings),
             config,
             group,
             engine,

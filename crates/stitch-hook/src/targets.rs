@@ -48,18 +48,31 @@ pub(crate) struct MarkedFile {
     pub(crate) bundles: Vec<Arc<VerifiedBundle>>,
     /// The SHA-256 it had when marked (bundles are matched against it on a bundle change).
     digest: [u8; 32],
+    /// Marked for `FAN_PRE_ACCESS` too: the page-aligned file offsets of its executable
+    /// `PT_LOAD`s, where a loader's `mmap(PROT_EXEC)` starts. Empty: open holds only.
+    pub(crate) map_offsets: Arc<[u64]>,
+}
+
+/// A marked file as an event finds it.
+pub(crate) struct Target {
+    pub(crate) path: PathBuf,
+    pub(crate) bundles: Vec<Arc<VerifiedBundle>>,
+    /// See [`MarkedFile::map_offsets`].
+    pub(crate) map_offsets: Arc<[u64]>,
 }
 
 /// Watched directories by inotify watch descriptor: path and how much deeper to go.
 pub(crate) type WatchedDirs = HashMap<i32, (PathBuf, usize)>;
 
 /// What [`Targets::identify`] found: `(dev, ino)`, the hashed descriptor, the bundles whose
-/// target it is, and the engine's key for the file with its SHA-256.
+/// target it is, the engine's key for the file with its SHA-256, and the file offsets of its
+/// executable segments if it is a library (see [`MarkedFile::map_offsets`]).
 type Identified = (
     (u64, u64),
     File,
     Vec<Arc<VerifiedBundle>>,
     (stitch_engine::FileKey, [u8; 32]),
+    Vec<u64>,
 );
 
 /// The bundles, indexed by target size.
@@ -112,22 +125,36 @@ pub(crate) struct Targets {
     marks: Mutex<HashMap<(u64, u64), MarkedFile>>,
     by_path: Mutex<HashMap<PathBuf, (u64, u64)>>,
     mask: u64,
+    /// Put `FAN_PRE_ACCESS` marks on libraries ([`crate::HookConfig::watch_mappings`]).
+    watch_mappings: bool,
 }
 
-fn sha256_of(f: &mut File) -> std::io::Result<[u8; 32]> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(h.finalize().into());
-        }
-        h.update(&buf[..n]);
+/// Page-aligned file offsets of the executable `PT_LOAD`s of a library (what a loader's
+/// `mmap(PROT_EXEC)` of it starts at); empty for anything else, or an unparsable file.
+fn library_map_offsets(data: &[u8]) -> Vec<u64> {
+    let Ok(elf) = stitch_elf::ElfFile::parse(data) else {
+        return Vec::new();
+    };
+    if !elf.is_library() {
+        return Vec::new();
     }
+    let mut out: Vec<u64> = elf
+        .load_segments()
+        .iter()
+        .filter(|s| s.executable)
+        .map(|s| s.offset & !0xfff)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 impl Targets {
-    pub(crate) fn new(bundles: Vec<VerifiedBundle>, exec_holds: bool) -> Self {
+    pub(crate) fn new(
+        bundles: Vec<VerifiedBundle>,
+        exec_holds: bool,
+        watch_mappings: bool,
+    ) -> Self {
         let bundles: Vec<Arc<VerifiedBundle>> = bundles.into_iter().map(Arc::new).collect();
         Self {
             table: Mutex::new(Table::new(bundles)),
@@ -141,13 +168,31 @@ impl Targets {
             } else {
                 stitch_sys::FAN_HOLD_MASK & !stitch_sys::FAN_OPEN_EXEC_PERM
             },
+            // A thread in exec is never held at a mapping (it may hold `cred_guard_mutex`,
+            // which `PTRACE_SEIZE` takes): that needs every exec of a target held first.
+            watch_mappings: watch_mappings && exec_holds,
         }
     }
 
-    /// The marked inode `(dev, ino)`: its path and bundles.
-    pub(crate) fn lookup(&self, key: (u64, u64)) -> Option<(PathBuf, Vec<Arc<VerifiedBundle>>)> {
+    /// The events a mark asks for: an open-held file every open (and the exec open), a file
+    /// held at its mapping its reads and mappings instead of its opens (its open needs no
+    /// hold; each event costs the opening thread a round trip through our reader).
+    fn mark_mask(&self, mappings: bool) -> u64 {
+        if mappings {
+            (self.mask & !stitch_sys::FAN_OPEN_PERM) | stitch_sys::FAN_PRE_ACCESS
+        } else {
+            self.mask
+        }
+    }
+
+    /// The marked inode `(dev, ino)`.
+    pub(crate) fn lookup(&self, key: (u64, u64)) -> Option<Target> {
         let marks = self.marks.lock().ok()?;
-        marks.get(&key).map(|m| (m.path.clone(), m.bundles.clone()))
+        marks.get(&key).map(|m| Target {
+            path: m.path.clone(),
+            bundles: m.bundles.clone(),
+            map_offsets: m.map_offsets.clone(),
+        })
     }
 
     pub(crate) fn marked(&self) -> Vec<(PathBuf, Vec<String>)> {
@@ -338,7 +383,7 @@ impl Targets {
             (None, Some(old)) => self.unmark(shared, old),
             _ => {}
         }
-        let Some((key, file, bundles, (file_key, digest))) = now else {
+        let Some((key, file, bundles, (file_key, digest), map_offsets)) = now else {
             // Same inode, content no longer a target (rewritten in place)?
             if let Some(k) = self.key_of_path(path) {
                 self.unmark(shared, k);
@@ -355,10 +400,27 @@ impl Targets {
             }
             return;
         }
-        if let Err(e) = shared.group.mark_inode(file.as_fd(), self.mask) {
+        // A library is held at its executable mapping where the kernel and the filesystem
+        // report mappings (`FAN_PRE_ACCESS`); elsewhere at its open, followed syscall by
+        // syscall to that mapping.
+        let pre = self.watch_mappings
+            && !map_offsets.is_empty()
+            && shared
+                .group
+                .mark_inode(file.as_fd(), self.mark_mask(true))
+                .inspect_err(|e| {
+                    tracing::debug!(path = %path.display(), error = %e, "no FAN_PRE_ACCESS mark: held at the open");
+                })
+                .is_ok();
+        if !pre && let Err(e) = shared.group.mark_inode(file.as_fd(), self.mask) {
             tracing::warn!(path = %path.display(), error = %e, "cannot mark");
             return;
         }
+        let map_offsets: Arc<[u64]> = if pre {
+            Arc::from(map_offsets)
+        } else {
+            Arc::from(Vec::new())
+        };
         let patches = bundles.iter().map(|b| b.patch().id.clone()).collect();
         if let Ok(mut m) = self.marks.lock() {
             m.insert(
@@ -368,6 +430,7 @@ impl Targets {
                     file,
                     bundles,
                     digest,
+                    map_offsets,
                 },
             );
         }
@@ -413,17 +476,34 @@ impl Targets {
             ctime: fmd.ctime(),
             ctime_nsec: fmd.ctime_nsec(),
         };
-        let digest = sha256_of(&mut f).ok()?;
+        let mut data = Vec::with_capacity(usize::try_from(fmd.len()).unwrap_or(0));
+        f.read_to_end(&mut data).ok()?;
+        let digest: [u8; 32] = Sha256::digest(&data).into();
         // The table as of now (a bundle change waits for `updating`, which our caller holds).
         let bundles = self.table.lock().ok()?.matching(fmd.len(), &digest);
-        (!bundles.is_empty()).then_some(((fmd.dev(), fmd.ino()), f, bundles, (key, digest)))
+        if bundles.is_empty() {
+            return None;
+        }
+        let map_offsets = if self.watch_mappings {
+            library_map_offsets(&data)
+        } else {
+            Vec::new()
+        };
+        Some((
+            (fmd.dev(), fmd.ino()),
+            f,
+            bundles,
+            (key, digest),
+            map_offsets,
+        ))
     }
 
     fn unmark(&self, shared: &Shared, key: (u64, u64)) {
         let Some(m) = self.marks.lock().ok().and_then(|mut m| m.remove(&key)) else {
             return;
         };
-        if let Err(e) = shared.group.unmark_inode(m.file.as_fd(), self.mask) {
+        let mask = self.mark_mask(!m.map_offsets.is_empty());
+        if let Err(e) = shared.group.unmark_inode(m.file.as_fd(), mask) {
             tracing::warn!(path = %m.path.display(), error = %e, "cannot unmark");
         }
         if let Ok(mut p) = self.by_path.lock() {

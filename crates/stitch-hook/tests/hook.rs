@@ -15,6 +15,12 @@ use std::time::{Duration, Instant};
 
 use stitch_format::SecretKey;
 
+/// Hooks started with this hold libraries at their open and follow them syscall by syscall:
+/// the path a file gets where the filesystem refuses `FAN_PRE_ACCESS` (tmpfs, overlayfs, ...)
+/// and the only one in which a thread that merely opened a target is held (the hazards
+/// tested with it need a hold that lasts).
+const OPEN_HOLDS: &str = "--no-watch-mappings";
+
 /// One hook at a time: holds compete for the same two cores, and timing matters.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -116,6 +122,23 @@ int main(int argc, char **argv) {
 }
 "#;
 
+/// Reads one page of the file at an offset (argv[2]) and prints it in hex.
+const PREAD_C: &str = r#"
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    (void)argc;
+    int fd = open(argv[1], O_RDONLY);
+    unsigned char b[4096];
+    if (pread(fd, b, sizeof b, atol(argv[2])) != sizeof b) return 1;
+    for (int i = 0; i < 4096; i++) printf("%02x", b[i]);
+    printf("\n");
+    return 0;
+}
+"#;
+
 /// Opens the library itself (a hold that lasts while it sleeps), closes it, then dlopens it
 /// and answers lines from the terminal.
 const SLOW_OPEN_C: &str = r#"
@@ -155,7 +178,13 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::new_in(&std::env::temp_dir())
+    }
+
+    /// A fixture whose files live in a new directory under `parent` (its filesystem matters:
+    /// mapping events exist on some only).
+    fn new_in(parent: &Path) -> Self {
+        let dir = tempfile::tempdir_in(parent).unwrap();
         let keys = dir.path().join("trusted.keys");
         std::fs::write(&keys, format!("{}\n", key().public().to_line())).unwrap();
         Self { dir, keys }
@@ -543,7 +572,7 @@ fn file_merely_read_is_neither_hung_nor_patched() {
     let fx = Fixture::new();
     let lib = fx.lib(1);
     let b = fx.bundle(&lib, "ST-2026-9006");
-    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let mut h = Hookd::start(&fx, &[&b], &[OPEN_HOLDS]);
     let t0 = Instant::now();
     let (_, ok, cat_pid) = run(Command::new("cat").arg(&lib));
     assert!(ok);
@@ -565,6 +594,167 @@ fn file_merely_read_is_neither_hung_nor_patched() {
     }
 }
 
+/// Whether the kernel reports mappings of `file` (`FAN_PRE_ACCESS`: Linux 6.14+, on
+/// filesystems that allow it). Where it does not, the hook holds libraries at their open.
+fn mapping_events_available(file: &Path) -> bool {
+    let Ok(group) = stitch_sys::PermissionGroup::new() else {
+        return false;
+    };
+    let f = std::fs::File::open(file).unwrap();
+    group
+        .mark_inode(std::os::fd::AsFd::as_fd(&f), stitch_sys::FAN_PRE_ACCESS)
+        .is_ok()
+}
+
+/// Skips (fails in CI, whose machine has them) without mapping events for `file`.
+fn needs_mapping_events(file: &Path) -> bool {
+    if mapping_events_available(file) {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "CI=true but FAN_PRE_ACCESS is refused for {}",
+        file.display()
+    );
+    eprintln!("SKIP: needs FAN_PRE_ACCESS (Linux 6.14+, ext4/xfs/btrfs)");
+    false
+}
+
+/// Where the kernel reports mappings, opening a target holds nothing — a program keeping it
+/// open is not traced meanwhile — and a load is held once, right after the `mmap` of its code:
+/// no syscall followed, patched before its constructor.
+#[test]
+fn library_is_held_at_its_code_mapping_not_at_its_open() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    if !needs_mapping_events(&lib) {
+        return;
+    }
+    let prog = fx.gcc(SLOW_OPEN_C, "slow_open", &["-ldl"]);
+    let b = fx.bundle(&lib, "ST-2026-9030");
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let mut child = Command::new(&prog)
+        .arg(&lib)
+        .arg("400")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "opened\n");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(tracer_of(pid as i32), 0, "an open alone is not held");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        rest.starts_with("ctor 1000\nvalue 1000\n"),
+        "patched before its constructor: {rest}"
+    );
+    let ev = h
+        .wait_for(Duration::from_secs(5), |v| event_is(v, "patched", pid))
+        .expect("patched event");
+    assert_eq!(ev["kind"], "library");
+    assert_eq!(ev["syscalls"], 0, "held at the mapping, nothing followed");
+}
+
+/// Where the kernel reports mappings, reads are answered without a hold — except one that
+/// starts exactly where the code does, which is stopped once after it and let go untouched
+/// (a read, not a mapping): the reader gets the file's bytes, nothing is patched.
+#[test]
+fn read_of_the_code_offset_is_let_go_untouched_and_other_reads_are_not_held() {
+    if !can_run(&["cat", "sha256sum"]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    if !needs_mapping_events(&lib) {
+        return;
+    }
+    let bytes = std::fs::read(&lib).unwrap();
+    let code = stitch_elf::ElfFile::parse(&bytes)
+        .unwrap()
+        .load_segments()
+        .iter()
+        .find(|s| s.executable)
+        .unwrap()
+        .offset
+        & !0xfff;
+    let prog = fx.gcc(PREAD_C, "pread_at", &[]);
+    let b = fx.bundle(&lib, "ST-2026-9031");
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let (out, ok, pid) = run(Command::new(&prog).arg(&lib).arg(code.to_string()));
+    assert!(ok, "{out}");
+    let want: String = bytes[code as usize..code as usize + 4096]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(out.trim(), want, "the file's own bytes");
+    let (_, ok, cat_pid) = run(Command::new("cat").arg(&lib));
+    assert!(ok);
+    let (sum, ok, sum_pid) = run(Command::new("sha256sum").arg(&lib));
+    assert!(ok);
+    assert!(sum.starts_with(&hex::encode(stitch_elf::sha256(&bytes))));
+    let events = h.drain(Duration::from_millis(300));
+    let skipped = events
+        .iter()
+        .find(|v| event_is(v, "skipped", pid))
+        .unwrap_or_else(|| panic!("the read at the code offset: {events:?}"));
+    assert_eq!(skipped["reason"], "NotMappedExecutable");
+    for p in [pid, cat_pid, sum_pid] {
+        assert!(!events.iter().any(|v| event_is(v, "patched", p)));
+    }
+    for p in [cat_pid, sum_pid] {
+        assert!(
+            !events.iter().any(|v| v["pid"] == p),
+            "whole-file reads start elsewhere: never held ({events:?})"
+        );
+    }
+}
+
+/// A filesystem without mapping events (tmpfs here) gets the open hold: the load is still
+/// patched before its constructor, followed syscall by syscall from the open.
+#[test]
+fn library_on_a_filesystem_without_mapping_events_is_held_at_its_open() {
+    if !can_run(&[]) {
+        return;
+    }
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        assert!(!in_ci(), "CI=true but there is no /dev/shm");
+        eprintln!("SKIP: needs a tmpfs at /dev/shm");
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new_in(shm);
+    let lib = fx.lib(1);
+    assert!(
+        !mapping_events_available(&lib),
+        "tmpfs was expected to refuse FAN_PRE_ACCESS; pick another filesystem for this test"
+    );
+    let prog = fx.gcc(DLOPEN_MT_C, "dlopen_mt", &["-pthread", "-ldl"]);
+    let b = fx.bundle(&lib, "ST-2026-9032");
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let (out, ok, pid) = run(Command::new(&prog).arg(&lib));
+    assert!(ok);
+    assert_eq!(out, "ctor 1000\ndlopen 1000\n");
+    let ev = h
+        .wait_for(Duration::from_secs(5), |v| event_is(v, "patched", pid))
+        .expect("patched event");
+    assert!(
+        ev["syscalls"].as_u64().unwrap_or(0) > 0,
+        "followed from the open: {ev}"
+    );
+}
+
 /// A package manager writing a marked file is not a load: let go at once, nothing patched,
 /// the write goes through.
 #[test]
@@ -576,7 +766,7 @@ fn file_opened_for_writing_is_let_go_and_reported_as_skipped() {
     let fx = Fixture::new();
     let lib = fx.lib(1);
     let b = fx.bundle(&lib, "ST-2026-9019");
-    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let mut h = Hookd::start(&fx, &[&b], &[OPEN_HOLDS]);
     let before = std::fs::read(&lib).unwrap();
     // `>>` opens O_WRONLY|O_APPEND; nothing is written.
     let (_, ok, pid) = run(Command::new("sh")
@@ -761,7 +951,7 @@ fn hook_stopped_during_a_hold_still_lets_the_held_program_finish() {
     let mut h = Hookd::start(
         &fx,
         &[&b],
-        &["--control-stdin", "--hold-timeout-ms", "10000"],
+        &[OPEN_HOLDS, "--control-stdin", "--hold-timeout-ms", "10000"],
     );
     let child = Command::new(&prog)
         .arg(&lib)
@@ -1086,6 +1276,7 @@ fn bundles_change_returns_only_after_holds_with_removed_bundles_ended() {
         &fx,
         &[&b],
         &[
+            OPEN_HOLDS,
             "--control-stdin",
             "--no-live-patch",
             "--hold-timeout-ms",
@@ -1181,7 +1372,7 @@ fn library_dlopened_while_a_sibling_thread_holds_another_target_open_is_patched(
     let mut h = Hookd::start(
         &fx,
         &[&a, &b],
-        &["--no-live-patch", "--hold-timeout-ms", "2000"],
+        &[OPEN_HOLDS, "--no-live-patch", "--hold-timeout-ms", "2000"],
     );
     let (out, ok, pid) = run(Command::new(&prog).arg(&lib_a).arg(&lib_b));
     assert!(ok, "{out}");
@@ -1267,7 +1458,7 @@ fn two_threads_loading_two_targets_at_once_do_not_wait_for_each_other() {
     let mut h = Hookd::start(
         &fx,
         &[&a, &b],
-        &["--no-live-patch", "--hold-timeout-ms", "5000"],
+        &[OPEN_HOLDS, "--no-live-patch", "--hold-timeout-ms", "5000"],
     );
     let t0 = Instant::now();
     let (out, ok, pid) = run(Command::new(&prog).arg(&lib_a).arg(&lib_b));
@@ -1553,7 +1744,7 @@ fn ctrl_z_during_a_hold_keeps_job_control_right() {
     let lib = fx.lib(1);
     let prog = fx.gcc(SLOW_OPEN_C, "slow_open", &["-ldl"]);
     let b = fx.bundle(&lib, "ST-2026-9011");
-    let mut h = Hookd::start(&fx, &[&b], &["--hold-timeout-ms", "20000"]);
+    let mut h = Hookd::start(&fx, &[&b], &[OPEN_HOLDS, "--hold-timeout-ms", "20000"]);
     let t = Tmux::start();
     // The program holds the library open for 1.5 s: the hook follows it the whole time.
     t.keys(&[

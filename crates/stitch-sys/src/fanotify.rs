@@ -1,7 +1,9 @@
 //! fanotify permission events and inotify directory watches, for the load-time hook.
 //!
-//! - [`PermissionGroup`]: a fanotify group of class `FAN_CLASS_CONTENT` with `FAN_REPORT_TID`
-//!   (events name the opening *thread*, which is the one to seize). Inode marks only, added and
+//! - [`PermissionGroup`]: a fanotify group of class `FAN_CLASS_PRE_CONTENT` with `FAN_REPORT_TID`
+//!   (events name the opening *thread*, which is the one to seize; the class is the one
+//!   `FAN_PRE_ACCESS` needs, Linux 6.14+, and is accepted by every kernel with fanotify for the
+//!   open events). Inode marks only, added and
 //!   removed through an open file descriptor of the very inode that was hashed, so a file
 //!   replaced between hashing and marking cannot get a mark it does not deserve.
 //! - [`PermEvent`]: one event; it owns the event's file descriptor (opened by the kernel with
@@ -36,6 +38,13 @@ pub const FAN_OPEN_PERM: u64 = libc::FAN_OPEN_PERM;
 pub const FAN_OPEN_EXEC_PERM: u64 = libc::FAN_OPEN_EXEC_PERM;
 /// The fanotify events the hook holds: every open, and the open of an executable for exec.
 pub const FAN_HOLD_MASK: u64 = FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM;
+/// `FAN_PRE_ACCESS` (Linux 6.14+, not in libc yet): before a `read`, `write` or `mmap` of a
+/// range of the marked inode — the `mmap` included, page faults not — with the range in an
+/// info record. Only for filesystems that allow it (ext4, xfs, btrfs...): elsewhere the mark
+/// is refused (`EINVAL`/`EOPNOTSUPP`) and the caller marks without it.
+pub const FAN_PRE_ACCESS: u64 = 0x0010_0000;
+/// `FAN_EVENT_INFO_TYPE_RANGE`: the info record of a `FAN_PRE_ACCESS` event.
+const FAN_EVENT_INFO_TYPE_RANGE: u8 = 6;
 
 /// Waits until `fd` is readable or `timeout` passes. `Ok(false)` on timeout.
 fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> Result<bool> {
@@ -167,6 +176,9 @@ pub struct PermEvent {
     pub tid: Tid,
     /// The file being opened, as the kernel opened it for us (no event for reads through it).
     pub file: OwnedFd,
+    /// `FAN_PRE_ACCESS`: the file range about to be read or mapped, `(offset, count)` in
+    /// bytes as the kernel reports it (a read's range is page-rounded).
+    pub range: Option<(u64, u64)>,
 }
 
 impl PermEvent {
@@ -175,9 +187,16 @@ impl PermEvent {
     pub fn is_exec(&self) -> bool {
         self.mask & libc::FAN_OPEN_EXEC_PERM != 0
     }
+
+    /// Whether this is a `FAN_PRE_ACCESS` event (a read or mapping of a range, not an open).
+    #[must_use]
+    pub fn is_pre_access(&self) -> bool {
+        self.mask & FAN_PRE_ACCESS != 0
+    }
 }
 
-/// A fanotify group for permission events (`FAN_CLASS_CONTENT | FAN_REPORT_TID`), non-blocking.
+/// A fanotify group for permission events (`FAN_CLASS_PRE_CONTENT | FAN_REPORT_TID`),
+/// non-blocking.
 #[derive(Debug)]
 pub struct PermissionGroup {
     fd: OwnedFd,
@@ -190,8 +209,10 @@ impl PermissionGroup {
     /// [`SysError::Os`] (`EPERM` without privilege, `EINVAL` on kernels without
     /// `FAN_REPORT_TID`, i.e. before 4.20).
     pub fn new() -> Result<Self> {
-        let flags =
-            libc::FAN_CLASS_CONTENT | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK | libc::FAN_REPORT_TID;
+        let flags = libc::FAN_CLASS_PRE_CONTENT
+            | libc::FAN_CLOEXEC
+            | libc::FAN_NONBLOCK
+            | libc::FAN_REPORT_TID;
         let event_flags = (libc::O_RDONLY | libc::O_LARGEFILE | libc::O_CLOEXEC) as libc::c_uint;
         // SAFETY: fanotify_init takes two integer flag words and touches no memory of ours.
         let fd = unsafe { libc::fanotify_init(flags, event_flags) };
@@ -345,10 +366,12 @@ fn parse_events(mut buf: &[u8]) -> Result<Vec<PermEvent>> {
             // ownership to the reader; nothing else refers to it.
             let file = unsafe { OwnedFd::from_raw_fd(fd) };
             if vers == libc::FANOTIFY_METADATA_VERSION {
+                let meta_len = usize::from(u16::from_ne_bytes([buf[6], buf[7]])).max(META);
                 out.push(PermEvent {
                     mask,
                     tid: Tid(pid),
                     file,
+                    range: range_info(&buf[meta_len.min(event_len)..event_len]),
                 });
             } else {
                 err.get_or_insert_with(|| bad("metadata version"));
@@ -363,6 +386,27 @@ fn parse_events(mut buf: &[u8]) -> Result<Vec<PermEvent>> {
         Some(e) if out.is_empty() => Err(e),
         _ => Ok(out),
     }
+}
+
+/// The `FAN_EVENT_INFO_TYPE_RANGE` record among an event's info records, if any: `(offset,
+/// count)`. Records are `{u8 type, u8 pad, u16 len}` headers; a malformed length ends the walk.
+fn range_info(mut info: &[u8]) -> Option<(u64, u64)> {
+    while info.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([info[2], info[3]]));
+        if len < 4 || len > info.len() {
+            return None;
+        }
+        if info[0] == FAN_EVENT_INFO_TYPE_RANGE && len >= 24 {
+            let u64_at = |o: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&info[o..o + 8]);
+                u64::from_ne_bytes(b)
+            };
+            return Some((u64_at(8), u64_at(16)));
+        }
+        info = &info[len..];
+    }
+    None
 }
 
 /// `st_dev`/`st_ino` of the file behind a descriptor (no open, no event).
@@ -567,6 +611,20 @@ mod tests {
             assert!(t0.elapsed() < Duration::from_millis(100));
         }
         assert!(w.is_woken());
+    }
+
+    #[test]
+    fn pre_access_range_record_is_found_among_info_records_and_bad_lengths_end_the_walk() {
+        let mut info = Vec::new();
+        // An unrelated record first (type 2, 8 bytes), then the range record.
+        info.extend([2u8, 0, 8, 0, 0, 0, 0, 0]);
+        info.extend([FAN_EVENT_INFO_TYPE_RANGE, 0, 24, 0, 0, 0, 0, 0]);
+        info.extend(0x1000u64.to_ne_bytes());
+        info.extend(0x2000u64.to_ne_bytes());
+        assert_eq!(range_info(&info), Some((0x1000, 0x2000)));
+        assert_eq!(range_info(&info[..20]), None, "truncated record");
+        assert_eq!(range_info(&[6, 0, 0, 0]), None, "zero length must not loop");
+        assert_eq!(range_info(&[]), None);
     }
 
     #[test]

@@ -106,8 +106,8 @@ pub use fake::{
     Call, FAKE_TRACER_TID, FakeProcess, FakeRegion, FakeThread, FakeThreadState, FakeTracer,
 };
 pub use fanotify::{
-    DIR_WATCH_MASK, DirEvent, DirWatch, FAN_HOLD_MASK, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM, FileStat,
-    PermEvent, PermissionGroup, Waker, fd_inode, fd_stat,
+    DIR_WATCH_MASK, DirEvent, DirWatch, FAN_HOLD_MASK, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM,
+    FAN_PRE_ACCESS, FileStat, PermEvent, PermissionGroup, Waker, fd_inode, fd_stat,
 };
 pub use hold::{HoldStop, ThreadHold};
 pub use procfs::{ProcStat, process_state, tracer_pid};

@@ -43,6 +43,10 @@ struct Args {
     /// Never hold an exec (the fallback for kernels before 6.8).
     #[arg(long)]
     no_exec_holds: bool,
+    /// Hold libraries at their open and follow each syscall to the executable mapping, even
+    /// where the kernel could report the mapping itself (`FAN_PRE_ACCESS`).
+    #[arg(long)]
+    no_watch_mappings: bool,
     /// Do not live-patch after a miss.
     #[arg(long)]
     no_live_patch: bool,
@@ -154,6 +158,7 @@ fn run() -> anyhow::Result<()> {
             ExecHolds::Auto
         },
         live_patch_misses: !args.no_live_patch,
+        watch_mappings: !args.no_watch_mappings,
         realtime: !args.no_realtime,
         realtime_holds: args.realtime_holds,
         ..HookConfig::default()

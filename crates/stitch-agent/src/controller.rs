@@ -6,6 +6,12 @@
 //! - A patch is in a process only if the agent is enabled, the server's manifest enables it,
 //!   it was not disabled locally or by crash protection, and its bundle verified against the
 //!   trusted keys when it was loaded for this pass (disk bytes re-checked every pass).
+//! - A patch whose stored bundle no longer verifies (damaged or missing file, signing key no
+//!   longer trusted) is never applied — not at start-up, not by the load-time hook, not live —
+//!   and is reported (`patch_failed` with the bundle's code, state `unverified`). It stays
+//!   known (its row is kept), so it is still reverted from the processes carrying it — found
+//!   from their Stitch regions, no bundle needed — when it is disabled, leaves the manifest,
+//!   or the agent is uninstalled.
 //! - Nothing is applied twice: each candidate process is listed first ([`Engine::list`]
 //!   reads its Stitch region), which is also how a restarted agent rediscovers its patches.
 //! - Disabling (a patch or the agent) reverts in every process carrying it, live.
@@ -94,11 +100,16 @@ struct Carrier {
 /// An installed patch with its bundle.
 struct Slot {
     row: InstalledPatch,
-    bundle: VerifiedBundle,
+    /// None: the stored bundle did not verify when the store was loaded ([`Slot::unverified`]
+    /// says why). Such a patch is never applied; it is still ours to revert (the engine
+    /// reverts from the record in the process's region).
+    bundle: Option<VerifiedBundle>,
     /// The bundle is on disk (else only in memory: the disk was full when it arrived).
     persisted: bool,
     /// Last failure: code, message.
     error: Option<(String, String)>,
+    /// Why the stored bundle does not verify: code, message.
+    unverified: Option<(String, String)>,
 }
 
 /// Counters the agent keeps about itself.
@@ -132,6 +143,8 @@ struct Pass {
     dirty: Vec<AppliedRow>,
     /// Processes each patch was newly applied to.
     applied: BTreeMap<String, i64>,
+    /// Processes each patch was reverted in.
+    reverted: BTreeMap<String, i64>,
 }
 
 /// The controller.
@@ -177,6 +190,29 @@ pub struct Controller {
     pub wedged: bool,
     /// `stitchd uninstall`: nothing is desired any more.
     uninstalling: bool,
+    /// What could not be reverted during `stitchd uninstall`.
+    revert_failures: Vec<RevertFailure>,
+}
+
+/// A process that kept a patch `stitchd uninstall` had to revert.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RevertFailure {
+    pub patch_id: String,
+    pub pid: i32,
+    pub code: String,
+    pub message: String,
+}
+
+/// What [`Controller::uninstall`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UninstallOutcome {
+    /// (process, patch) pairs reverted.
+    pub reverted: u64,
+    /// (process, patch) pairs that could not be reverted.
+    pub failed: Vec<RevertFailure>,
+    /// Patches whose stored bundle does not verify (reverted from the records in the
+    /// processes all the same).
+    pub unverified: Vec<String>,
 }
 
 impl Controller {
@@ -219,6 +255,7 @@ impl Controller {
             last_hook_flush: Instant::now(),
             wedged: false,
             uninstalling: false,
+            revert_failures: Vec::new(),
         };
         let rows = match c.store.patches() {
             Ok(r) => r,
@@ -227,34 +264,107 @@ impl Controller {
                 Vec::new()
             }
         };
-        for row in rows {
-            match c.store.load_verified(&row.content_address, &c.keys) {
+        let orphans = c.orphans(&rows);
+        for row in rows.into_iter().chain(orphans) {
+            let loaded = c
+                .store
+                .load_verified(&row.content_address, &c.keys)
+                .and_then(|b| {
+                    if b.patch().id == row.patch_id {
+                        Ok(b)
+                    } else {
+                        Err(AgentError::Manifest {
+                            code: "agent.manifest_mismatch",
+                            reason: format!(
+                                "stored bundle holds {}, its row says {}",
+                                b.patch().id,
+                                row.patch_id
+                            ),
+                        })
+                    }
+                });
+            match loaded {
                 Ok(bundle) => {
                     c.slots.insert(
                         row.patch_id.clone(),
                         Slot {
                             row,
-                            bundle,
+                            bundle: Some(bundle),
                             persisted: true,
                             error: None,
+                            unverified: None,
                         },
                     );
                 }
-                Err(e) => {
-                    tracing::warn!(patch_id = %row.patch_id, code = e.code(), error = %e, "stored bundle refused; it will be downloaded again");
-                    c.event(EventBody::PatchFailed {
-                        patch_id: row.patch_id.clone(),
-                        revision: row.revision.into(),
-                        code: e.code().into(),
-                        message: e.to_string(),
-                    });
-                    if let Err(e) = c.store.remove_patch(&row.patch_id) {
-                        c.store_failed(&e);
-                    }
-                }
+                Err(e) => c.keep_unverified(row, &e),
             }
         }
         c
+    }
+
+    /// Patches this agent put into processes (the `applied` table) that have no row: an agent
+    /// before this one dropped the row of a patch whose stored bundle stopped verifying, and
+    /// the patch stayed in its processes. They are ours again — enabled as the stored manifest
+    /// says (not listed there: reverted) — so they can be taken out.
+    fn orphans(&self, rows: &[InstalledPatch]) -> Vec<InstalledPatch> {
+        let applied = self.store.applied().unwrap_or_default();
+        let manifest = self.store.manifest();
+        let mut out: BTreeMap<String, InstalledPatch> = BTreeMap::new();
+        for a in applied {
+            if rows.iter().any(|r| r.patch_id == a.patch_id) || out.contains_key(&a.patch_id) {
+                continue;
+            }
+            let entry = manifest
+                .as_ref()
+                .and_then(|m| m.entries.iter().find(|e| e.patch_id == a.patch_id));
+            tracing::warn!(patch_id = %a.patch_id, pid = a.pid, "patch applied by this agent has no row; adopting it so it can be reverted");
+            out.insert(
+                a.patch_id.clone(),
+                InstalledPatch {
+                    patch_id: a.patch_id.clone(),
+                    revision: a.revision,
+                    content_address: entry.map(|e| e.content_address.clone()).unwrap_or_default(),
+                    server_enabled: match (&manifest, entry) {
+                        (_, Some(e)) => e.enabled,
+                        (None, None) => true,
+                        (Some(_), None) => false,
+                    },
+                    local_enabled: !self.policy.patches_disabled.contains(&a.patch_id),
+                    crash_disabled: self.policy.crash_disabled.get(&a.patch_id).cloned(),
+                    title: entry.map(|e| e.title.clone()).unwrap_or_default(),
+                    installed_at: crate::now_unix(),
+                },
+            );
+        }
+        out.into_values().collect()
+    }
+
+    /// A patch whose stored bundle does not verify: reported, never applied, kept known (row
+    /// and slot) so it can still be reverted wherever it is. A newly downloaded bundle that
+    /// verifies replaces it.
+    fn keep_unverified(&mut self, row: InstalledPatch, e: &AgentError) {
+        let code = e.code().to_string();
+        let message = format!(
+            "stored bundle does not verify; the patch is not applied (where it is applied it stays until disabled, removed or uninstalled, which revert it): {e}"
+        );
+        tracing::warn!(patch_id = %row.patch_id, %code, error = %e, "stored bundle refused; never applied, still revertible");
+        *self.metrics.failures.entry(code.clone()).or_default() += 1;
+        self.event(EventBody::PatchFailed {
+            patch_id: row.patch_id.clone(),
+            revision: row.revision.into(),
+            code: code.clone(),
+            message: message.clone(),
+        });
+        self.slots.insert(
+            row.patch_id.clone(),
+            Slot {
+                row,
+                bundle: None,
+                persisted: true,
+                error: Some((code.clone(), message.clone())),
+                unverified: Some((code, message)),
+            },
+        );
     }
 
     /// Called after each event that should reach the server soon.
@@ -274,7 +384,11 @@ impl Controller {
 
     fn sync_filter(&self) {
         if let Some(f) = &self.proc_filter {
-            let want_exec = self.agent_enabled() && self.slots.values().any(|s| s.row.enabled());
+            let want_exec = self.agent_enabled()
+                && self
+                    .slots
+                    .values()
+                    .any(|s| s.row.enabled() && s.bundle.is_some());
             f.update(
                 self.carriers.keys().chain(self.departed.keys()).copied(),
                 want_exec,
@@ -303,7 +417,7 @@ impl Controller {
             .slots
             .iter()
             .filter(|(id, _)| self.desired(id))
-            .map(|(_, s)| s.bundle.clone())
+            .filter_map(|(_, s)| s.bundle.clone())
             .collect();
         self.load_time
             .refresh(&self.cfg, bundles, self.input_tx.as_ref());
@@ -403,10 +517,24 @@ impl Controller {
         !self.policy.agent_disabled
     }
 
-    fn desired(&self, id: &str) -> bool {
+    /// The patch may stay in processes (policy: agent, server, local, crash protection); where
+    /// it must not, it is reverted.
+    fn wanted(&self, id: &str) -> bool {
         !self.uninstalling
             && self.agent_enabled()
             && self.slots.get(id).is_some_and(|s| s.row.enabled())
+    }
+
+    /// The patch is applied where its target runs: wanted, and its bundle verified.
+    fn desired(&self, id: &str) -> bool {
+        self.wanted(id) && self.slots.get(id).is_some_and(|s| s.bundle.is_some())
+    }
+
+    /// Some patch must be looked for in every process that may hold a Stitch region, not only
+    /// in those mapping a target: one whose bundle (hence target) is unknown, or all of them
+    /// at uninstall.
+    fn sweep_regions(&self) -> bool {
+        self.uninstalling || self.slots.values().any(|s| s.bundle.is_none())
     }
 
     // ------------------------------------------------------------------ events & store
@@ -460,8 +588,10 @@ impl Controller {
     fn persist_slots(&mut self) {
         let mut errs = Vec::new();
         for s in self.slots.values_mut() {
-            if !s.persisted {
-                let bytes = s.bundle.bundle().encode();
+            if !s.persisted
+                && let Some(b) = &s.bundle
+            {
+                let bytes = b.bundle().encode();
                 match self
                     .store
                     .put_bundle(&s.row.content_address, &bytes, &self.keys)
@@ -536,12 +666,23 @@ impl Controller {
     /// Package removal: takes every patch of this agent out of every running process (no
     /// process is left carrying code whose agent is gone), marks the installation uninstalled
     /// and records `agent_uninstalled`. The agent must not be running (it would re-apply).
-    /// Returns the number of (process, patch) pairs reverted.
-    pub fn uninstall(&mut self) -> u64 {
+    /// Every process that may hold a Stitch region is looked at, so a patch whose stored
+    /// bundle does not verify (target unknown) is reverted too, from its record there.
+    pub fn uninstall(&mut self) -> UninstallOutcome {
         let before = self.metrics.reverted;
         self.uninstalling = true;
+        self.revert_failures.clear();
         self.scan_all();
-        let reverted = self.metrics.reverted - before;
+        let outcome = UninstallOutcome {
+            reverted: self.metrics.reverted - before,
+            failed: std::mem::take(&mut self.revert_failures),
+            unverified: self
+                .slots
+                .iter()
+                .filter(|(_, s)| s.bundle.is_none())
+                .map(|(id, _)| id.clone())
+                .collect(),
+        };
         let now = crate::now_unix();
         let inst = self
             .store
@@ -560,7 +701,7 @@ impl Controller {
             self.store_failed(&e);
         }
         self.event(EventBody::AgentUninstalled {});
-        reverted
+        outcome
     }
 
     /// The state store's last write error, if writes fail now.
@@ -600,7 +741,8 @@ impl Controller {
     fn target_sizes(&self) -> HashSet<u64> {
         self.slots
             .values()
-            .map(|s| s.bundle.patch().target.size)
+            .filter_map(|s| s.bundle.as_ref())
+            .map(|b| b.patch().target.size)
             .collect()
     }
 
@@ -610,10 +752,12 @@ impl Controller {
         let mut out = BTreeMap::new();
         let mut failed = Vec::new();
         for (id, s) in &self.slots {
+            // Never verified since the store was loaded: never applied.
+            let Some(bundle) = &s.bundle else { continue };
             let r = if s.persisted {
                 self.store.load_verified(&s.row.content_address, &self.keys)
             } else {
-                Bundle::decode_verified(&s.bundle.bundle().encode(), &self.keys).map_err(|source| {
+                Bundle::decode_verified(&bundle.bundle().encode(), &self.keys).map_err(|source| {
                     AgentError::Bundle {
                         content_address: s.row.content_address.clone(),
                         source,
@@ -646,7 +790,7 @@ impl Controller {
         let sizes = self.target_sizes();
         let pids = scan::pids();
         let n = pids.len();
-        if !sizes.is_empty() || !self.carriers.is_empty() {
+        if !sizes.is_empty() || !self.carriers.is_empty() || self.sweep_regions() {
             // A full scan also refreshes what we know about file sizes.
             self.sizes = SizeCache::default();
             let candidates: Vec<Candidate> = pids
@@ -696,6 +840,13 @@ impl Controller {
                 Err(e) => self.store_failed(&e),
             }
         }
+        for id in pass.reverted.into_keys() {
+            let revision = self.slots.get(&id).map_or(0, |s| s.row.revision);
+            self.event(EventBody::PatchReverted {
+                patch_id: id,
+                revision: revision.into(),
+            });
+        }
         for (id, processes) in pass.applied {
             let revision = self.slots.get(&id).map_or(0, |s| s.row.revision);
             self.event(EventBody::PatchApplied {
@@ -712,7 +863,10 @@ impl Controller {
         let entries = scan::maps(pid)?;
         let mapped = self.sizes.module_sizes(pid, &entries);
         let hit = mapped.iter().any(|s| sizes.contains(s));
-        (hit || self.carriers.contains_key(&pid)).then_some(Candidate { pid, mapped })
+        let look = hit
+            || self.carriers.contains_key(&pid)
+            || (self.sweep_regions() && scan::may_hold_region(&entries));
+        look.then_some(Candidate { pid, mapped })
     }
 
     /// Brings the candidates in line — rediscovers, applies what is missing, reverts what
@@ -729,14 +883,15 @@ impl Controller {
             .map(|(id, s)| SlotView {
                 id: id.clone(),
                 revision: s.row.revision,
-                target_size: s.bundle.patch().target.size,
+                target_size: s.bundle.as_ref().map(|b| b.patch().target.size),
+                wanted: self.wanted(id),
                 desired: self.desired(id),
             })
             .collect();
         let may_apply = candidates.iter().any(|c| {
             views
                 .iter()
-                .any(|v| v.desired && c.mapped.contains(&v.target_size))
+                .any(|v| v.desired && v.target_size.is_some_and(|size| c.mapped.contains(&size)))
         });
         if may_apply && pass.bundles.is_none() {
             pass.bundles = Some(self.pass_bundles());
@@ -807,6 +962,7 @@ impl Controller {
         }
         for id in reverted {
             self.metrics.reverted += 1;
+            *pass.reverted.entry(id.clone()).or_default() += 1;
             carrier.patches.remove(&id);
             let _ = self.store.clear_applied(pid, Some(&id));
         }
@@ -879,6 +1035,14 @@ impl Controller {
         if let Some(s) = self.slots.get_mut(id) {
             s.error = Some((code.clone(), message.clone()));
         }
+        if let (true, Some(pid)) = (self.uninstalling, pid) {
+            self.revert_failures.push(RevertFailure {
+                patch_id: id.to_string(),
+                pid,
+                code: code.clone(),
+                message: message.clone(),
+            });
+        }
         let key = (pid.unwrap_or(0), id.to_string(), code.clone());
         if pid.is_some() && !self.reported.insert(key) {
             tracing::debug!(patch_id = id, ?pid, %code, "failure already reported");
@@ -933,6 +1097,16 @@ impl Controller {
         n
     }
 
+    /// Reverts `id` (no longer wanted) in every process carrying it: the carriers known, and
+    /// when its bundle does not verify — its target, hence which processes map it, unknown —
+    /// every process that may hold a Stitch region (the engine reverts from the record there).
+    fn take_out(&mut self, id: &str) {
+        self.revert_everywhere(id);
+        if self.slots.get(id).is_some_and(|s| s.bundle.is_none()) {
+            self.scan_all();
+        }
+    }
+
     /// Reverts every patch that must not be applied, everywhere.
     fn revert_undesired(&mut self) {
         let mut ids: Vec<String> = self
@@ -943,7 +1117,7 @@ impl Controller {
         ids.sort();
         ids.dedup();
         for id in ids {
-            if !self.desired(&id) {
+            if !self.wanted(&id) {
                 self.revert_everywhere(&id);
             }
         }
@@ -1109,7 +1283,7 @@ impl Controller {
         };
         self.persist_slots();
         self.crashes.remove(id);
-        self.revert_everywhere(id);
+        self.take_out(id);
         self.event(EventBody::PatchFailed {
             patch_id: id.to_string(),
             revision: revision.into(),
@@ -1153,10 +1327,11 @@ impl Controller {
         let mut need_scan = false;
         for entry in &payload.patches {
             wanted.insert(entry.patch_id.clone());
-            let same = self
-                .slots
-                .get(&entry.patch_id)
-                .is_some_and(|s| s.row.content_address == entry.content_address);
+            // (A slot whose bundle does not verify is loaded again: downloaded anew, or a key
+            // trusted again.)
+            let same = self.slots.get(&entry.patch_id).is_some_and(|s| {
+                s.row.content_address == entry.content_address && s.bundle.is_some()
+            });
             if same {
                 let was = self.desired(&entry.patch_id);
                 if let Some(s) = self.slots.get_mut(&entry.patch_id)
@@ -1173,7 +1348,10 @@ impl Controller {
                 && !self.store.has_bundle(&entry.content_address)
             {
                 // Refused at download (already reported) or not fetched yet: keep what we
-                // have for this patch, if anything.
+                // have for this patch, if anything (the server's policy applies to it).
+                if let Some(s) = self.slots.get_mut(&entry.patch_id) {
+                    s.row.server_enabled = entry.enabled;
+                }
                 continue;
             }
             let loaded = match by_ca.remove(&entry.content_address) {
@@ -1200,6 +1378,9 @@ impl Controller {
                 Ok(x) => x,
                 Err(e) => {
                     self.fail_entry(entry, e.code(), &e.to_string());
+                    if let Some(s) = self.slots.get_mut(&entry.patch_id) {
+                        s.row.server_enabled = entry.enabled;
+                    }
                     continue;
                 }
             };
@@ -1215,7 +1396,11 @@ impl Controller {
                 );
                 continue;
             }
-            if self.slots.contains_key(&entry.patch_id) {
+            if self
+                .slots
+                .get(&entry.patch_id)
+                .is_some_and(|s| s.row.content_address != entry.content_address)
+            {
                 // A new revision replaces the old one: take the old one out first.
                 self.revert_everywhere(&entry.patch_id);
             }
@@ -1237,9 +1422,10 @@ impl Controller {
                 entry.patch_id.clone(),
                 Slot {
                     row,
-                    bundle,
+                    bundle: Some(bundle),
                     persisted,
                     error: None,
+                    unverified: None,
                 },
             );
             need_scan = true;
@@ -1253,7 +1439,17 @@ impl Controller {
             .collect();
         for id in gone {
             tracing::info!(patch_id = %id, "no longer in the manifest; uninstalling");
-            self.revert_everywhere(&id);
+            if let Some(s) = self.slots.get_mut(&id) {
+                s.row.server_enabled = false;
+            }
+            self.take_out(&id);
+            if !self.processes_of(&id).is_empty() {
+                // A process refused the revert (reported): keep the patch known, disabled, so
+                // the next manifest (or disable, uninstall) tries again; nothing is left
+                // behind that the agent no longer knows.
+                tracing::warn!(patch_id = %id, "still in processes; kept until reverted everywhere");
+                continue;
+            }
             self.slots.remove(&id);
             if let Err(e) = self.store.remove_patch(&id) {
                 self.store_failed(&e);
@@ -1334,6 +1530,10 @@ impl Controller {
                     self.policy.agent_disabled = true;
                     self.save_policy();
                     self.revert_undesired();
+                    if self.sweep_regions() {
+                        // Patches whose bundle does not verify, in processes not known yet.
+                        self.scan_all();
+                    }
                     self.event(EventBody::AgentDisabled {});
                 }
                 Ok(self.status())
@@ -1361,7 +1561,7 @@ impl Controller {
                 self.policy.patches_disabled.insert(id.clone());
                 self.save_policy();
                 self.persist_slots();
-                self.revert_everywhere(&id);
+                self.take_out(&id);
                 Ok(json!({ "patches": self.patches_json() }))
             }
             AgentAction::Sync => {
@@ -1388,7 +1588,7 @@ impl Controller {
     }
 
     fn relevant(&self, s: &Slot) -> Option<bool> {
-        let pk = &s.bundle.patch().target.package;
+        let pk = &s.bundle.as_ref()?.patch().target.package;
         self.packages.as_ref().map(|set| {
             set.contains(&(
                 pk.ecosystem.as_str().to_string(),
@@ -1400,8 +1600,11 @@ impl Controller {
 
     fn state_of(&self, id: &str, s: &Slot) -> (&'static str, i64) {
         let n = self.processes_of(id).len() as i64;
-        let st = if !self.desired(id) {
+        let st = if !self.wanted(id) {
             "disabled"
+        } else if s.unverified.is_some() {
+            // Never applied; possibly still in processes (listed), from before.
+            "unverified"
         } else if n > 0 {
             "applied"
         } else if s.error.is_some() {
@@ -1417,7 +1620,7 @@ impl Controller {
             .iter()
             .map(|(id, s)| {
                 let (state, _) = self.state_of(id, s);
-                let t = &s.bundle.patch().target;
+                let t = s.bundle.as_ref().map(|b| &b.patch().target);
                 let procs: Vec<Value> = self
                     .processes_of(id)
                     .iter()
@@ -1428,17 +1631,19 @@ impl Controller {
                     "revision": s.row.revision,
                     "title": s.row.title,
                     "state": state,
-                    "enabled": self.desired(id),
+                    "enabled": self.wanted(id),
                     "server_enabled": s.row.server_enabled,
                     "local_enabled": s.row.local_enabled,
                     "crash_disabled": s.row.crash_disabled,
                     "content_address": s.row.content_address,
                     "persisted": s.persisted,
-                    "module": t.module,
-                    "target_sha256": hex::encode(t.sha256),
-                    "package": { "ecosystem": t.package.ecosystem.as_str(), "name": t.package.name, "version": t.package.version },
+                    "module": t.map(|t| &t.module),
+                    "target_sha256": t.map(|t| hex::encode(t.sha256)),
+                    "package": t.map(|t| json!({ "ecosystem": t.package.ecosystem.as_str(), "name": t.package.name, "version": t.package.version })),
                     "relevant": self.relevant(s),
                     "processes": procs,
+                    "bundle_verified": s.bundle.is_some(),
+                    "unverified": s.unverified.as_ref().map(|(c, m)| json!({ "code": c, "message": m })),
                     "error": s.error.as_ref().map(|(c, m)| json!({ "code": c, "message": m })),
                 })
             })
@@ -1446,16 +1651,40 @@ impl Controller {
     }
 
     fn status(&self) -> Value {
+        let unverified: Vec<Value> = self
+            .slots
+            .iter()
+            .filter_map(|(id, s)| {
+                let (code, message) = s.unverified.as_ref()?;
+                Some(json!({ "patch_id": id, "code": code, "message": message, "processes": self.processes_of(id).len() }))
+            })
+            .collect();
+        // `stitch agent status` prints the store's error: a write error, else the bundles that
+        // no longer verify.
+        let store_error = self.store_error.clone().or_else(|| {
+            (!unverified.is_empty()).then(|| {
+                let list: Vec<String> = unverified
+                    .iter()
+                    .map(|u| format!("{} [{}]", u["patch_id"].as_str().unwrap_or(""), u["code"].as_str().unwrap_or("")))
+                    .collect();
+                format!(
+                    "{} stored bundle(s) do not verify, never applied (disable, removal or uninstall still reverts them): {}",
+                    list.len(),
+                    list.join(", ")
+                )
+            })
+        });
         json!({
             "agent_version": env!("CARGO_PKG_VERSION"),
             "agent_enabled": self.agent_enabled(),
             "server_url": self.cfg.server_url,
             "server": self.sync,
             "patches_installed": self.slots.len(),
-            "patches_enabled": self.slots.keys().filter(|id| self.desired(id)).count(),
+            "patches_enabled": self.slots.keys().filter(|id| self.wanted(id)).count(),
+            "patches_unverified": unverified,
             "processes_patched": self.carriers.len(),
             "outbox": self.store.outbox_len().unwrap_or(0) + self.unsaved.len() as u64,
-            "store": { "dir": self.store.dir(), "error": self.store_error },
+            "store": { "dir": self.store.dir(), "error": store_error, "write_error": self.store_error },
             "ready_after_ms": self.ready_after.map(|d| d.as_millis() as u64),
             "uptime_s": self.started.elapsed().as_secs(),
             "new_processes": if self.proc_connector { "proc connector exec events + periodic scan" } else { "periodic scan only (proc connector unavailable)" },
@@ -1470,16 +1699,19 @@ impl Controller {
             .iter()
             .map(|(id, s)| {
                 let (state, n) = self.state_of(id, s);
+                // The server knows applied|failed|disabled|pending: a bundle that does not
+                // verify is a failure with its code.
+                let (state, error) = match state {
+                    "unverified" => ("failed", s.unverified.as_ref()),
+                    "failed" => ("failed", s.error.as_ref()),
+                    other => (other, None),
+                };
                 PatchState {
                     patch_id: id.clone(),
                     revision: s.row.revision.into(),
                     state: state.into(),
                     processes: n,
-                    error_code: if state == "failed" {
-                        s.error.as_ref().map(|e| e.0.clone())
-                    } else {
-                        None
-                    },
+                    error_code: error.map(|e| e.0.clone()),
                 }
             })
             .collect();
@@ -1611,8 +1843,11 @@ struct Candidate {
 struct SlotView {
     id: String,
     revision: u32,
-    target_size: u64,
-    /// In processes now ([`Controller::desired`]).
+    /// None: the bundle did not verify (the target is unknown; never applied).
+    target_size: Option<u64>,
+    /// May stay in processes ([`Controller::wanted`]); reverted where it must not be.
+    wanted: bool,
+    /// Applied where its target runs ([`Controller::desired`]).
     desired: bool,
 }
 
@@ -1667,8 +1902,11 @@ fn visit(
         .collect();
     let mut has: HashSet<&str> = carried.keys().map(String::as_str).collect();
     for s in slots {
+        // Reverted where it must not be, or to make room for another revision that will be
+        // applied; a patch whose bundle no longer verifies stays where it is until then
+        // (taking it out would leave the process unprotected with nothing to replace it).
         if let Some((r, _)) = carried.get(&s.id)
-            && (!s.desired || *r != s.revision)
+            && (!s.wanted || (s.desired && *r != s.revision))
         {
             match engine.revert(Pid(pid), &s.id) {
                 Ok(rep) => {
@@ -1682,7 +1920,8 @@ fn visit(
                 }
             }
         }
-        if !s.desired || has.contains(s.id.as_str()) || !c.mapped.contains(&s.target_size) {
+        let maps_target = s.target_size.is_some_and(|size| c.mapped.contains(&size));
+        if !s.desired || has.contains(s.id.as_str()) || !maps_target {
             continue;
         }
         let Some(bundle) = bundles.get(&s.id) else {

@@ -205,6 +205,12 @@ pub fn start(cfg: Config) -> Result<Agent> {
 pub struct UninstallReport {
     /// (process, patch) pairs reverted.
     pub reverted: u64,
+    /// (process, patch) pairs that could not be reverted (the process refused: traced by a
+    /// debugger, a thread that stays in a site...). Also reported as `patch_failed`.
+    pub failed: Vec<crate::controller::RevertFailure>,
+    /// Patches whose stored bundle does not verify: reverted from the records in the
+    /// processes all the same.
+    pub unverified: Vec<String>,
     /// `agent_uninstalled` reached the server (else it waits in the outbox).
     pub delivered: bool,
     /// Events still in the outbox.
@@ -232,7 +238,7 @@ pub fn uninstall(cfg: Config, wait: Duration) -> Result<UninstallReport> {
     let (store, _) = Store::open(&cfg.state_dir)?;
     let outbox = store.reopen()?;
     let mut ctl = Controller::new(cfg.clone(), store, keys);
-    let reverted = ctl.uninstall();
+    let outcome = ctl.uninstall();
     if let Some(e) = ctl.store_error() {
         tracing::warn!(error = %e, "the state store failed; agent_uninstalled may not be queued");
     }
@@ -263,7 +269,9 @@ pub fn uninstall(cfg: Config, wait: Duration) -> Result<UninstallReport> {
     };
     let left = outbox.outbox_len().unwrap_or(0) + ctl.unsaved() as u64;
     Ok(UninstallReport {
-        reverted,
+        reverted: outcome.reverted,
+        failed: outcome.failed,
+        unverified: outcome.unverified,
         delivered: delivery_error.is_none() && left == 0,
         outbox: left,
         delivery_error,

@@ -34,6 +34,11 @@ pub enum AgentError {
         content_address: String,
         found: String,
     },
+    #[error("bundle {content_address}: not in the local store ({path})")]
+    BundleMissing {
+        content_address: String,
+        path: PathBuf,
+    },
     #[error("manifest refused: {reason}")]
     Manifest { code: &'static str, reason: String },
     #[error("server {url}: HTTP {status} {code}: {message}")]
@@ -65,6 +70,7 @@ impl AgentError {
             AgentError::DiskFull { .. } => "agent.disk_full",
             AgentError::Bundle { source, .. } => source.code(),
             AgentError::ContentAddressMismatch { .. } => "agent.content_address_mismatch",
+            AgentError::BundleMissing { .. } => "agent.bundle_missing",
             AgentError::Manifest { code, .. } => code,
             AgentError::Server { .. } => "agent.server_error",
             AgentError::Network { .. } => "agent.network",

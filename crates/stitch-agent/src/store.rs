@@ -16,8 +16,10 @@
 //!   `synchronous=FULL`.
 //! - The database is an index that can be lost: bundles, `manifest.json` and `policy.json` are
 //!   enough to rebuild it. A database that fails to open or fails `PRAGMA quick_check` is moved
-//!   aside and rebuilt ([`Store::open`] reports it in [`OpenReport`]). A bundle whose bytes no
-//!   longer hash to its name is deleted (it is downloaded again).
+//!   aside and rebuilt ([`Store::open`] reports it in [`OpenReport`]); a patch of
+//!   `manifest.json` whose bundle is gone keeps a row. A bundle whose bytes no longer hash to
+//!   its name is deleted (it is downloaded again); its patch's row is kept (the controller
+//!   never applies it, and still reverts it).
 //! - A bundle is verified against the trusted keys when it is stored *and* each time it is
 //!   loaded for an apply ([`Store::load_verified`]).
 
@@ -324,7 +326,16 @@ impl Store {
             });
         }
         let p = self.bundle_path(ca);
-        let bytes = std::fs::read(&p).map_err(AgentError::io("read", &p))?;
+        let bytes = std::fs::read(&p).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                AgentError::BundleMissing {
+                    content_address: ca.into(),
+                    path: p.clone(),
+                }
+            } else {
+                AgentError::io("read", &p)(e)
+            }
+        })?;
         let r = verify_bundle(ca, &bytes, keys);
         if matches!(r, Err(AgentError::ContentAddressMismatch { .. })) {
             tracing::warn!(path = %p.display(), "stored bundle is damaged; deleting it");
@@ -409,6 +420,27 @@ impl Store {
             if keep {
                 newest.insert(p.id.clone(), row);
             }
+        }
+        // A patch of the manifest whose bundle is gone or unreadable is still this host's (it
+        // may be in running processes): its row keeps it known, so it is reverted wherever it
+        // must not be; it is never applied until its bundle is downloaded again and verifies.
+        for e in &manifest.entries {
+            if newest.contains_key(&e.patch_id) {
+                continue;
+            }
+            newest.insert(
+                e.patch_id.clone(),
+                InstalledPatch {
+                    patch_id: e.patch_id.clone(),
+                    revision: u32::try_from(e.revision).unwrap_or(0),
+                    content_address: e.content_address.clone(),
+                    server_enabled: e.enabled,
+                    local_enabled: !policy.patches_disabled.contains(&e.patch_id),
+                    crash_disabled: policy.crash_disabled.get(&e.patch_id).cloned(),
+                    title: e.title.clone(),
+                    installed_at: now(),
+                },
+            );
         }
         for row in newest.values() {
             self.upsert_patch(row)?;

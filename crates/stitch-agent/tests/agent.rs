@@ -5,6 +5,7 @@
 
 mod harness;
 mod tls;
+mod unverified;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};

@@ -76,6 +76,18 @@ fn run(args: Args) -> anyhow::Result<()> {
                 "reverted {} patch application(s) in running processes",
                 r.reverted
             );
+            if !r.unverified.is_empty() {
+                println!(
+                    "stored bundle(s) that do not verify, reverted from the processes' records: {}",
+                    r.unverified.join(", ")
+                );
+            }
+            for f in &r.failed {
+                println!(
+                    "NOT reverted: {} in pid {}: [{}] {}",
+                    f.patch_id, f.pid, f.code, f.message
+                );
+            }
             match &r.delivery_error {
                 None => println!("agent_uninstalled delivered to the server"),
                 Some(e) => println!(
@@ -83,6 +95,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                     r.outbox
                 ),
             }
+        }
+        if !r.failed.is_empty() {
+            anyhow::bail!(
+                "error[agent.revert_incomplete]: {} patch application(s) could not be reverted; they stay in those processes until they exit",
+                r.failed.len()
+            );
         }
         return Ok(());
     }

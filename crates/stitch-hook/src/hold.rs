@@ -102,6 +102,8 @@ pub(crate) struct Job {
     path: PathBuf,
     bundles: Vec<Arc<VerifiedBundle>>,
     received: Instant,
+    /// The CPU of the reader that took the event (the thread that raised it ran there).
+    cpu: Option<usize>,
 }
 
 struct Waiting {
@@ -126,7 +128,10 @@ pub(crate) enum Work {
 /// The reader: never opens a file, never blocks on anything but the group (and `stop`).
 /// Sleeps in `poll` with no timeout while nothing waits for a worker: an idle hook has no
 /// periodic wakeup. Returns when `stop` is woken, answering what is still queued.
-pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker) {
+///
+/// Runs pinned to `cpu` (its lane) if given, handing jobs to that lane's workers.
+pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker, cpu: Option<usize>) {
+    let _pin = cpu.and_then(|c| stitch_sys::CpuPin::to(c).ok());
     let _rt = shared.config.realtime.then(RealtimeGuard::enter);
     let mut waiting: Vec<Waiting> = Vec::new();
     loop {
@@ -186,7 +191,7 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker) {
             } else {
                 JobKind::Open
             };
-            let (path, bundles) = (target.path, target.bundles);
+            let (path, bundles) = (target.path.clone(), target.bundles.clone());
             let pending = Pending::new(ev);
             waiting.push(Waiting {
                 pending: pending.clone(),
@@ -203,6 +208,7 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker) {
                 path,
                 bundles,
                 received,
+                cpu,
             };
             if jobs.send(Work::Job(job)).is_err() {
                 pending.allow(shared);
@@ -491,6 +497,17 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
         miss(shared, job, pid, &patches, MissReason::ExecNotHeld);
         return;
     }
+    // A library hold hands the CPU back and forth with its thread at each ptrace stop; with
+    // the worker on the CPU the thread runs on, each stop is a switch on that CPU instead of
+    // a wakeup of another CPU — idle (slow to wake in a VM) or busy (a wait for its time
+    // slice). The lane's CPU is where the event was raised: pinned before the seize. An exec
+    // hold pins at `PTRACE_EVENT_EXEC` instead (`follow_exec`): the kernel may move an
+    // exec'ing task to another CPU.
+    let lane_pin = if exec {
+        None
+    } else {
+        job.cpu.and_then(|c| stitch_sys::CpuPin::to(c).ok())
+    };
     let _rt = shared.config.realtime_holds.then(RealtimeGuard::enter);
     let checked = Instant::now();
     let hold = match ThreadHold::seize(pid, tid) {
@@ -523,13 +540,9 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
         return;
     }
     let allowed = Instant::now();
-    // A library hold hands the CPU back and forth with its thread at ~9 ptrace stops; with the
-    // worker on the CPU the thread last ran on, each stop is a switch on that CPU instead of a
-    // wakeup of another CPU — idle (slow to wake in a VM) or busy (a wait for its time slice).
-    // Pinned after the answer, so the move overlaps the end of the open; restored when the
-    // hold ends. An exec hold pins at `PTRACE_EVENT_EXEC` instead (`follow_exec`): the kernel
-    // may move an exec'ing task to another CPU.
-    let pin = if exec {
+    // No lane CPU (no affinity known): pin to where the thread last ran, after the answer so
+    // the move overlaps the end of its syscall.
+    let pin = if exec || lane_pin.is_some() {
         None
     } else {
         stitch_sys::last_cpu_of(tid).and_then(|c| stitch_sys::CpuPin::to(c).ok())
@@ -551,6 +564,7 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
     // The thread is let go: a sibling's hold waiting for ours may go on, and reporting (or a
     // live patch after a miss) needs neither the pinned CPU nor the count.
     drop(pin);
+    drop(lane_pin);
     drop(in_process);
     match outcome {
         Outcome::Patched {

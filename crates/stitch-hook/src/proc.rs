@@ -22,9 +22,9 @@ pub(crate) fn parse_tgid(status: &str) -> Option<Pid> {
         .map(Pid)
 }
 
-/// Whether `tid` is a thread of this very process.
+/// Whether `tid` is a thread of this very process (one syscall).
 pub(crate) fn is_own_thread(tid: Tid) -> bool {
-    std::path::Path::new(&format!("/proc/self/task/{}", tid.0)).exists()
+    stitch_sys::is_own_thread(tid)
 }
 
 /// The syscall a blocked thread is in: number and arguments (`/proc/TID/syscall`).

@@ -42,22 +42,21 @@ pub const STANDARD_DIRS: &[&str] = &[
 /// A marked inode.
 #[derive(Debug)]
 pub(crate) struct MarkedFile {
-    pub(crate) path: PathBuf,
     /// The descriptor that was hashed and marked (kept to unmark the same inode later).
     file: File,
-    pub(crate) bundles: Vec<Arc<VerifiedBundle>>,
     /// The SHA-256 it had when marked (bundles are matched against it on a bundle change).
     digest: [u8; 32],
-    /// Marked for `FAN_PRE_ACCESS` too: the page-aligned file offsets of its executable
-    /// `PT_LOAD`s, where a loader's `mmap(PROT_EXEC)` starts. Empty: open holds only.
-    pub(crate) map_offsets: Arc<[u64]>,
+    /// What an event on it needs (shared: the reader looks it up for every event).
+    target: Arc<Target>,
 }
 
 /// A marked file as an event finds it.
+#[derive(Debug)]
 pub(crate) struct Target {
     pub(crate) path: PathBuf,
     pub(crate) bundles: Vec<Arc<VerifiedBundle>>,
-    /// See [`MarkedFile::map_offsets`].
+    /// Marked for `FAN_PRE_ACCESS` too: the page-aligned file offsets of its executable
+    /// `PT_LOAD`s, where a loader's `mmap(PROT_EXEC)` starts. Empty: open holds only.
     pub(crate) map_offsets: Arc<[u64]>,
 }
 
@@ -186,13 +185,9 @@ impl Targets {
     }
 
     /// The marked inode `(dev, ino)`.
-    pub(crate) fn lookup(&self, key: (u64, u64)) -> Option<Target> {
+    pub(crate) fn lookup(&self, key: (u64, u64)) -> Option<Arc<Target>> {
         let marks = self.marks.lock().ok()?;
-        marks.get(&key).map(|m| Target {
-            path: m.path.clone(),
-            bundles: m.bundles.clone(),
-            map_offsets: m.map_offsets.clone(),
-        })
+        marks.get(&key).map(|m| m.target.clone())
     }
 
     pub(crate) fn marked(&self) -> Vec<(PathBuf, Vec<String>)> {
@@ -203,8 +198,8 @@ impl Targets {
             .values()
             .map(|m| {
                 (
-                    m.path.clone(),
-                    m.bundles.iter().map(|b| b.patch().id.clone()).collect(),
+                    m.target.path.clone(),
+                    m.target.bundles.iter().map(|b| b.patch().id.clone()).collect(),
                 )
             })
             .collect()
@@ -272,7 +267,11 @@ impl Targets {
                 if now.is_empty() {
                     gone.push(*key);
                 } else {
-                    m.bundles = now;
+                    m.target = Arc::new(Target {
+                        path: m.target.path.clone(),
+                        bundles: now,
+                        map_offsets: m.target.map_offsets.clone(),
+                    });
                     update.kept += 1;
                 }
             }
@@ -426,11 +425,13 @@ impl Targets {
             m.insert(
                 key,
                 MarkedFile {
-                    path: path.to_path_buf(),
                     file,
-                    bundles,
                     digest,
-                    map_offsets,
+                    target: Arc::new(Target {
+                        path: path.to_path_buf(),
+                        bundles,
+                        map_offsets,
+                    }),
                 },
             );
         }
@@ -502,15 +503,15 @@ impl Targets {
         let Some(m) = self.marks.lock().ok().and_then(|mut m| m.remove(&key)) else {
             return;
         };
-        let mask = self.mark_mask(!m.map_offsets.is_empty());
+        let mask = self.mark_mask(!m.target.map_offsets.is_empty());
         if let Err(e) = shared.group.unmark_inode(m.file.as_fd(), mask) {
-            tracing::warn!(path = %m.path.display(), error = %e, "cannot unmark");
+            tracing::warn!(path = %m.target.path.display(), error = %e, "cannot unmark");
         }
         if let Ok(mut p) = self.by_path.lock() {
             p.retain(|_, k| *k != key);
         }
         shared.emit(HookEvent::Unmarked {
-            path: m.path,
+            path: m.target.path.clone(),
             dev: key.0,
             ino: key.1,
         });

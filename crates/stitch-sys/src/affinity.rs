@@ -53,6 +53,17 @@ fn set_affinity(set: &libc::cpu_set_t) -> Result<()> {
     Ok(())
 }
 
+/// The CPUs the calling thread may run on, in ascending order.
+///
+/// # Errors
+/// [`SysError::Os`].
+pub fn allowed_cpus() -> Result<Vec<usize>> {
+    let set = get_affinity()?;
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| cpu_isset(c, &set))
+        .collect())
+}
+
 /// The calling thread runs on one CPU while this lives; its previous affinity is restored on
 /// drop. Not `Send`: affinity belongs to the thread.
 #[derive(Debug)]
@@ -113,5 +124,8 @@ mod tests {
         // SAFETY: compares two live cpu_set_t values.
         assert!(unsafe { libc::CPU_EQUAL(&before, &after) });
         assert!(CpuPin::to(libc::CPU_SETSIZE as usize).is_err());
+        let cpus = allowed_cpus().unwrap();
+        assert!(cpus.contains(&cpu));
+        assert!(cpus.windows(2).all(|w| w[0] < w[1]));
     }
 }

@@ -100,7 +100,7 @@ mod tracer;
 mod types;
 mod util;
 
-pub use affinity::{CpuPin, last_cpu_of};
+pub use affinity::{CpuPin, allowed_cpus, last_cpu_of};
 pub use error::{Result, SysError};
 pub use fake::{
     Call, FAKE_TRACER_TID, FakeProcess, FakeRegion, FakeThread, FakeThreadState, FakeTracer,
@@ -122,6 +122,6 @@ pub use types::{
     PF_KTHREAD, Perms, Pid, Regs, StopKind, SyscallRestart, TaskInfo, TaskState, Tid,
 };
 pub use util::{
-    PidFd, RealtimeGuard, STOP_WINDOW_RT_PRIORITY, SchedState, gettid, process_alive,
-    read_proc_mem, read_vm_partial, run_on_tracer_thread, set_realtime_priority,
+    PidFd, RealtimeGuard, STOP_WINDOW_RT_PRIORITY, SchedState, gettid, is_own_thread,
+    process_alive, read_proc_mem, read_vm_partial, run_on_tracer_thread, set_realtime_priority,
 };

@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use crate::error::{Result, SysError};
 use crate::procfs;
 use crate::ptrace::raw;
-use crate::types::Pid;
+use crate::types::{Pid, Tid};
 
 /// The SCHED_FIFO priority used for stop windows: above every normal thread, below the kernel's
 /// own per-CPU RT threads (which use 99) and typical audio/IRQ threads (50+).
@@ -260,6 +260,18 @@ impl PidFd {
     }
 }
 
+/// Whether `tid` is a thread of the calling process: `tgkill(getpid(), tid, 0)` succeeds
+/// exactly then (one syscall; a path lookup in `/proc/self/task` costs several times more,
+/// on a path that answers every permission event).
+#[must_use]
+pub fn is_own_thread(tid: Tid) -> bool {
+    // SAFETY: getpid takes no arguments and touches no memory.
+    let pid = unsafe { libc::getpid() };
+    // SAFETY: tgkill with signal 0 only checks that `tid` is a thread of thread group `pid`
+    // (and permission); no signal is sent, no memory of ours is touched.
+    unsafe { libc::syscall(libc::SYS_tgkill, pid, tid.0, 0) == 0 }
+}
+
 /// The calling thread's id.
 #[must_use]
 pub fn gettid() -> i32 {
@@ -286,4 +298,42 @@ pub fn run_on_tracer_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             Err(p) => std::panic::resume_unwind(p),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hook's reader answers its own process's events at once by this test; a foreign
+    /// thread taken for ours would be let go unheld (unpatched), one of ours taken for a
+    /// foreign one would be seized (a deadlock).
+    #[test]
+    fn own_threads_are_recognised_and_other_processes_threads_are_not() {
+        assert!(is_own_thread(Tid(gettid())));
+        let other = std::thread::spawn(gettid).join().unwrap();
+        // Exited: no longer a thread of ours.
+        assert!(!is_own_thread(Tid(other)));
+        let t = std::thread::spawn(|| {
+            let tid = gettid();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            tid
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let live = procfs_task_ids();
+        assert!(live.iter().all(|&t| is_own_thread(Tid(t))));
+        let _ = t.join();
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        assert!(!is_own_thread(Tid(pid)), "a child process's thread");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!is_own_thread(Tid(1)), "init");
+    }
+
+    fn procfs_task_ids() -> Vec<i32> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    }
 }

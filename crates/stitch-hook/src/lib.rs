@@ -6,18 +6,23 @@
 //! ## Mechanism (details and measurements: `docs/load-time.md`)
 //! 1. **Find the targets on disk.** Walk the directories that hold targets (standard lib/bin
 //!    directories plus configured ones); files of a target's exact size are hashed; an inode
-//!    whose SHA-256 is a target gets a fanotify inode mark for `FAN_OPEN_PERM |
-//!    FAN_OPEN_EXEC_PERM` (group `FAN_CLASS_CONTENT | FAN_REPORT_TID`). The mark is put through
-//!    the descriptor that was hashed, so it lands on exactly that inode.
+//!    whose SHA-256 is a target gets a fanotify inode mark (group `FAN_CLASS_PRE_CONTENT |
+//!    FAN_REPORT_TID`): a library, where the kernel and filesystem allow it, for
+//!    `FAN_PRE_ACCESS | FAN_OPEN_EXEC_PERM` (its reads and mappings); anything else for
+//!    `FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM`. The mark is put through the descriptor that was
+//!    hashed, so it lands on exactly that inode.
 //! 2. **Follow the files.** inotify on those directories: a file that appears (created, moved
 //!    in, rewritten) with a target hash is marked; a marked inode whose path now names another
 //!    file, or whose content changed, is unmarked.
-//! 3. **Hold.** A thread opening a marked file blocks in the kernel until we answer. A worker
-//!    thread `PTRACE_SEIZE`s + `PTRACE_INTERRUPT`s it, answers `FAN_ALLOW`, and follows it:
-//!    - a library: syscall stops until the exit of the `mmap(PROT_EXEC)` of that descriptor
-//!      which maps every patch site; then every thread of the process is stopped, the engine
-//!      commits, and all are let go — before the dynamic loader ran a single relocation or
-//!      constructor of the module;
+//! 3. **Hold.** A thread raising an event on a marked file blocks in the kernel until we
+//!    answer. One reader per CPU answers at once what needs no hold; otherwise a worker on the
+//!    same CPU `PTRACE_SEIZE`s + `PTRACE_INTERRUPT`s the thread, answers `FAN_ALLOW`, and:
+//!    - a library's `mmap` of its code (`FAN_PRE_ACCESS` at an executable segment's offset):
+//!      the thread stops once, right after that `mmap`; every thread of the process is
+//!      stopped, the engine commits, all are let go — before the dynamic loader ran a single
+//!      relocation or constructor of the module;
+//!    - a library's open (where mapping events are refused): syscall stops until the exit of
+//!      the `mmap(PROT_EXEC)` of that descriptor, then the same commit;
 //!    - an executable (`FAN_OPEN_EXEC_PERM`): `PTRACE_EVENT_EXEC`, commit, let go.
 //!
 //!    A group stop (Ctrl-Z) during the hold is kept with `PTRACE_LISTEN`, so the shell's job
@@ -29,7 +34,7 @@
 //!
 //! ## Never deadlocking ourselves
 //! A marked file opened by the hook's own process raises a permission event too, and only we
-//! can answer it. So: (a) the *reader* thread answers every event whose thread belongs to our
+//! can answer it. So: (a) the *reader* threads answer every event whose thread belongs to our
 //! own process at once, before anything else, and does no file I/O of its own on marked files;
 //! (b) every other open of a marked file by us (hashing, the engine reading
 //! `/proc/PID/map_files`) happens on other threads, which the reader answers; (c) if the reader

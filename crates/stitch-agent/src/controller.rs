@@ -1196,9 +1196,39 @@ impl Controller {
     fn on_proc(&mut self, e: ProcEvent) {
         match e {
             ProcEvent::Exec { pid } => {
-                // The old image (and its patches) is gone.
-                if self.carriers.remove(&pid).is_some() {
+                // The old image (and its patches) is gone. Events come in batches, so the
+                // load-time hook may already have patched the new image (and registered it):
+                // keep what the process carries now.
+                if let Some(mut c) = self.carriers.remove(&pid) {
+                    let now: HashSet<String> = self
+                        .engine
+                        .list(Pid(pid))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|a| a.record.state == stitch_engine::region::RecordState::Applied)
+                        .map(|a| a.record.id)
+                        .collect();
+                    c.patches.retain(|id, _| now.contains(id));
                     let _ = self.store.clear_applied(pid, None);
+                    if !c.patches.is_empty() {
+                        let rows: Vec<AppliedRow> = c
+                            .patches
+                            .iter()
+                            .map(|(id, (revision, hits))| AppliedRow {
+                                pid,
+                                start_time: c.start_time,
+                                patch_id: id.clone(),
+                                revision: *revision,
+                                exe: c.exe.clone(),
+                                hits_reported: *hits,
+                                applied_at: crate::now_unix(),
+                            })
+                            .collect();
+                        if let Err(e) = self.store.set_applied_many(&rows) {
+                            self.store_failed(&e);
+                        }
+                        self.carriers.insert(pid, c);
+                    }
                 }
                 if self.agent_enabled() && self.slots.values().any(|s| s.row.enabled()) {
                     // The loader maps libraries right after exec: look a little later, and

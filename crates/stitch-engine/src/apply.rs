@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use stitch_format::{Patch, VerifiedBundle};
-use stitch_sys::{Mapping, Pid, Placement, RealtimeGuard, StoppedProcess, Tid, Tracer};
+use stitch_sys::{MapQuery, Mapping, Pid, Placement, RealtimeGuard, StoppedProcess, Tid, Tracer};
 
 use crate::identify::{maybe_region, maybe_region_sys, read_maps};
 use crate::plan::{ModuleSpan, Plan, RegionPlan, candidates, link_plan};
@@ -149,7 +149,7 @@ impl Engine {
                 laps.lap("maps");
                 self.same_module(plan, &maps)?;
                 laps.lap("identity");
-                self.commit_mapped(&mut sp, plan, bundle.patch(), maps, &mut laps)
+                self.commit_mapped(&mut sp, plan, bundle.patch(), &mut laps)
             });
             let released = sp.resume();
             let pause = t0.elapsed();
@@ -216,13 +216,12 @@ impl Engine {
         patch: &Patch,
     ) -> Result<ApplyReport, EngineError> {
         let mut laps = Laps::new();
-        let maps = sp.mappings()?;
-        laps.lap("maps");
-        self.commit_mapped(sp, plan, patch, maps, &mut laps)
+        self.commit_mapped(sp, plan, patch, &mut laps)
     }
 
     /// [`Engine::commit`] for a plan made by [`Engine::plan_mapped`] from what the caller saw
-    /// being mapped. Under this stop, from the one maps read the commit uses too: the mapping
+    /// being mapped. Under this stop, from the mappings at those addresses (single
+    /// `PROCMAP_QUERY`s where the kernel has them, else one read of the maps): the mapping
     /// at `known.exec_start` is the caller's file (its device and inode; if the maps name
     /// another — an overlay reports the backing file — its `map_files` entry is identified by
     /// digest as [`Engine::apply_plan`] does), every mapping of that inode taken together
@@ -237,34 +236,41 @@ impl Engine {
         known: &crate::KnownMapping,
     ) -> Result<ApplyReport, EngineError> {
         let mut laps = Laps::new();
-        let maps = sp.mappings()?;
+        self.known_still_mapped(sp, plan, patch, known)?;
         laps.lap("maps");
-        self.known_still_mapped(sp.pid(), plan, patch, known, &maps)?;
-        laps.lap("identity");
-        self.commit_mapped(sp, plan, patch, maps, &mut laps)
+        self.commit_mapped(sp, plan, patch, &mut laps)
     }
 
-    fn known_still_mapped(
+    fn known_still_mapped<T: Tracer>(
         &self,
-        pid: Pid,
+        sp: &mut StoppedProcess<T>,
         plan: &Plan,
         patch: &Patch,
         known: &crate::KnownMapping,
-        maps: &[Mapping],
     ) -> Result<(), EngineError> {
+        let pid = sp.pid();
         let gone = || EngineError::ModuleNotMapped {
             pid: pid.0,
             sha256: hex::encode(plan.module_sha256),
         };
-        let exec = maps
-            .iter()
-            .find(|m| m.start <= known.exec_start && known.exec_start < m.end && m.inode != 0)
+        let exec = sp
+            .query_mapping(known.exec_start, MapQuery::COVERING)?
+            .filter(|m| m.inode != 0)
             .ok_or_else(gone)?;
-        let path = exec.name.strip_suffix(" (deleted)").unwrap_or(&exec.name);
-        let path = std::path::Path::new(path);
         let same_file = exec.inode == known.key.ino
             && exec.dev == crate::identify::dev_split(known.key.dev)
             && self.digests.digest_for_key(&known.key) == Some(plan.module_sha256);
+        // The path only names the file in errors, and in the `map_files` check of a mapping
+        // that is not the caller's file by key: asked for only then (a path walk).
+        let named = if same_file {
+            exec.clone()
+        } else {
+            sp.query_mapping(known.exec_start, MapQuery::COVERING.named())?
+                .filter(|m| m.start == exec.start && m.inode == exec.inode)
+                .ok_or_else(gone)?
+        };
+        let path = named.name.strip_suffix(" (deleted)").unwrap_or(&named.name);
+        let path = std::path::Path::new(path);
         if !same_file
             && !self.digests.mapping_has_digest(
                 pid,
@@ -282,9 +288,14 @@ impl Engine {
         // byte of this inode there, executable and private — the layout `Module::load_bias`
         // and `runtime_exec_addr` check for `plan`, at the sites, without parsing the ELF
         // again under the stop.
+        let shown = if path.as_os_str().is_empty() {
+            format!("inode {} on {}:{}", exec.inode, exec.dev.0, exec.dev.1)
+        } else {
+            path.display().to_string()
+        };
         let layout = |reason: String| EngineError::ModuleLayout {
             pid: pid.0,
-            path: path.display().to_string(),
+            path: shown.clone(),
             reason,
         };
         let file_offset = |addr: u64| {
@@ -292,7 +303,7 @@ impl Engine {
                 .exec_offset
                 .checked_add(addr.checked_sub(known.exec_start)?)
         };
-        let ours = |m: &&Mapping| m.inode == exec.inode && m.dev == exec.dev;
+        let ours = |m: &Mapping| m.inode == exec.inode && m.dev == exec.dev;
         let spans = std::iter::once((known.exec_start, 1u64)).chain(
             patch
                 .patchlets
@@ -303,10 +314,9 @@ impl Engine {
             let mut cursor = addr;
             let end = addr.saturating_add(len);
             while cursor < end {
-                let m = maps
-                    .iter()
+                let m = sp
+                    .query_mapping(cursor, MapQuery::COVERING)?
                     .filter(ours)
-                    .find(|m| m.start <= cursor && cursor < m.end)
                     .ok_or_else(|| layout(format!("{cursor:#x} is not mapped from the file")))?;
                 let mapped = m.offset.checked_add(cursor - m.start);
                 if !m.perms.exec
@@ -324,19 +334,21 @@ impl Engine {
         Ok(())
     }
 
-    /// [`Engine::commit`] with the maps already read under this stop.
+    /// [`Engine::commit`], once the module is known to be the plan's under this stop. Asks
+    /// for the mappings it needs one by one ([`StoppedProcess::query_mapping`]: the module's
+    /// regions, each thread's stack, the new region's place), or uses the maps a caller
+    /// already read under this stop.
     fn commit_mapped<T: Tracer>(
         &self,
         sp: &mut StoppedProcess<T>,
         plan: &Plan,
         patch: &Patch,
-        maps: Vec<Mapping>,
         laps: &mut Laps,
     ) -> Result<ApplyReport, EngineError> {
         let t0 = Instant::now();
         let pid = sp.pid();
         let span = ModuleSpan::of_plan(plan);
-        let mut existing = find_regions_held(sp, &maps, &span)?;
+        let mut existing = find_regions_held(sp, &span)?;
         for (addr, header) in &mut existing {
             settle_records(sp, *addr, header)?;
             if let Some(r) = header
@@ -385,7 +397,7 @@ impl Engine {
             .map(|(_, a, o)| (*a, *a + o.len() as u64))
             .collect();
         laps.lap("verify");
-        let (site_retries, stacks) = wait_out_of(sp, &ranges, &maps, self)?;
+        let (site_retries, stacks) = wait_out_of(sp, &ranges, self)?;
         laps.lap("threads");
         kill_point("threads_clear");
         // 3. The region. A region whose patches are all reverted and that nothing executes
@@ -449,10 +461,33 @@ impl Engine {
         let (fresh, header) = match chosen {
             Some(c) => c,
             None => {
-                let tried = region_candidates(&maps, &span, plan.region.addr());
+                let proposed = plan.region.addr();
+                let first = if proposal_clear(sp, &span, proposed)? {
+                    vec![proposed]
+                } else {
+                    region_candidates(&sp.mappings()?, &span, proposed)
+                };
                 let header = RegionHeader::new(span.sha256, span.bias);
                 // One stop per injected syscall, plus one for the sequence.
-                let addr = sp.remote_batch(|sp| create_region(sp, &tried, &header, self))?;
+                let addr = sp.remote_batch(|sp| {
+                    match create_region(sp, &first, &header, self)? {
+                        Ok(a) => Ok(a),
+                        // The proposal alone was tried (the maps were not read whole) and
+                        // was refused: the free ranges near the module, from the maps now.
+                        Err(refused) if first == [proposed] => {
+                            let rest: Vec<u64> =
+                                region_candidates(&sp.mappings()?, &span, proposed)
+                                    .into_iter()
+                                    .filter(|&a| a != proposed)
+                                    .collect();
+                            if rest.is_empty() {
+                                return Err(refused);
+                            }
+                            create_region(sp, &rest, &header, self)?
+                        }
+                        Err(e) => Err(e),
+                    }
+                })?;
                 kill_point("region_mapped");
                 match link(addr, &header, true) {
                     Ok(linked) => (linked, header),
@@ -592,14 +627,31 @@ pub(crate) fn state_in_effect(pid: Pid, r: &PatchRecord) -> RecordState {
 
 /// The module's existing regions, read through the held process. Usually one; more when a
 /// region filled up while a thread still used trampolines of reverted patches in it.
+///
+/// A region is found from its trampolines: an anonymous executable mapping (a process has a
+/// few executable mappings, where `/proc/PID/maps` lists hundreds of lines) right after an
+/// 8 KiB read-write anonymous one (header and records) that carries the magic. Every region
+/// the engine leaves behind has that shape (the header is written only after the
+/// `mprotect`, in the same batch); one whose trampolines the target itself made
+/// non-executable is not used (a new region is made instead; the sites' bytes decide
+/// whether a patch is in place either way).
 fn find_regions_held<T: Tracer>(
     sp: &mut StoppedProcess<T>,
-    maps: &[Mapping],
     module: &ModuleSpan,
 ) -> Result<Vec<(u64, RegionHeader)>, EngineError> {
     let mut out = Vec::new();
-    for m in maps.iter().filter(|m| maybe_region_sys(m)) {
-        if m.start.abs_diff(module.start) > crate::plan::REACH {
+    let tramp_parts: Vec<u64> = sp
+        .exec_mappings()?
+        .into_iter()
+        .filter(|x| x.inode == 0 && !x.perms.shared && x.start >= region::TRAMPOLINE_START)
+        .map(|x| x.start)
+        .filter(|&t| (t - region::TRAMPOLINE_START).abs_diff(module.start) <= crate::plan::REACH)
+        .collect();
+    for t in tramp_parts {
+        let Some(m) = sp.query_mapping(t - 1, MapQuery::COVERING.named())? else {
+            continue;
+        };
+        if m.end != t || !maybe_region_sys(&m) {
             continue;
         }
         let Ok(data) = sp.read_vec(m.start, region::TRAMPOLINE_START as usize) else {
@@ -660,13 +712,15 @@ fn settle_records<T: Tracer>(
 /// Maps a new region at the first free candidate, names it, makes the trampoline part
 /// executable and writes its (empty) `header` — at once, so that a patcher killed after this
 /// leaves a region the next apply to the module finds by its magic and uses, not 64 KiB
-/// nobody will ever reclaim. Returns its address.
+/// nobody will ever reclaim. Returns its address, or (inner error) why no candidate could be
+/// mapped — each was refused by the kernel, nothing was changed — so the caller may try
+/// others.
 fn create_region<T: Tracer>(
     sp: &mut StoppedProcess<T>,
     candidates: &[u64],
     header: &RegionHeader,
     engine: &Engine,
-) -> Result<u64, EngineError> {
+) -> Result<Result<u64, EngineError>, EngineError> {
     let mut last = None;
     for &addr in candidates.iter().take(16) {
         match sp.remote_mmap(Placement::Exact(addr), region::REGION_SIZE, PROT_RW) {
@@ -700,20 +754,70 @@ fn create_region<T: Tracer>(
                     let _ = sp.remote_munmap(a, region::REGION_SIZE);
                     return Err(e);
                 }
-                return Ok(a);
+                return Ok(Ok(a));
             }
             Err(e) if e.remote_errno().is_some() => last = Some(e),
             Err(e) => return Err(e.into()),
         }
     }
-    match last {
+    Ok(match last {
         Some(e) => Err(e.into()),
         None => Err(EngineError::NoFreeRange {
             pid: sp.pid().0,
             near: candidates.first().copied().unwrap_or(0),
         }),
-    }
+    })
 }
+
+/// How many mappings [`proposal_clear`] asks about before it reads the maps whole instead.
+const PROPOSAL_QUERIES: usize = 64;
+
+/// Whether the plan's proposed region address is usable as [`region_candidates`] decides it
+/// (aligned, within reach, nothing mapped there, not within 64 MiB above a `[heap]`), from
+/// the mappings between 64 MiB below it and its end only — usually none or one (a proposal
+/// just below a module the kernel placed top-down), so a new region is placed without
+/// reading the maps whole. Past [`PROPOSAL_QUERIES`] mappings, from the maps read whole.
+fn proposal_clear<T: Tracer>(
+    sp: &mut StoppedProcess<T>,
+    span: &ModuleSpan,
+    proposed: u64,
+) -> Result<bool, EngineError> {
+    let end = proposed.saturating_add(region::REGION_SIZE);
+    if !(proposed.is_multiple_of(4096)
+        && end.abs_diff(span.start) < crate::plan::REACH
+        && proposed.abs_diff(span.end) < crate::plan::REACH)
+    {
+        return Ok(false);
+    }
+    let heap_guard = HEAP_GUARD;
+    let mut at = proposed.saturating_sub(heap_guard);
+    for _ in 0..PROPOSAL_QUERIES {
+        let Some(m) = sp.query_mapping(at, MapQuery::COVERING_OR_NEXT)? else {
+            return Ok(true);
+        };
+        if m.start >= end {
+            return Ok(true);
+        }
+        if proposed < m.end && m.start < end {
+            return Ok(false);
+        }
+        // Only an anonymous mapping can be the heap: its name then.
+        if m.inode == 0
+            && proposed < m.end.saturating_add(heap_guard)
+            && sp
+                .query_mapping(m.start, MapQuery::COVERING.named())?
+                .is_some_and(|n| n.name == "[heap]")
+        {
+            return Ok(false);
+        }
+        at = m.end;
+    }
+    let maps = sp.mappings()?;
+    Ok(region_candidates(&maps, span, proposed).first() == Some(&proposed))
+}
+
+/// Room left above `[heap]` for it to grow (no region is placed there).
+const HEAP_GUARD: u64 = 64 << 20;
 
 /// Where to try a new region, in order: the plan's proposal if the maps read under this stop
 /// show it free and within reach (a proposal already taken would cost an injected `mmap` that
@@ -727,7 +831,7 @@ pub(crate) fn region_candidates(maps: &[Mapping], span: &ModuleSpan, proposed: u
         && proposed.abs_diff(span.end) < crate::plan::REACH
         && !maps
             .iter()
-            .any(|m| m.name == "[heap]" && proposed < m.end + (64 << 20) && end > m.start);
+            .any(|m| m.name == "[heap]" && proposed < m.end + HEAP_GUARD && end > m.start);
     let mut out = Vec::with_capacity(free.len() + 1);
     if clear {
         out.push(proposed);
@@ -760,15 +864,24 @@ const STACK_SCAN_MAX: u64 = 8 << 20;
 /// Each held thread's live stack: from its stack pointer to the end of the mapping that
 /// holds it (at most [`STACK_SCAN_MAX`]). A signal handler on an alternate stack has its
 /// interrupted context there, so that is where it is found.
-fn live_stacks<T: Tracer>(sp: &StoppedProcess<T>, maps: &[Mapping]) -> Vec<(Tid, u64, u64)> {
-    sp.threads()
-        .filter_map(|t| {
-            let rsp = t.regs.rsp & !7;
-            maps.iter()
-                .find(|m| m.contains(rsp))
-                .map(|m| (t.tid, rsp, m.end.min(rsp + STACK_SCAN_MAX)))
-        })
-        .collect()
+/// The mapping of each stack is asked for once (threads on one stack share the answer).
+fn live_stacks<T: Tracer>(sp: &mut StoppedProcess<T>) -> Result<Vec<(Tid, u64, u64)>, EngineError> {
+    let rsps: Vec<(Tid, u64)> = sp.threads().map(|t| (t.tid, t.regs.rsp & !7)).collect();
+    let mut seen: Vec<(u64, u64)> = Vec::new();
+    let mut out = Vec::with_capacity(rsps.len());
+    for (tid, rsp) in rsps {
+        let end = match seen.iter().find(|&&(s, e)| s <= rsp && rsp < e) {
+            Some(&(_, e)) => Some(e),
+            None => sp.query_mapping(rsp, MapQuery::COVERING)?.map(|m| {
+                seen.push((m.start, m.end));
+                m.end
+            }),
+        };
+        if let Some(end) = end {
+            out.push((tid, rsp, end.min(rsp + STACK_SCAN_MAX)));
+        }
+    }
+    Ok(out)
 }
 
 /// A buffer for stack scans, kept by the engine between stops: reading 64 thread stacks into
@@ -820,12 +933,8 @@ impl Drop for StackScan<'_> {
 }
 
 impl<'e> StackScan<'e> {
-    fn read<T: Tracer>(
-        sp: &mut StoppedProcess<T>,
-        maps: &[Mapping],
-        pool: &'e Scratch,
-    ) -> Result<Self, EngineError> {
-        let stacks = live_stacks(sp, maps);
+    fn read<T: Tracer>(sp: &mut StoppedProcess<T>, pool: &'e Scratch) -> Result<Self, EngineError> {
+        let stacks = live_stacks(sp)?;
         let ranges: Vec<(u64, usize)> = stacks
             .iter()
             .map(|&(_, lo, hi)| (lo, (hi - lo) as usize))
@@ -878,7 +987,6 @@ impl<'e> StackScan<'e> {
 fn find_blocker<'e, T: Tracer>(
     sp: &mut StoppedProcess<T>,
     ranges: &[(u64, u64)],
-    maps: &[Mapping],
     pool: &'e Scratch,
 ) -> Result<Result<StackScan<'e>, Blocker>, EngineError> {
     let inside = |a: u64| ranges.iter().find(|&&(s, e)| a > s && a < e).copied();
@@ -895,7 +1003,7 @@ fn find_blocker<'e, T: Tracer>(
     if let Some(b) = by_ip {
         return Ok(Err(b));
     }
-    let scan = StackScan::read(sp, maps, pool)?;
+    let scan = StackScan::read(sp, pool)?;
     let lo = ranges.iter().map(|&(s, _)| s + 1).min().unwrap_or(0);
     let hi = ranges.iter().map(|&(_, e)| e).max().unwrap_or(0);
     let on_stack = scan
@@ -918,12 +1026,11 @@ fn find_blocker<'e, T: Tracer>(
 fn wait_out_of<'e, T: Tracer>(
     sp: &mut StoppedProcess<T>,
     ranges: &[(u64, u64)],
-    maps: &[Mapping],
     engine: &'e Engine,
 ) -> Result<(u32, StackScan<'e>), EngineError> {
     let mut tries = 0;
     loop {
-        let b = match find_blocker(sp, ranges, maps, &engine.scratch)? {
+        let b = match find_blocker(sp, ranges, &engine.scratch)? {
             Ok(scan) => return Ok((tries, scan)),
             Err(b) => b,
         };
@@ -1171,7 +1278,7 @@ fn revert_stopped<T: Tracer>(
         .map(|s| (s.addr, s.addr + s.original.len() as u64))
         .collect();
     // No thread runs from here on: the scan stays valid for the freeing check below.
-    let (_, stacks) = wait_out_of(sp, &ranges, maps, engine)?;
+    let (_, stacks) = wait_out_of(sp, &ranges, engine)?;
     let hits = sp.read_vec(base + record.offset + region::HITS_OFFSET, 8)?;
     let hits = u64::from_le_bytes(hits.try_into().unwrap_or([0; 8]));
     if !writes.is_empty() {

@@ -318,10 +318,35 @@ fn fake_apply_and_revert_without_failures() {
 
 #[test]
 fn fake_failure_at_every_call_of_apply_leaves_original_or_fully_patched() {
+    failure_at_every_call_of_apply(true);
+}
+
+/// As above on a kernel before 6.11: every mapping the commit needs comes from one read of
+/// the maps per stretch in which nothing can change them.
+#[test]
+fn fake_failure_at_every_call_of_apply_without_procmap_query_leaves_original_or_fully_patched() {
+    failure_at_every_call_of_apply(false);
+}
+
+fn failure_at_every_call_of_apply(procmap_query: bool) {
     let f = fixture();
     let engine = fast_engine();
+    let world = |f: &Fixture| {
+        let mut fake = world(f);
+        fake.process_mut(PID).unwrap().procmap_query = procmap_query;
+        fake
+    };
     let mut clean = world(&f);
     apply(&engine, &mut clean, &f).unwrap();
+    if procmap_query {
+        assert_eq!(
+            clean.count(CallKind::Mappings),
+            0,
+            "no full read of the maps"
+        );
+    } else {
+        assert!(clean.count(CallKind::Mappings) > 0);
+    }
     let mut runs = 0;
     let mut patched = 0;
     for kind in CallKind::ALL {

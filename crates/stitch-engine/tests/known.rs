@@ -215,3 +215,123 @@ fn known_mapping_whose_file_offsets_disagree_with_the_maps_is_refused_under_the_
     assert_eq!(e.code(), "engine.module_layout", "{e}");
     assert_eq!(r.ask(5), "6 10", "nothing was written");
 }
+
+/// Stops `pid` with the kernel tracer, asking for single mappings (`PROCMAP_QUERY`) or, as
+/// on kernels before 6.11, reading the maps whole.
+fn stop(pid: Pid, procmap_query: bool) -> stitch_sys::StoppedProcess {
+    let tracer = if procmap_query {
+        stitch_sys::PtraceTracer::new()
+    } else {
+        stitch_sys::PtraceTracer::new().without_procmap_query()
+    };
+    stitch_sys::stop_all_with(tracer, pid, Instant::now() + Duration::from_secs(2)).unwrap()
+}
+
+#[test]
+fn known_mapping_is_checked_the_same_with_and_without_procmap_query() {
+    if !can_trace() {
+        return;
+    }
+    let t = compile(TARGET_C, &[]);
+    for procmap_query in [true, false] {
+        let mut r = Running::start(&t.exe);
+        let engine = Engine::new();
+        let b = patch(&t, "ST-2026-0506", "compute", "drop", RETURN_1000);
+        let known = known_of(&t, r.pid(), &engine);
+        let plan = engine.plan_mapped(r.pid(), &b, &known).unwrap();
+        // Another file's text at the address, then the right file a page off: refused.
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", r.pid())).unwrap();
+        let libc_exec = maps
+            .lines()
+            .find(|l| l.contains("libc.so") && l.split_whitespace().nth(1).unwrap().contains('x'))
+            .expect("libc mapped executable");
+        let libc_start = u64::from_str_radix(libc_exec.split('-').next().unwrap(), 16).unwrap();
+        for (wrong, code) in [
+            (
+                KnownMapping {
+                    exec_start: libc_start,
+                    ..known.clone()
+                },
+                "engine.module_not_mapped",
+            ),
+            (
+                KnownMapping {
+                    exec_offset: known.exec_offset + 0x1000,
+                    ..known.clone()
+                },
+                "engine.module_layout",
+            ),
+        ] {
+            let mut sp = stop(r.pid(), procmap_query);
+            let e = engine.commit_known(&mut sp, &plan, b.patch(), &wrong);
+            sp.resume().unwrap();
+            assert_eq!(e.unwrap_err().code(), code, "procmap_query {procmap_query}");
+        }
+        assert_eq!(r.ask(5), "6 10", "nothing was written");
+        let mut sp = stop(r.pid(), procmap_query);
+        let report = engine.commit_known(&mut sp, &plan, b.patch(), &known);
+        sp.resume().unwrap();
+        assert!(report.unwrap().region_created);
+        assert_eq!(r.ask(5), "1000 10", "procmap_query {procmap_query}");
+        // A second patch finds the region by its trampolines and uses it.
+        let b2 = patch(&t, "ST-2026-0507", "other", "drop", RETURN_1000);
+        let plan2 = engine.plan_mapped(r.pid(), &b2, &known).unwrap();
+        let mut sp = stop(r.pid(), procmap_query);
+        let report = engine.commit_known(&mut sp, &plan2, b2.patch(), &known);
+        sp.resume().unwrap();
+        assert!(
+            !report.unwrap().region_created,
+            "procmap_query {procmap_query}"
+        );
+        assert_eq!(r.ask(5), "1000 1000");
+    }
+}
+
+#[test]
+fn mapping_replaced_between_plan_and_commit_is_refused_under_the_stop() {
+    if !can_trace() {
+        return;
+    }
+    let t = compile(TARGET_C, &[]);
+    for procmap_query in [true, false] {
+        let r = Running::start(&t.exe);
+        let engine = Engine::new();
+        let b = patch(&t, "ST-2026-0508", "compute", "drop", RETURN_1000);
+        let known = known_of(&t, r.pid(), &engine);
+        let plan = engine.plan_mapped(r.pid(), &b, &known).unwrap();
+        let mut sp = stop(r.pid(), procmap_query);
+        // The file's text is gone by the stop and anonymous memory is mapped where it was
+        // (a dlclose, then an unrelated mmap at the freed address) — the maps read or asked
+        // for before this point are stale.
+        let len = known.exec_end - known.exec_start;
+        sp.remote_munmap(known.exec_start, len).unwrap();
+        sp.remote_mmap(
+            stitch_sys::Placement::Exact(known.exec_start),
+            len,
+            libc_prot_rx(),
+        )
+        .unwrap();
+        let e = engine.commit_known(&mut sp, &plan, b.patch(), &known);
+        let maps = sp.mappings().unwrap();
+        sp.resume().unwrap();
+        assert_eq!(
+            e.unwrap_err().code(),
+            "engine.module_not_mapped",
+            "procmap_query {procmap_query}"
+        );
+        // Nothing was mapped for a region (its trampolines would be anonymous R-X memory).
+        assert!(
+            !maps.iter().any(|m| m.perms.exec
+                && m.inode == 0
+                && m.start != known.exec_start
+                && m.name != "[vdso]"
+                && m.name != "[vsyscall]"),
+            "{maps:?}"
+        );
+        drop(r); // its code is gone: killed
+    }
+}
+
+fn libc_prot_rx() -> i32 {
+    1 | 4 // PROT_READ | PROT_EXEC
+}

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Result, SysError};
 use crate::stop::{PR_SET_VMA, PR_SET_VMA_ANON_NAME};
-use crate::tracer::{CallKind, RemoteSyscall, Tracer};
-use crate::types::{Mapping, Perms, Pid, Regs, StopKind, TaskInfo, TaskState, Tid};
+use crate::tracer::{CallKind, MapAnswer, RemoteSyscall, Tracer};
+use crate::types::{MapQuery, Mapping, Perms, Pid, Regs, StopKind, TaskInfo, TaskState, Tid};
 
 /// The thread id the fake reports as `TracerPid` for threads it holds.
 pub const FAKE_TRACER_TID: i32 = 999_999;
@@ -130,6 +130,9 @@ pub struct FakeProcess {
     pub seccomp_kills: Vec<i64>,
     /// Whether `PR_SET_VMA_ANON_NAME` works (`CONFIG_ANON_VMA_NAME`).
     pub anon_names: bool,
+    /// Whether single mappings can be queried (`PROCMAP_QUERY`, Linux 6.11+); else
+    /// [`Tracer::query_mapping`] answers [`MapAnswer::Unsupported`].
+    pub procmap_query: bool,
     /// Mappings, sorted, non-overlapping.
     pub regions: Vec<FakeRegion>,
     /// Threads.
@@ -155,6 +158,7 @@ impl FakeProcess {
             group_stop: None,
             seccomp_kills: Vec::new(),
             anon_names: true,
+            procmap_query: true,
             regions: Vec::new(),
             threads: BTreeMap::new(),
             appear_on_list: VecDeque::new(),
@@ -184,6 +188,22 @@ impl FakeProcess {
                 .insert(tid, FakeThread::at(0x40_0300 + 16 * i as u64));
         }
         p
+    }
+
+    /// The mappings as `/proc/PID/maps` lists them.
+    fn maps(&self) -> Vec<Mapping> {
+        self.regions
+            .iter()
+            .map(|r| Mapping {
+                start: r.start,
+                end: r.end(),
+                perms: r.perms,
+                offset: 0,
+                dev: (0, 0),
+                inode: 0,
+                name: r.name.clone(),
+            })
+            .collect()
     }
 
     /// Adds a region (keeps them sorted).
@@ -518,7 +538,10 @@ impl FakeTracer {
         let pid = call.pid;
         let tid = call.tid.unwrap_or(pid.leader());
         match call.kind {
-            CallKind::TaskInfo | CallKind::ListThreads | CallKind::Mappings => SysError::Proc {
+            CallKind::TaskInfo
+            | CallKind::ListThreads
+            | CallKind::Mappings
+            | CallKind::QueryMapping => SysError::Proc {
                 path: format!("/proc/{pid}"),
                 source: os(libc::EIO),
             },
@@ -683,18 +706,28 @@ impl Tracer for FakeTracer {
     fn mappings(&mut self, pid: Pid) -> Result<Vec<Mapping>> {
         self.enter(CallKind::Mappings, pid, None, None, None)?;
         let p = self.proc_mut(pid)?;
-        Ok(p.regions
-            .iter()
-            .map(|r| Mapping {
-                start: r.start,
-                end: r.end(),
-                perms: r.perms,
-                offset: 0,
-                dev: (0, 0),
-                inode: 0,
-                name: r.name.clone(),
-            })
-            .collect())
+        Ok(p.maps())
+    }
+
+    /// Logged as [`CallKind::QueryMapping`] (an unsupported answer too: the kernel is asked).
+    fn query_mapping(&mut self, pid: Pid, addr: u64, query: &MapQuery) -> Result<MapAnswer> {
+        self.enter(CallKind::QueryMapping, pid, None, Some((addr, 0)), None)?;
+        let p = self.proc_mut(pid)?;
+        if !p.procmap_query {
+            return Ok(MapAnswer::Unsupported);
+        }
+        let maps = p.maps();
+        Ok(match query.answer(&maps, addr) {
+            Some(m) => MapAnswer::Found(Mapping {
+                name: if query.name {
+                    m.name.clone()
+                } else {
+                    String::new()
+                },
+                ..m.clone()
+            }),
+            None => MapAnswer::NoneThere,
+        })
     }
 
     fn seize(&mut self, pid: Pid, tid: Tid) -> Result<()> {

@@ -116,10 +116,10 @@ pub use stop::{
     PR_SET_VMA, PR_SET_VMA_ANON_NAME, Placement, StopTimings, StoppedProcess, StoppedThread,
     free_gaps_near, stop_all, stop_all_with, validate_anon_name,
 };
-pub use tracer::{CallKind, RemoteSyscall, Tracer};
+pub use tracer::{CallKind, MapAnswer, RemoteSyscall, Tracer};
 pub use types::{
-    ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, Mapping, PF_EXITING,
-    PF_KTHREAD, Perms, Pid, Regs, StopKind, SyscallRestart, TaskInfo, TaskState, Tid,
+    ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, MapQuery, Mapping,
+    PF_EXITING, PF_KTHREAD, Perms, Pid, Regs, StopKind, SyscallRestart, TaskInfo, TaskState, Tid,
 };
 pub use util::{
     PidFd, RealtimeGuard, STOP_WINDOW_RT_PRIORITY, SchedState, gettid, is_own_thread,

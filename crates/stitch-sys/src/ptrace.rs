@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use crate::error::{Result, SysError};
 use crate::procfs;
 use crate::seccomp::{self, AUDIT_ARCH_X86_64, BpfInsn, SeccompData};
-use crate::tracer::{RemoteSyscall, Tracer};
-use crate::types::{Mapping, Pid, Regs, StopKind, TaskInfo, Tid};
+use crate::tracer::{MapAnswer, RemoteSyscall, Tracer};
+use crate::types::{MapQuery, Mapping, Perms, Pid, Regs, StopKind, TaskInfo, Tid};
 
 /// Thin safe wrappers over the raw calls. Each `unsafe` block's invariant is local: the pointers
 /// passed are to live, correctly sized Rust values owned by the wrapper's frame.
@@ -288,6 +288,73 @@ pub(crate) mod raw {
     pub(crate) fn set_timer_slack(ns: u64) -> io::Result<()> {
         // SAFETY: PR_SET_TIMERSLACK takes an integer.
         let r = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong, 0, 0, 0) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `struct procmap_query` (include/uapi/linux/fs.h, Linux 6.11+; not in libc).
+    #[repr(C)]
+    #[derive(Debug, Default, Clone, Copy)]
+    pub(crate) struct ProcmapQuery {
+        pub(crate) size: u64,
+        pub(crate) query_flags: u64,
+        pub(crate) query_addr: u64,
+        pub(crate) vma_start: u64,
+        pub(crate) vma_end: u64,
+        pub(crate) vma_flags: u64,
+        pub(crate) vma_page_size: u64,
+        pub(crate) vma_offset: u64,
+        pub(crate) inode: u64,
+        pub(crate) dev_major: u32,
+        pub(crate) dev_minor: u32,
+        pub(crate) vma_name_size: u32,
+        pub(crate) build_id_size: u32,
+        pub(crate) vma_name_addr: u64,
+        pub(crate) build_id_addr: u64,
+    }
+
+    /// `PROCMAP_QUERY_*` flags: permission filters (and, in `vma_flags`, the answer).
+    pub(crate) const PROCMAP_QUERY_VMA_READABLE: u64 = 0x01;
+    pub(crate) const PROCMAP_QUERY_VMA_WRITABLE: u64 = 0x02;
+    pub(crate) const PROCMAP_QUERY_VMA_EXECUTABLE: u64 = 0x04;
+    pub(crate) const PROCMAP_QUERY_VMA_SHARED: u64 = 0x08;
+    pub(crate) const PROCMAP_QUERY_COVERING_OR_NEXT_VMA: u64 = 0x10;
+
+    /// `_IOWR('f', 17, struct procmap_query)`.
+    pub(crate) const PROCMAP_QUERY: u64 = (3 << 30)
+        | ((std::mem::size_of::<ProcmapQuery>() as u64) << 16)
+        | ((b'f' as u64) << 8)
+        | 17;
+
+    /// `ioctl(PROCMAP_QUERY)` on an open `/proc/PID/maps`; the name (if asked for) goes into
+    /// `name`, whose length bounds it.
+    pub(crate) fn procmap_query(
+        fd: c_int,
+        q: &mut ProcmapQuery,
+        name: Option<&mut [u8]>,
+    ) -> io::Result<()> {
+        q.size = std::mem::size_of::<ProcmapQuery>() as u64;
+        q.build_id_size = 0;
+        q.build_id_addr = 0;
+        match name {
+            Some(buf) => {
+                q.vma_name_size = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+                q.vma_name_addr = buf.as_mut_ptr() as u64;
+            }
+            None => {
+                q.vma_name_size = 0;
+                q.vma_name_addr = 0;
+            }
+        }
+        // SAFETY: `q` is a live, exclusively borrowed `struct procmap_query` of the size written
+        // in its `size` field, which the kernel reads and writes back in place; the only
+        // pointer in it is `vma_name_addr`, either 0 (with size 0) or `name`'s buffer (live and
+        // exclusively borrowed for this call, `vma_name_size` bytes), where the kernel writes
+        // at most that many bytes; no build id is asked for (size and address 0).
+        let r = unsafe { libc::ioctl(fd, PROCMAP_QUERY as libc::c_ulong, std::ptr::from_mut(q)) };
         if r < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -717,6 +784,10 @@ pub(crate) fn wait_status(tid: i32, deadline: Instant) -> io::Result<Option<libc
 #[derive(Debug)]
 pub struct PtraceTracer {
     mem: HashMap<Pid, File>,
+    /// An open `/proc/PID/maps` per process, for `PROCMAP_QUERY` (dropped with `mem`).
+    maps: HashMap<Pid, File>,
+    /// This kernel refused `PROCMAP_QUERY` (before 6.11): do not ask again.
+    no_procmap_query: bool,
     /// Seccomp filters per held thread (`None`: no filter). Only the thread itself (or a sibling,
     /// with TSYNC) can add a filter, and all of them are held: valid until `release_process`
     /// or until a thread of the process runs its own code (a brief run, a step).
@@ -744,12 +815,22 @@ impl PtraceTracer {
     pub fn new() -> Self {
         Self {
             mem: HashMap::new(),
+            maps: HashMap::new(),
+            no_procmap_query: false,
             filters: HashMap::new(),
             ignored: HashMap::new(),
             stepped: std::collections::HashSet::new(),
             proc_mem_writes: true,
             _bound_to_thread: PhantomData,
         }
+    }
+
+    /// Never asks for single mappings (`PROCMAP_QUERY`): reads `/proc/PID/maps` whole, as on
+    /// kernels before 6.11 (for tests of that path).
+    #[must_use]
+    pub fn without_procmap_query(mut self) -> Self {
+        self.no_procmap_query = true;
+        self
     }
 
     /// Writes only through `PTRACE_POKEDATA`, as on kernels booted with
@@ -1122,6 +1203,95 @@ impl Tracer for PtraceTracer {
 
     fn mappings(&mut self, pid: Pid) -> Result<Vec<Mapping>> {
         procfs::read_maps(pid)
+    }
+
+    fn query_mapping(&mut self, pid: Pid, addr: u64, query: &MapQuery) -> Result<MapAnswer> {
+        use std::os::fd::AsRawFd;
+        if self.no_procmap_query {
+            return Ok(MapAnswer::Unsupported);
+        }
+        let path = || format!("/proc/{pid}/maps");
+        let fd = match self.maps.entry(pid) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut().as_raw_fd(),
+            std::collections::hash_map::Entry::Vacant(v) => match File::open(path()) {
+                Ok(f) => v.insert(f).as_raw_fd(),
+                Err(e) if procfs::is_gone_error(&e) => {
+                    return Err(SysError::NoSuchProcess { pid });
+                }
+                Err(source) => {
+                    return Err(SysError::Proc {
+                        path: path(),
+                        source,
+                    });
+                }
+            },
+        };
+        let r = query.require;
+        let mut flags = 0;
+        for (on, bit) in [
+            (query.or_next, raw::PROCMAP_QUERY_COVERING_OR_NEXT_VMA),
+            (r.read, raw::PROCMAP_QUERY_VMA_READABLE),
+            (r.write, raw::PROCMAP_QUERY_VMA_WRITABLE),
+            (r.exec, raw::PROCMAP_QUERY_VMA_EXECUTABLE),
+            (r.shared, raw::PROCMAP_QUERY_VMA_SHARED),
+        ] {
+            if on {
+                flags |= bit;
+            }
+        }
+        let mut q = raw::ProcmapQuery {
+            query_flags: flags,
+            query_addr: addr,
+            ..raw::ProcmapQuery::default()
+        };
+        // PATH_MAX: the kernel refuses longer names with ENAMETOOLONG (answered below by the
+        // full read, like an old kernel).
+        let mut name_buf = if query.name {
+            vec![0u8; 4096]
+        } else {
+            Vec::new()
+        };
+        let asked = query.name.then_some(&mut name_buf[..]);
+        match raw::procmap_query(fd, &mut q, asked) {
+            Ok(()) => {}
+            Err(e) => {
+                return match e.raw_os_error() {
+                    Some(libc::ENOENT) => Ok(MapAnswer::NoneThere),
+                    Some(libc::ENOTTY | libc::EINVAL) => {
+                        tracing::debug!(pid = pid.0, error = %e, "no PROCMAP_QUERY; reading the maps whole");
+                        self.no_procmap_query = true;
+                        Ok(MapAnswer::Unsupported)
+                    }
+                    Some(libc::ENAMETOOLONG) => Ok(MapAnswer::Unsupported),
+                    Some(libc::ESRCH) => Err(SysError::NoSuchProcess { pid }),
+                    _ => Err(SysError::Proc {
+                        path: path(),
+                        source: e,
+                    }),
+                };
+            }
+        }
+        let name = if query.name && q.vma_name_size > 0 {
+            // The size counts the terminating NUL.
+            let len = (q.vma_name_size as usize - 1).min(name_buf.len());
+            String::from_utf8_lossy(&name_buf[..len]).into_owned()
+        } else {
+            String::new()
+        };
+        Ok(MapAnswer::Found(Mapping {
+            start: q.vma_start,
+            end: q.vma_end,
+            perms: Perms {
+                read: q.vma_flags & raw::PROCMAP_QUERY_VMA_READABLE != 0,
+                write: q.vma_flags & raw::PROCMAP_QUERY_VMA_WRITABLE != 0,
+                exec: q.vma_flags & raw::PROCMAP_QUERY_VMA_EXECUTABLE != 0,
+                shared: q.vma_flags & raw::PROCMAP_QUERY_VMA_SHARED != 0,
+            },
+            offset: q.vma_offset,
+            dev: (q.dev_major, q.dev_minor),
+            inode: q.inode,
+            name,
+        }))
     }
 
     fn seize(&mut self, pid: Pid, tid: Tid) -> Result<()> {
@@ -1512,7 +1682,147 @@ impl Tracer for PtraceTracer {
 
     fn release_process(&mut self, pid: Pid) {
         self.mem.remove(&pid);
+        self.maps.remove(&pid);
         self.stepped.retain(|&(p, _)| p != pid);
         self.forget_thread_facts(pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stop::stop_all_with;
+
+    /// A `sleep` child that has exec'd, or `None` (printed) where it cannot be traced.
+    fn sleeper() -> Option<(std::process::Child, Pid)> {
+        let child = std::process::Command::new("sleep").arg("30").spawn().ok()?;
+        let pid = Pid(i32::try_from(child.id()).ok()?);
+        let end = Instant::now() + Duration::from_secs(5);
+        while !procfs::process_state(pid).is_ok_and(|s| s.comm == "sleep") && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Some((child, pid))
+    }
+
+    fn stop(pid: Pid, tracer: PtraceTracer) -> Option<crate::StoppedProcess<PtraceTracer>> {
+        match stop_all_with(tracer, pid, Instant::now() + Duration::from_secs(2)) {
+            Ok(sp) => Some(sp),
+            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("SKIP: cannot stop a child: {e}");
+                None
+            }
+            Err(e) => panic!("cannot stop a child: {e}"),
+        }
+    }
+
+    fn exec_only() -> MapQuery {
+        MapQuery::COVERING_OR_NEXT.requiring(Perms {
+            exec: true,
+            ..Perms::default()
+        })
+    }
+
+    /// Every answer `PROCMAP_QUERY` gives (covering, next, permission filters, names) is the
+    /// one the maps file gives ([`MapQuery::answer`], the fallback of kernels before 6.11) —
+    /// the engine's checks under the stop rest on either.
+    #[test]
+    fn procmap_query_answers_exactly_what_the_maps_file_lists() {
+        let Some((mut child, pid)) = sleeper() else {
+            return;
+        };
+        let Some(mut sp) = stop(pid, PtraceTracer::new()) else {
+            return;
+        };
+        let maps: Vec<Mapping> = procfs::read_maps(pid)
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.name != "[vsyscall]") // the gate area: listed, never a VMA
+            .collect();
+        // Needs no stop; the stop keeps the answers still.
+        let mut direct = PtraceTracer::new();
+        if direct
+            .query_mapping(pid, 0, &MapQuery::COVERING_OR_NEXT)
+            .unwrap()
+            == MapAnswer::Unsupported
+        {
+            eprintln!("SKIP: no PROCMAP_QUERY on this kernel");
+            return;
+        }
+        let queries = [
+            MapQuery::COVERING,
+            MapQuery::COVERING.named(),
+            MapQuery::COVERING_OR_NEXT,
+            exec_only().named(),
+            MapQuery::COVERING_OR_NEXT.requiring(Perms::RW),
+        ];
+        let mut addrs = vec![0, 0x1000];
+        for m in &maps {
+            addrs.extend([m.start, m.end - 1, m.end, m.start.saturating_sub(1)]);
+        }
+        for q in queries {
+            for &a in &addrs {
+                let got = match direct.query_mapping(pid, a, &q).unwrap() {
+                    MapAnswer::Found(m) => Some(m),
+                    MapAnswer::NoneThere => None,
+                    MapAnswer::Unsupported => panic!("unsupported after a supported query"),
+                };
+                let want = q.answer(&maps, a).map(|m| Mapping {
+                    name: if q.name {
+                        m.name.clone()
+                    } else {
+                        String::new()
+                    },
+                    ..m.clone()
+                });
+                assert_eq!(got, want, "{q:?} at {a:#x}");
+            }
+        }
+        // Through the token: the executable mappings, anonymous ones named (`[vdso]`).
+        let exec = sp.exec_mappings().unwrap();
+        let want: Vec<&Mapping> = maps.iter().filter(|m| m.perms.exec).collect();
+        assert_eq!(exec.len(), want.len(), "{exec:?}");
+        for (g, w) in exec.iter().zip(want) {
+            assert_eq!((g.start, g.end, g.inode), (w.start, w.end, w.inode));
+            if g.inode == 0 {
+                assert_eq!(g.name, w.name);
+            }
+        }
+        assert!(exec.iter().any(|m| m.name == "[vdso]"), "{exec:?}");
+        sp.resume().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// A kernel without `PROCMAP_QUERY` (before 6.11): the token answers every query from one
+    /// read of the maps, the same answers.
+    #[test]
+    fn without_procmap_query_the_maps_are_read_once_and_answer_the_same() {
+        let Some((mut child, pid)) = sleeper() else {
+            return;
+        };
+        let Some(mut with) = stop(pid, PtraceTracer::new()) else {
+            return;
+        };
+        let maps = with.mappings().unwrap();
+        let mut answers = Vec::new();
+        for m in &maps {
+            for q in [MapQuery::COVERING.named(), exec_only().named()] {
+                answers.push(with.query_mapping(m.start, q).unwrap());
+            }
+        }
+        with.resume().unwrap();
+        let Some(mut without) = stop(pid, PtraceTracer::new().without_procmap_query()) else {
+            return;
+        };
+        let mut again = Vec::new();
+        for m in &maps {
+            for q in [MapQuery::COVERING.named(), exec_only().named()] {
+                again.push(without.query_mapping(m.start, q).unwrap());
+            }
+        }
+        assert_eq!(answers, again);
+        without.resume().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Result, SysError};
 use crate::ptrace::PtraceTracer;
-use crate::tracer::{RemoteSyscall, Tracer};
-use crate::types::{Mapping, PF_KTHREAD, Pid, Regs, StopKind, Tid};
+use crate::tracer::{MapAnswer, RemoteSyscall, Tracer};
+use crate::types::{MapQuery, Mapping, PF_KTHREAD, Perms, Pid, Regs, StopKind, Tid};
 
 /// `PR_SET_VMA`.
 pub const PR_SET_VMA: u64 = 0x5356_4d41;
@@ -116,6 +116,8 @@ impl Held {
             gone: self.gone,
             gadget: None,
             maps: None,
+            exec_maps: None,
+            procmap_query: true,
             op_timeout: Duration::from_secs(2),
             released: false,
             left_seized: Vec::new(),
@@ -136,6 +138,8 @@ fn stop_once<T: Tracer>(tracer: &mut T, pid: Pid, deadline: Instant) -> Result<H
         gone: BTreeSet::new(),
         gadget: None,
         maps: None,
+        exec_maps: None,
+        procmap_query: true,
         op_timeout: Duration::from_secs(2),
         released: false,
         left_seized: Vec::new(),
@@ -234,6 +238,11 @@ pub struct StoppedProcess<T: Tracer = PtraceTracer> {
     /// The mappings as last read: valid until a thread runs or a remote syscall is made
     /// (nothing else can change them while every thread is held).
     maps: Option<Vec<Mapping>>,
+    /// The executable mappings (anonymous ones named), as [`StoppedProcess::exec_mappings`]
+    /// found them; valid as long as `maps` would be.
+    exec_maps: Option<Vec<Mapping>>,
+    /// Single mappings can be queried (`PROCMAP_QUERY`); false once the tracer said it cannot.
+    procmap_query: bool,
     op_timeout: Duration,
     released: bool,
     left_seized: Vec<Tid>,
@@ -531,6 +540,90 @@ impl<T: Tracer> StoppedProcess<T> {
         Ok(m)
     }
 
+    fn forget_maps(&mut self) {
+        self.maps = None;
+        self.exec_maps = None;
+    }
+
+    /// One mapping (see [`MapQuery`]), current as of now: from the maps already read under
+    /// this stop if there are any, else asked of the kernel alone (`PROCMAP_QUERY`, about
+    /// half a microsecond, where reading `/proc/PID/maps` whole costs tens), else — a kernel
+    /// before 6.11 — from one full read, kept as [`StoppedProcess::mappings`] keeps it. The
+    /// three give the same answer ([`MapQuery::answer`]); no thread can map or unmap while
+    /// every thread is held.
+    ///
+    /// # Errors
+    /// [`SysError::Released`], tracer errors.
+    pub fn query_mapping(&mut self, addr: u64, query: MapQuery) -> Result<Option<Mapping>> {
+        self.live()?;
+        if self.maps.is_none() && self.procmap_query {
+            match self.tracer.query_mapping(self.pid, addr, &query)? {
+                MapAnswer::Found(m) => return Ok(Some(m)),
+                MapAnswer::NoneThere => return Ok(None),
+                MapAnswer::Unsupported => self.procmap_query = false,
+            }
+        }
+        let maps = match &self.maps {
+            Some(m) => m,
+            None => {
+                let m = self.tracer.mappings(self.pid)?;
+                self.maps.insert(m)
+            }
+        };
+        Ok(query.answer(maps, addr).cloned())
+    }
+
+    /// The mappings that answer `query` (with `or_next` implied) and start below `end`, from
+    /// `start` upwards: one query each (see [`StoppedProcess::query_mapping`]).
+    ///
+    /// # Errors
+    /// As [`StoppedProcess::query_mapping`].
+    pub fn mappings_in(&mut self, start: u64, end: u64, query: MapQuery) -> Result<Vec<Mapping>> {
+        let query = MapQuery {
+            or_next: true,
+            ..query
+        };
+        let mut out = Vec::new();
+        let mut at = start;
+        while at < end {
+            match self.query_mapping(at, query)? {
+                Some(m) if m.start < end => {
+                    at = m.end;
+                    out.push(m);
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every executable mapping, by address; anonymous ones (`[vdso]`, a Stitch region's
+    /// trampolines, JIT code) with their names, files' names only if the maps were read
+    /// whole (else empty: ask [`StoppedProcess::query_mapping`] for one). One query per executable mapping (plus one
+    /// per anonymous one) — far fewer than the lines of `/proc/PID/maps` — kept until a
+    /// thread runs or a remote syscall is made.
+    ///
+    /// # Errors
+    /// As [`StoppedProcess::query_mapping`].
+    pub fn exec_mappings(&mut self) -> Result<Vec<Mapping>> {
+        self.live()?;
+        if let Some(m) = &self.exec_maps {
+            return Ok(m.clone());
+        }
+        let exec = MapQuery::COVERING_OR_NEXT.requiring(Perms {
+            exec: true,
+            ..Perms::default()
+        });
+        let mut out = self.mappings_in(0, u64::MAX, exec)?;
+        for m in out.iter_mut().filter(|m| m.inode == 0 && m.name.is_empty()) {
+            if let Some(named) = self.query_mapping(m.start, MapQuery::COVERING.named())? {
+                m.name = named.name;
+            }
+        }
+        self.exec_maps = Some(out.clone());
+        Ok(out)
+    }
+
     /// Reads target memory.
     ///
     /// # Errors
@@ -616,7 +709,7 @@ impl<T: Tracer> StoppedProcess<T> {
 
     fn after_run(&mut self, tid: Tid, r: Result<StopKind>) -> Result<Option<Regs>> {
         // The thread ran its own code: it may have mapped or unmapped memory.
-        self.maps = None;
+        self.forget_maps();
         match r {
             Ok(stop) => {
                 let regs = self.tracer.get_regs(self.pid, tid);
@@ -698,7 +791,7 @@ impl<T: Tracer> StoppedProcess<T> {
             self.gadget = None;
         }
         let mut maps: Vec<Mapping> = self
-            .mappings()?
+            .exec_mappings()?
             .into_iter()
             .filter(|m| m.perms.exec && m.perms.read)
             .collect();
@@ -759,7 +852,7 @@ impl<T: Tracer> StoppedProcess<T> {
         };
         let deadline = self.deadline();
         // Whatever the call does (mmap, munmap, mprotect...), the maps read so far are stale.
-        self.maps = None;
+        self.forget_maps();
         match self.tracer.syscall(self.pid, tid, &call, deadline) {
             Err(e) if e.is_gone() => {
                 self.held.remove(&tid);
@@ -1108,7 +1201,6 @@ pub fn free_gaps_near(maps: &[Mapping], near: u64, len: u64, max_distance: u64) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::Perms;
 
     fn map(start: u64, end: u64, name: &str) -> Mapping {
         Mapping {
@@ -1119,6 +1211,55 @@ mod tests {
             dev: (0, 0),
             inode: 0,
             name: name.into(),
+        }
+    }
+
+    fn fake_stopped(procmap_query: bool) -> StoppedProcess<crate::FakeTracer> {
+        let pid = Pid(4242);
+        let mut p = crate::FakeProcess::typical(pid, 0);
+        p.procmap_query = procmap_query;
+        p.add_region(crate::FakeRegion {
+            start: 0x7fff_f000_0000,
+            perms: Perms::RX,
+            name: "[vdso]".into(),
+            bytes: vec![0x0f, 0x05, 0x90, 0x90],
+        });
+        let mut f = crate::FakeTracer::new();
+        f.add_process(pid, p);
+        stop_all_with(f, pid, Instant::now() + Duration::from_secs(1)).expect("stopped")
+    }
+
+    /// Hazard: an answer kept past a remote syscall (the `mmap` of a region) would hide what
+    /// it mapped. Queries after it see the new mapping, with and without `PROCMAP_QUERY`; the
+    /// fallback reads the maps once per stretch in which nothing can change them.
+    #[test]
+    fn map_queries_after_a_remote_mmap_see_the_new_mapping() {
+        use crate::tracer::CallKind;
+        for procmap_query in [true, false] {
+            let mut sp = fake_stopped(procmap_query);
+            let exec = sp.exec_mappings().expect("exec");
+            assert_eq!(exec.len(), 2, "{exec:?}");
+            assert_eq!(exec[1].name, "[vdso]");
+            let at = 0x5000_0000;
+            assert_eq!(sp.query_mapping(at, MapQuery::COVERING).expect("q"), None);
+            let got = sp
+                .remote_mmap(Placement::Exact(at), 0x1_0000, libc::PROT_READ)
+                .expect("mmap");
+            assert_eq!(got, at);
+            let m = sp
+                .query_mapping(at + 0x8000, MapQuery::COVERING)
+                .expect("q")
+                .expect("the new mapping");
+            assert_eq!((m.start, m.end), (at, at + 0x1_0000));
+            let next = sp
+                .query_mapping(at + 0x1_0000, MapQuery::COVERING_OR_NEXT)
+                .expect("q")
+                .expect("the stack above");
+            assert!(next.start > at, "{next:?}");
+            let reads = sp.tracer().count(CallKind::Mappings);
+            // Without the kernel's query: one read before the mmap, one after.
+            assert_eq!(reads, if procmap_query { 0 } else { 2 }, "{procmap_query}");
+            sp.resume().expect("resume");
         }
     }
 

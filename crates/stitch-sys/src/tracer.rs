@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use crate::error::Result;
-use crate::types::{Mapping, Pid, Regs, StopKind, TaskInfo, Tid};
+use crate::types::{MapQuery, Mapping, Pid, Regs, StopKind, TaskInfo, Tid};
 
 /// A syscall to execute in a stopped thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +21,18 @@ pub struct RemoteSyscall {
     pub args: [u64; 6],
 }
 
+/// What [`Tracer::query_mapping`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapAnswer {
+    /// The mapping the query asked for.
+    Found(Mapping),
+    /// No mapping answers the query (`ENOENT`).
+    NoneThere,
+    /// This kernel cannot answer single queries (no `PROCMAP_QUERY`: before 6.11, `ENOTTY`
+    /// or `EINVAL`): read the whole list ([`Tracer::mappings`]) instead.
+    Unsupported,
+}
+
 /// The kinds of [`Tracer`] calls, for the fake's call log and failure injection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum CallKind {
@@ -30,6 +42,8 @@ pub enum CallKind {
     ListThreads,
     /// [`Tracer::mappings`]
     Mappings,
+    /// [`Tracer::query_mapping`]
+    QueryMapping,
     /// [`Tracer::seize`]
     Seize,
     /// [`Tracer::wait_stop`]
@@ -54,10 +68,11 @@ pub enum CallKind {
 
 impl CallKind {
     /// Every kind, for tests that inject a failure at every step.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::TaskInfo,
         Self::ListThreads,
         Self::Mappings,
+        Self::QueryMapping,
         Self::Seize,
         Self::WaitStop,
         Self::GetRegs,
@@ -95,6 +110,14 @@ pub trait Tracer {
 
     /// The process's mappings. Needs nothing.
     fn mappings(&mut self, pid: Pid) -> Result<Vec<Mapping>>;
+
+    /// One mapping of the process, as `PROCMAP_QUERY` on its `/proc/PID/maps` answers it
+    /// (see [`MapQuery`]; [`MapQuery::answer`] gives the same answer from a full list). Needs
+    /// nothing; the answer is current (a caller that holds every thread knows it stays so).
+    /// The default: [`MapAnswer::Unsupported`].
+    fn query_mapping(&mut self, _pid: Pid, _addr: u64, _query: &MapQuery) -> Result<MapAnswer> {
+        Ok(MapAnswer::Unsupported)
+    }
 
     /// Running → seized: `PTRACE_SEIZE` (no `PTRACE_O_EXITKILL`, ever) then `PTRACE_INTERRUPT`.
     /// EPERM comes back as `PermissionDenied`; the caller decides whether it means "already
@@ -197,6 +220,9 @@ impl<T: Tracer + ?Sized> Tracer for &mut T {
     }
     fn mappings(&mut self, pid: Pid) -> Result<Vec<Mapping>> {
         (**self).mappings(pid)
+    }
+    fn query_mapping(&mut self, pid: Pid, addr: u64, query: &MapQuery) -> Result<MapAnswer> {
+        (**self).query_mapping(pid, addr, query)
     }
     fn seize(&mut self, pid: Pid, tid: Tid) -> Result<()> {
         (**self).seize(pid, tid)

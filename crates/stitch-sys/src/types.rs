@@ -324,6 +324,74 @@ impl Mapping {
     }
 }
 
+/// A question about the mapping at an address, as `PROCMAP_QUERY` (Linux 6.11+) asks it of an
+/// open `/proc/PID/maps`: the mapping covering `addr`, or (`or_next`) the first one above it,
+/// skipping mappings that lack a permission `require`s. See
+/// [`crate::StoppedProcess::query_mapping`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MapQuery {
+    /// Also accept the first matching mapping that starts above `addr`.
+    pub or_next: bool,
+    /// Only mappings with every permission set here (`shared`: `MAP_SHARED`).
+    pub require: Perms,
+    /// Fill in [`Mapping::name`] (a file's path costs a path walk). Without it the name is
+    /// empty whatever the mapping is: do not look at it.
+    pub name: bool,
+}
+
+impl MapQuery {
+    /// The mapping covering an address.
+    pub const COVERING: Self = Self {
+        or_next: false,
+        require: Perms {
+            read: false,
+            write: false,
+            exec: false,
+            shared: false,
+        },
+        name: false,
+    };
+
+    /// The mapping covering an address, or else the first above it.
+    pub const COVERING_OR_NEXT: Self = Self {
+        or_next: true,
+        ..Self::COVERING
+    };
+
+    /// The same question, asking for the name too.
+    #[must_use]
+    pub fn named(self) -> Self {
+        Self { name: true, ..self }
+    }
+
+    /// Only mappings with (at least) these permissions.
+    #[must_use]
+    pub fn requiring(self, require: Perms) -> Self {
+        Self { require, ..self }
+    }
+
+    /// Whether `m` has every permission the query requires.
+    #[must_use]
+    pub fn accepts(&self, m: &Mapping) -> bool {
+        let r = self.require;
+        (!r.read || m.perms.read)
+            && (!r.write || m.perms.write)
+            && (!r.exec || m.perms.exec)
+            && (!r.shared || m.perms.shared)
+    }
+
+    /// The answer from a full list of mappings (sorted by address, as `/proc/PID/maps` lists
+    /// them): exactly what the kernel's `PROCMAP_QUERY` answers — the first mapping ending
+    /// above `addr` that has the required permissions, if it covers `addr` or `or_next` is set.
+    #[must_use]
+    pub fn answer<'m>(&self, maps: &'m [Mapping], addr: u64) -> Option<&'m Mapping> {
+        maps.iter()
+            .filter(|m| m.end > addr && self.accepts(m))
+            .min_by_key(|m| m.start)
+            .filter(|m| self.or_next || m.start <= addr)
+    }
+}
+
 /// How a thread is stopped while we hold it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopKind {

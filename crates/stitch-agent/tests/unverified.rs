@@ -286,3 +286,49 @@ fn a_patch_an_older_agent_forgot_is_adopted_from_where_it_applied_it_and_can_be_
     assert!(!w.run.patched(), "and it can be taken out");
     assert!(carried(w.run.pid()).is_empty());
 }
+
+#[test]
+fn uninstall_lists_a_process_that_refused_the_revert_and_a_second_uninstall_finishes_the_job() {
+    if !can_run() {
+        return;
+    }
+    let mut w = world("unv-refused", "ST-2026-0137", RETURN_1000, 3);
+    let mut held = Running::start(&w.target.exe);
+    w.agent.until(
+        "the second process patched",
+        Duration::from_secs(10),
+        || held.patched().then_some(()),
+    );
+    w.agent.stop();
+    w.server.down();
+    damage(&stored_bundle(&w.agent));
+    // Another tracer holds one process (a debugger would): it refuses to be stopped.
+    let stop = stitch_sys::stop_all(
+        stitch_sys::Pid(held.pid()),
+        std::time::Instant::now() + Duration::from_secs(5),
+    )
+    .unwrap();
+    let o = w
+        .agent
+        .command(&stitchd())
+        .args(["uninstall", "--wait-s", "1", "--json"])
+        .output()
+        .unwrap();
+    drop(stop);
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{r}");
+    assert!(err.contains("agent.revert_incomplete"), "{err}");
+    assert_eq!(r["reverted"], 1, "{r}");
+    assert_eq!(r["failed"][0]["pid"], held.pid(), "{r}");
+    assert_eq!(r["failed"][0]["patch_id"], "ST-2026-0137", "{r}");
+    assert_eq!(r["failed"][0]["code"], "sys.already_traced", "{r}");
+    assert!(!w.run.patched());
+    assert!(held.patched(), "untouched, and still known to the agent");
+    // Nothing was forgotten: once the other tracer is gone, uninstall again finishes.
+    let (ok, r, err) = uninstall(&w.agent);
+    assert!(ok, "{r} {err}");
+    assert_eq!(r["reverted"], 1, "{r}");
+    assert!(!held.patched());
+    assert!(carried(held.pid()).is_empty());
+}

@@ -349,6 +349,12 @@ impl Controller {
         );
         tracing::warn!(patch_id = %row.patch_id, %code, error = %e, "stored bundle refused; never applied, still revertible");
         *self.metrics.failures.entry(code.clone()).or_default() += 1;
+        // Reported once: the manifest naming the same bundle does not report it again.
+        self.reported.insert((
+            0,
+            format!("{}@{}", row.patch_id, row.content_address),
+            code.clone(),
+        ));
         self.event(EventBody::PatchFailed {
             patch_id: row.patch_id.clone(),
             revision: row.revision.into(),

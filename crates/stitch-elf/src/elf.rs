@@ -171,6 +171,8 @@ pub struct ElfFile<'a> {
     interp: bool,
     /// Its dynamic section names it (`DT_SONAME`): a shared library.
     soname: bool,
+    /// `e_entry`.
+    entry: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -328,6 +330,7 @@ impl<'a> ElfFile<'a> {
             max_size,
             interp,
             soname,
+            entry: header.e_entry(LE),
         })
     }
 
@@ -362,6 +365,14 @@ impl<'a> ElfFile<'a> {
 
     pub fn kind(&self) -> ElfKind {
         self.kind
+    }
+
+    /// Whether this file looks like a dynamic loader (`ld.so`): `ET_DYN`, no `PT_INTERP`, an
+    /// entry point and a `DT_SONAME` (a static PIE executable has the first three, not the
+    /// soname). The kernel opens and maps such a file *inside* the exec of every program
+    /// naming it as `PT_INTERP`.
+    pub fn is_interpreter(&self) -> bool {
+        self.kind == ElfKind::SharedObject && !self.interp && self.entry != 0 && self.soname
     }
 
     /// Whether this file is loaded as a library rather than exec'd: `ET_DYN` without

@@ -178,7 +178,20 @@ fn pie_executables_are_not_libraries_but_shared_objects_and_libc_are() {
     assert!(!f.static_exe.elf().is_library());
     let (path, bytes) = system_libc();
     let libc = ElfFile::parse(&bytes).unwrap();
-    assert!(libc.is_library(), "{}: has PT_INTERP and DT_SONAME", path.display());
+    assert!(
+        libc.is_library(),
+        "{}: has PT_INTERP and DT_SONAME",
+        path.display()
+    );
+    assert!(!libc.is_interpreter());
+    assert!(!f.shared.elf().is_interpreter(), "no entry point");
+    assert!(!f.pie.elf().is_interpreter());
+    assert!(!f.static_exe.elf().is_interpreter());
+    let ld = std::fs::read("/lib64/ld-linux-x86-64.so.2").unwrap();
+    assert!(
+        ElfFile::parse(&ld).unwrap().is_interpreter(),
+        "the dynamic loader"
+    );
 }
 
 #[test]

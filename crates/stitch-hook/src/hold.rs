@@ -25,8 +25,9 @@ const PROT_EXEC: u64 = 4;
 /// An event waiting for its answer. Whoever takes `event` answers it (exactly once).
 struct PendingState {
     event: Option<PermEvent>,
-    /// A worker took the job: the reader's queue bound no longer applies.
-    picked: bool,
+    /// When a worker took the job: the reader's queue bound no longer applies, the seize
+    /// bound does (see [`Waiting::hold_deadline`]).
+    picked: Option<Instant>,
     /// The event's descriptor, kept after the answer: the file the thread opened, `fstat`ed
     /// at the `mmap` of it for the engine's key (no open, no event).
     file: Option<std::os::fd::OwnedFd>,
@@ -38,7 +39,7 @@ impl Pending {
     fn new(event: PermEvent) -> Arc<Self> {
         Arc::new(Self(Mutex::new(PendingState {
             event: Some(event),
-            picked: false,
+            picked: None,
             file: None,
         })))
     }
@@ -114,6 +115,8 @@ struct Waiting {
     /// ([`crate::HookConfig::hold_timeout`]): a seize that blocks — a thread inside an exec
     /// holds `cred_guard_mutex`, which `PTRACE_SEIZE` takes — must not hold the load forever.
     hold_deadline: Instant,
+    /// An exec open: its worker must answer within [`EXEC_SEIZE_BOUND`] of taking it.
+    exec: bool,
     tid: Tid,
     path: PathBuf,
     patches: Vec<String>,
@@ -159,6 +162,7 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker, cpu: Opt
             if shared.stopping.load(Ordering::SeqCst)
                 || is_own_thread(tid)
                 || shared.held.lock().is_ok_and(|h| h.contains(&tid.0))
+                || shared.exec_blocked.lock().is_ok_and(|h| h.contains(&tid.0))
             {
                 allow_event(shared, &ev);
                 continue;
@@ -197,6 +201,7 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker, cpu: Opt
                 pending: pending.clone(),
                 deadline: received + shared.config.queue_timeout,
                 hold_deadline: received + shared.config.hold_timeout,
+                exec: kind == JobKind::Exec,
                 tid,
                 path: path.clone(),
                 patches: bundles.iter().map(|b| b.patch().id.clone()).collect(),
@@ -224,15 +229,31 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker, cpu: Opt
     }
 }
 
+/// How long a worker that took an exec open may take to answer it (it seizes the thread
+/// first, ~10 us). An exec that opens a marked file as an *interpreter* — a `#!` script's,
+/// or the ELF interpreter of the program — does so holding `cred_guard_mutex`, which
+/// `PTRACE_SEIZE` waits for: the seize cannot finish before the event is answered. Nothing
+/// tells those opens from a direct exec beforehand without taking that mutex too
+/// (`/proc/TID/syscall` does), so the reader answers them after this bound.
+const EXEC_SEIZE_BOUND: Duration = Duration::from_millis(3);
+
 impl Waiting {
+    /// The bound that applies now, and what passing it is reported as.
+    fn bound(&self, picked: Option<Instant>) -> (Instant, MissReason) {
+        match picked {
+            Some(at) if self.exec => (
+                (at + EXEC_SEIZE_BOUND).min(self.hold_deadline),
+                MissReason::SeizeBlocked,
+            ),
+            Some(_) => (self.hold_deadline, MissReason::HoldTimeout),
+            None => (self.deadline, MissReason::QueueTimeout),
+        }
+    }
+
     /// When the reader must look at it again.
     fn next_deadline(&self) -> Instant {
-        let picked = self.pending.0.lock().map_or(true, |st| st.picked);
-        if picked {
-            self.hold_deadline
-        } else {
-            self.deadline
-        }
+        let picked = self.pending.0.lock().ok().and_then(|st| st.picked);
+        self.bound(picked).0
     }
 }
 
@@ -247,15 +268,17 @@ fn expire_waiting(shared: &Shared, waiting: &mut Vec<Waiting>) {
         if st.event.is_none() {
             return false;
         }
-        let (bound, reason) = if st.picked {
-            (w.hold_deadline, MissReason::HoldTimeout)
-        } else {
-            (w.deadline, MissReason::QueueTimeout)
-        };
+        let (bound, reason) = w.bound(st.picked);
         if now < bound {
             return true;
         }
         if let Some(ev) = st.event.take() {
+            if matches!(reason, MissReason::SeizeBlocked)
+                && let Ok(mut b) = shared.exec_blocked.lock()
+            {
+                // Before the answer: the exec's next event must find it.
+                b.insert(w.tid.0);
+            }
             allow_event(shared, &ev);
             shared.emit(HookEvent::Missed {
                 pid: tgid_of(w.tid).unwrap_or(Pid(w.tid.0)),
@@ -306,7 +329,7 @@ pub(crate) fn worker(shared: &Shared, jobs: &Mutex<Receiver<Work>>) {
             if st.event.is_none() {
                 continue; // the reader's queue bound answered it already
             }
-            st.picked = true;
+            st.picked = Some(Instant::now());
         }
         handle(shared, &job, Instant::now());
     }
@@ -513,7 +536,9 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
     let hold = match ThreadHold::seize(pid, tid) {
         Ok(h) => h,
         Err(e) => {
-            job.pending.allow(shared);
+            if !job.pending.allow(shared) {
+                unblock_exec(shared, tid);
+            }
             let reason = match e {
                 SysError::AlreadyTraced { tracer, .. } => MissReason::AlreadyTraced { tracer },
                 other => MissReason::SeizeFailed(other.to_string()),
@@ -535,8 +560,16 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
         hold,
     };
     if !job.pending.allow(shared) {
-        // The reader answered it at the hold bound (reported there): the seize blocked for
-        // that long, the thread has moved on. Let it go.
+        // The reader answered it at its bound (reported there): the seize blocked — an exec
+        // opening the file as an interpreter holds `cred_guard_mutex` — and returned once the
+        // exec was done. The thread has moved on: let it go, and patch the process now that
+        // its exec is over.
+        unblock_exec(shared, tid);
+        drop(hold);
+        drop(in_process);
+        if job.kind == JobKind::Exec && shared.config.live_patch_misses {
+            live_patch(shared, pid, &job.bundles);
+        }
         return;
     }
     let allowed = Instant::now();
@@ -596,6 +629,14 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
             module: job.path.clone(),
             reason,
         }),
+    }
+}
+
+/// The seize of `tid` returned after the reader allowed its event at the seize bound: its
+/// exec is over, its events are held again.
+fn unblock_exec(shared: &Shared, tid: Tid) {
+    if let Ok(mut b) = shared.exec_blocked.lock() {
+        b.remove(&tid.0);
     }
 }
 

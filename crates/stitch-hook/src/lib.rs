@@ -157,6 +157,11 @@ pub enum MissReason {
     SeizeFailed(String),
     /// The hold took longer than [`HookConfig::hold_timeout`].
     HoldTimeout,
+    /// An exec opened the file as an interpreter (a `#!` script's, or a program's ELF
+    /// interpreter) while holding `cred_guard_mutex`, which seizing its thread waits for: the
+    /// open was allowed unheld after a few milliseconds, and the process is live-patched
+    /// once its exec is done.
+    SeizeBlocked,
     /// The event waited longer than [`HookConfig::queue_timeout`] for a worker.
     QueueTimeout,
     /// More than [`HookConfig::max_syscalls`] syscalls without a patchable mapping.
@@ -275,6 +280,11 @@ pub(crate) struct Shared {
     pub(crate) events: Mutex<Sender<HookEvent>>,
     /// Threads (tids) currently held by a worker: their further events are allowed at once.
     pub(crate) held: Mutex<std::collections::HashSet<i32>>,
+    /// Threads whose exec open the reader allowed because their seize blocked
+    /// (`MissReason::SeizeBlocked`): the rest of that exec (the interpreter's other open
+    /// event, the kernel's reads and mappings) raises events a seize would block on too, so
+    /// they are answered at once until the blocked seize returns — the exec is over then.
+    pub(crate) exec_blocked: Mutex<std::collections::HashSet<i32>>,
     pub(crate) exec_holds: bool,
     /// Set when the hook stops: no new hold starts, every new event is allowed at once.
     pub(crate) stopping: AtomicBool,
@@ -325,6 +335,7 @@ impl Hook {
             engine,
             events: Mutex::new(tx),
             held: Mutex::new(std::collections::HashSet::new()),
+            exec_blocked: Mutex::new(std::collections::HashSet::new()),
             exec_holds,
             stopping: AtomicBool::new(false),
             bundle_gate: RwLock::new(()),

@@ -129,11 +129,8 @@ pub(crate) struct Targets {
 }
 
 /// Page-aligned file offsets of the executable `PT_LOAD`s of a library (what a loader's
-/// `mmap(PROT_EXEC)` of it starts at); empty for anything else, or an unparsable file.
-fn library_map_offsets(data: &[u8]) -> Vec<u64> {
-    let Ok(elf) = stitch_elf::ElfFile::parse(data) else {
-        return Vec::new();
-    };
+/// `mmap(PROT_EXEC)` of it starts at); empty for anything else.
+fn library_map_offsets(elf: &stitch_elf::ElfFile<'_>) -> Vec<u64> {
     if !elf.is_library() {
         return Vec::new();
     }
@@ -199,7 +196,11 @@ impl Targets {
             .map(|m| {
                 (
                     m.target.path.clone(),
-                    m.target.bundles.iter().map(|b| b.patch().id.clone()).collect(),
+                    m.target
+                        .bundles
+                        .iter()
+                        .map(|b| b.patch().id.clone())
+                        .collect(),
                 )
             })
             .collect()
@@ -485,10 +486,21 @@ impl Targets {
         if bundles.is_empty() {
             return None;
         }
-        let map_offsets = if self.watch_mappings {
-            library_map_offsets(&data)
-        } else {
-            Vec::new()
+        let elf = stitch_elf::ElfFile::parse(&data).ok();
+        if elf
+            .as_ref()
+            .is_some_and(stitch_elf::ElfFile::is_interpreter)
+        {
+            // Opened and mapped by the kernel inside the exec of every program naming it as
+            // its interpreter, holding `cred_guard_mutex`: any event on it would come from a
+            // thread that cannot be seized, and cost every exec on the host. Not marked; the
+            // processes are live-patched after their exec.
+            tracing::info!(path = %path.display(), "a dynamic loader: not held at load time");
+            return None;
+        }
+        let map_offsets = match &elf {
+            Some(elf) if self.watch_mappings => library_map_offsets(elf),
+            _ => Vec::new(),
         };
         Some((
             (fmd.dev(), fmd.ino()),

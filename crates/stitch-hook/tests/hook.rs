@@ -459,6 +459,45 @@ fn executable_execed_after_the_hook_started_is_patched_before_its_constructor() 
     }
 }
 
+/// A target executable used as a `#!` interpreter is opened by the exec of the *script*,
+/// inside the kernel's exec, while it holds `cred_guard_mutex` — which `PTRACE_SEIZE` waits
+/// for. The hazard: a hold that seizes it waits for the exec, which waits for the hold; the
+/// script never started (before the seize bound, for ever). Now the open is allowed after a
+/// few milliseconds (`SeizeBlocked`) and the interpreter is live-patched once the exec is
+/// done; the same executable run directly is still patched at exec.
+#[test]
+fn target_run_as_a_script_interpreter_does_not_hang_the_script() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let exe = fx.gcc(EXE_C, "exe", &[]);
+    let b = fx.bundle(&exe, "ST-2026-9033");
+    let script = fx.path("script");
+    std::fs::write(&script, format!("#!{}\n", exe.display())).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let t0 = Instant::now();
+    let (out, ok, pid) = run(&mut Command::new(&script));
+    let took = t0.elapsed();
+    assert!(ok, "{out}");
+    assert!(out.ends_with('\n') && out.contains("main "), "{out}");
+    assert!(took < Duration::from_secs(1), "the script waited {took:?}");
+    let missed = h
+        .wait_for(Duration::from_secs(5), |v| event_is(v, "missed", pid))
+        .expect("reported as a miss");
+    assert_eq!(missed["reason"], "SeizeBlocked", "{missed}");
+    // Run directly, it is held at its exec as before.
+    let (out, ok, pid) = run(&mut Command::new(&exe));
+    assert!(ok);
+    assert_eq!(out, "ctor 1000\nmain 1000\n");
+    assert!(
+        h.wait_for(Duration::from_secs(5), |v| event_is(v, "patched", pid))
+            .is_some()
+    );
+}
+
 #[test]
 fn statically_linked_executable_is_patched_at_exec() {
     if !can_run(&[]) {
@@ -874,7 +913,9 @@ fn hook_killed_during_a_hold_lets_the_program_run_unpatched_without_hanging() {
     let lib = fx.lib(1);
     let prog = fx.gcc(SLOW_OPEN_C, "slow_open", &["-ldl"]);
     let b = fx.bundle(&lib, "ST-2026-9009");
-    let h = Hookd::start(&fx, &[&b], &["--hold-timeout-ms", "10000"]);
+    // An open hold: it lasts while the program sleeps with the file open (a mapping hold is
+    // over in well under a millisecond).
+    let h = Hookd::start(&fx, &[&b], &[OPEN_HOLDS, "--hold-timeout-ms", "10000"]);
     let child = Command::new(&prog)
         .arg(&lib)
         .arg("800")

@@ -265,8 +265,23 @@ impl PidFd {
 /// on a path that answers every permission event).
 #[must_use]
 pub fn is_own_thread(tid: Tid) -> bool {
-    // SAFETY: getpid takes no arguments and touches no memory.
-    let pid = unsafe { libc::getpid() };
+    // Our pid, once per process (glibc does not cache getpid; a fork makes a new one).
+    static PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+    static FORK_HOOK: std::sync::Once = std::sync::Once::new();
+    FORK_HOOK.call_once(|| {
+        extern "C" fn forget_pid() {
+            PID.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        // SAFETY: registers a child-side fork handler that only stores to an atomic; no
+        // prepare/parent handlers.
+        unsafe { libc::pthread_atfork(None, None, Some(forget_pid)) };
+    });
+    let mut pid = PID.load(std::sync::atomic::Ordering::Relaxed);
+    if pid == 0 {
+        // SAFETY: getpid takes no arguments and touches no memory.
+        pid = unsafe { libc::getpid() };
+        PID.store(pid, std::sync::atomic::Ordering::Relaxed);
+    }
     // SAFETY: tgkill with signal 0 only checks that `tid` is a thread of thread group `pid`
     // (and permission); no signal is sent, no memory of ours is touched.
     unsafe { libc::syscall(libc::SYS_tgkill, pid, tid.0, 0) == 0 }
@@ -322,12 +337,31 @@ mod tests {
         let live = procfs_task_ids();
         assert!(live.iter().all(|&t| is_own_thread(Tid(t))));
         let _ = t.join();
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         let pid = i32::try_from(child.id()).unwrap();
         assert!(!is_own_thread(Tid(pid)), "a child process's thread");
         let _ = child.kill();
         let _ = child.wait();
         assert!(!is_own_thread(Tid(1)), "init");
+        // A forked child has its own pid: the cached one must not carry over.
+        // SAFETY: the child only calls async-signal-safe functions (gettid, tgkill via
+        // is_own_thread's syscall; its pid cache was reset by the atfork handler) and _exit.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            let ok = is_own_thread(Tid(gettid()));
+            // SAFETY: _exit ends the child at once, running no destructors of the parent's state.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child, writing its status into a live local.
+        assert_eq!(unsafe { libc::waitpid(child, &raw mut status, 0) }, child);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "a forked child recognises its own thread"
+        );
     }
 
     fn procfs_task_ids() -> Vec<i32> {

@@ -344,6 +344,31 @@ impl Store {
         r
     }
 
+    /// Installed patches whose stored bundle does not verify with `keys` (missing, damaged,
+    /// or signed by a key not in `keys`), with why; nothing is changed (`stitchd --check`,
+    /// e.g. before a key rotation).
+    pub fn unverifiable(&self, keys: &TrustedKeys) -> Result<Vec<(InstalledPatch, AgentError)>> {
+        let mut out = Vec::new();
+        for row in self.patches()? {
+            let ca = &row.content_address;
+            let p = self.bundle_path(ca);
+            let r = match std::fs::read(&p) {
+                Ok(bytes) if is_hex64(ca) => verify_bundle(ca, &bytes, keys).map(|_| ()),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound && is_hex64(ca) => {
+                    Err(AgentError::io("read", &p)(e))
+                }
+                _ => Err(AgentError::BundleMissing {
+                    content_address: ca.clone(),
+                    path: p,
+                }),
+            };
+            if let Err(e) = r {
+                out.push((row, e));
+            }
+        }
+        Ok(out)
+    }
+
     fn check_bundles(&self) -> Vec<String> {
         let mut bad = Vec::new();
         let Ok(rd) = std::fs::read_dir(self.dir.join("bundles")) else {

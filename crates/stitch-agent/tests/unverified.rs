@@ -133,7 +133,19 @@ fn a_bundle_that_no_longer_verifies_is_never_applied_but_reported() {
     });
     // The vendor key is rotated out of the agent's trusted keys while it is stopped.
     agent.stop();
+    let check = |agent: &Agent| agent.command(&stitchd()).arg("--check").output().unwrap();
+    assert!(check(&agent).status.success());
     rotate_key(&agent);
+    // `stitchd --check` says what the rotation does, before the agent runs with it.
+    let o = check(&agent);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains(id) && out.contains("bundle.untrusted_key"),
+        "{out}"
+    );
+    assert!(err.contains("agent.bundles_unverified"), "{err}");
     agent.start();
 
     // Reported, with the bundle's code, locally...

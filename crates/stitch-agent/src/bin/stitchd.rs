@@ -119,6 +119,25 @@ fn run(args: Args) -> anyhow::Result<()> {
         if let Some(r) = report.rebuilt_from {
             println!("store was rebuilt (old database moved to {})", r.display());
         }
+        // With these trusted keys, which installed patches would not be applied any more
+        // (e.g. before removing a key): they stay revertible, but say so now.
+        let bad = store
+            .unverifiable(&keys)
+            .map_err(|e| anyhow::anyhow!("error[{}]: {e}", e.code()))?;
+        for (row, e) in &bad {
+            println!(
+                "patch {} r{}: stored bundle does not verify [{}]: {e}",
+                row.patch_id,
+                row.revision,
+                e.code()
+            );
+        }
+        if !bad.is_empty() {
+            anyhow::bail!(
+                "error[agent.bundles_unverified]: {} installed patch(es) would never be applied with these trusted keys (still reverted by disable, removal and uninstall)",
+                bad.len()
+            );
+        }
         return Ok(());
     }
     let agent = stitch_agent::daemon::start(cfg)

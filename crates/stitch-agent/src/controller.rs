@@ -302,16 +302,21 @@ impl Controller {
         c
     }
 
-    /// Patches this agent put into processes (the `applied` table) that have no row: an agent
-    /// before this one dropped the row of a patch whose stored bundle stopped verifying, and
-    /// the patch stayed in its processes. They are ours again — enabled as the stored manifest
-    /// says (not listed there: reverted) — so they can be taken out.
+    /// Patches this agent put into running processes (the `applied` table) that have no row:
+    /// an agent before this one dropped the row of a patch whose stored bundle stopped
+    /// verifying, and the patch stayed in its processes. They are ours again — enabled as the
+    /// stored manifest says (not listed there: reverted) — so they can be taken out.
     fn orphans(&self, rows: &[InstalledPatch]) -> Vec<InstalledPatch> {
         let applied = self.store.applied().unwrap_or_default();
         let manifest = self.store.manifest();
         let mut out: BTreeMap<String, InstalledPatch> = BTreeMap::new();
         for a in applied {
             if rows.iter().any(|r| r.patch_id == a.patch_id) || out.contains_key(&a.patch_id) {
+                continue;
+            }
+            // Only where that process still runs (rows of processes that exited while no
+            // agent ran stay behind).
+            if scan::start_time(a.pid) != Some(a.start_time) {
                 continue;
             }
             let entry = manifest

@@ -185,7 +185,15 @@ fn a_bundle_that_no_longer_verifies_is_never_applied_but_reported() {
     );
 
     // Never applied: not to a new process (load-time hook, exec check), not by a full scan.
+    let s = agent.ask(AgentAction::Status);
+    assert!(
+        s["load_time_hook"]
+            .as_str()
+            .is_some_and(|h| !h.starts_with("active")),
+        "the hook has nothing to apply: {s}"
+    );
     let mut new = Running::start(&target.exe);
+    assert_eq!(new.first, "start 5", "not patched at load time");
     std::thread::sleep(Duration::from_millis(2500));
     agent.ask(AgentAction::Sync);
     assert!(!new.patched(), "a new process gets no unverifiable patch");

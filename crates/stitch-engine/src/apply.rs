@@ -500,7 +500,11 @@ impl Engine {
         };
         laps.lap("region");
         let region_addr = fresh.region.addr();
-        let result = commit_linked(sp, &fresh, &header).map(|()| fresh);
+        // The exact bytes verified at step 1 are still there if no thread has run since
+        // (injected syscalls only mapped and protected the region).
+        let verified: Vec<(u64, &[u8])> = sites.iter().map(|(_, a, o)| (*a, *o)).collect();
+        let unchanged = (site_retries == 0).then_some(&verified[..]);
+        let result = commit_linked(sp, &fresh, &header, unchanged).map(|()| fresh);
         laps.lap("writes");
         if result.is_err() && created {
             // Nothing points into a region we just made: give it back.
@@ -1111,10 +1115,14 @@ fn write_sites<T: Tracer>(
 /// The writes of a commit, on a stopped process whose threads are clear of every site,
 /// against a plan linked for the region as it is. Every failure path undoes what was
 /// written (the caller unmaps a region it created).
+///
+/// `unchanged`: site bytes read under this stop since which no thread has run (they are
+/// what the sites hold now), if any.
 fn commit_linked<T: Tracer>(
     sp: &mut StoppedProcess<T>,
     plan: &Plan,
     header: &RegionHeader,
+    unchanged: Option<&[(u64, &[u8])]>,
 ) -> Result<(), EngineError> {
     let base = plan.region.addr();
     let record_addr = base + plan.record_offset;
@@ -1193,13 +1201,16 @@ fn commit_linked<T: Tracer>(
             expect: s.original.clone(),
         })
         .collect();
+    let state_at = record_addr + 16;
+    if let Some(r) = jumps_and_state_in_one_span(sp, &writes, state_at, unchanged) {
+        return r.inspect_err(|_| mark(sp, record_addr, RecordState::Reverted));
+    }
     if let Err(e) = write_sites(sp, &writes) {
         mark(sp, record_addr, RecordState::Reverted);
         return Err(e);
     }
     kill_point("sites_written");
     // Recorded as applied, or undone: the record must tell the truth.
-    let state_at = record_addr + 16;
     if let Err(e) = sp.write_verified(state_at, &(RecordState::Applied as u32).to_le_bytes()) {
         let undo: Vec<SiteWrite> = writes
             .into_iter()
@@ -1215,6 +1226,92 @@ fn commit_linked<T: Tracer>(
     }
     kill_point("marked_applied");
     Ok(())
+}
+
+/// The commit's last step when the sites lie within [`ONE_WRITE_SPAN`] (else `None`): every
+/// jump in one read-modify-write of the span (all or none, as [`write_sites`]), then the
+/// record's state `applied`, then **one** batched read-back of both. The span is not read
+/// first when it is exactly one site whose bytes were verified under this stop with no
+/// thread run since (`unchanged`). Any failure puts the span's old bytes back (the caller
+/// marks the record `reverted`): the process is left exactly original. A patcher killed
+/// between the writes leaves jumps with an `applying` record, settled by the next apply.
+fn jumps_and_state_in_one_span<T: Tracer>(
+    sp: &mut StoppedProcess<T>,
+    writes: &[SiteWrite],
+    state_at: u64,
+    unchanged: Option<&[(u64, &[u8])]>,
+) -> Option<Result<(), EngineError>> {
+    let lo = writes.iter().map(|w| w.addr).min()?;
+    let hi = writes.iter().map(|w| w.addr + w.new.len() as u64).max()?;
+    if hi - lo > ONE_WRITE_SPAN {
+        return None;
+    }
+    let pid = sp.pid().0;
+    Some((|| {
+        let known = match (writes, unchanged) {
+            ([w], Some(verified))
+                if w.new.len() == w.expect.len()
+                    && verified
+                        .iter()
+                        .any(|&(a, b)| a == w.addr && b == &w.expect[..]) =>
+            {
+                Some(w.expect.clone())
+            }
+            _ => None,
+        };
+        let before = match known {
+            Some(b) => b,
+            None => sp.read_vec(lo, (hi - lo) as usize)?,
+        };
+        let mut span = before.clone();
+        for w in writes {
+            let o = (w.addr - lo) as usize;
+            if span[o..o + w.expect.len()] != w.expect[..] {
+                return Err(EngineError::SiteModified { pid, addr: w.addr });
+            }
+            span[o..o + w.new.len()].copy_from_slice(&w.new);
+        }
+        let undo = |sp: &mut StoppedProcess<T>, e: EngineError| {
+            // The write may have landed (only a later step failed): put the span back.
+            let _ = sp.write(lo, &before);
+            Err(e)
+        };
+        if let Err(e) = sp.write(lo, &span) {
+            return undo(sp, e.into());
+        }
+        kill_point("sites_written");
+        let state = (RecordState::Applied as u32).to_le_bytes();
+        if let Err(e) = sp.write(state_at, &state) {
+            return undo(sp, e.into());
+        }
+        let mut back = vec![0u8; span.len() + state.len()];
+        let read = sp.read_many(&[(lo, span.len()), (state_at, state.len())], &mut back);
+        let results = match read {
+            Ok(r) => r,
+            Err(e) => return undo(sp, e.into()),
+        };
+        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+            return undo(sp, e.into());
+        }
+        if back[..span.len()] != span[..] || back[span.len()..] != state[..] {
+            let (addr, len) = if back[..span.len()] != span[..] {
+                (lo, span.len())
+            } else {
+                (state_at, state.len())
+            };
+            return undo(
+                sp,
+                stitch_sys::SysError::VerifyMismatch {
+                    pid: sp.pid(),
+                    addr,
+                    len,
+                }
+                .into(),
+            );
+        }
+        kill_point("marked_applied");
+        Ok(())
+    })())
 }
 
 /// Best effort: records a state (used on the failure paths, where the original error is what

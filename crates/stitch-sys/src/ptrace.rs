@@ -798,6 +798,11 @@ pub struct PtraceTracer {
     /// Threads a stepped remote syscall left in the step's signal-delivery-stop (not yet
     /// settled back into a `PTRACE_EVENT_STOP`, see [`Tracer::settle`]).
     stepped: std::collections::HashSet<(Pid, Tid)>,
+    /// For each thread in `stepped`: its own registers and signal mask, as restored after
+    /// that remote syscall. Nothing changes them while it stays in that stop, so the next
+    /// remote syscall of a batch need not read them again (two ptrace calls); dropped with
+    /// the thread's `stepped` entry and by `set_regs`.
+    own: HashMap<(Pid, Tid), (Regs, u64)>,
     /// Whether to try `/proc/PID/mem` for writes (else only PTRACE_POKEDATA).
     proc_mem_writes: bool,
     _bound_to_thread: PhantomData<*const ()>,
@@ -820,6 +825,7 @@ impl PtraceTracer {
             filters: HashMap::new(),
             ignored: HashMap::new(),
             stepped: std::collections::HashSet::new(),
+            own: HashMap::new(),
             proc_mem_writes: true,
             _bound_to_thread: PhantomData,
         }
@@ -1334,6 +1340,7 @@ impl Tracer for PtraceTracer {
     }
 
     fn set_regs(&mut self, pid: Pid, tid: Tid, regs: &Regs) -> Result<()> {
+        self.own.remove(&(pid, tid));
         raw::set_regs(tid.0, regs).map_err(|e| Self::err("ptrace setregs", pid, tid, e))
     }
 
@@ -1434,6 +1441,7 @@ impl Tracer for PtraceTracer {
         const OP: &str = "single step";
         self.forget_thread_facts(pid);
         self.stepped.remove(&(pid, tid));
+        self.own.remove(&(pid, tid));
         // The step's SIGTRAP is *forced*: were SIGTRAP blocked, the kernel would unblock it and
         // reset the handler to SIG_DFL. Unblock it ourselves for the step, re-block afterwards.
         let mask = raw::get_sigmask(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
@@ -1504,6 +1512,7 @@ impl Tracer for PtraceTracer {
         const OP: &str = "run briefly";
         self.forget_thread_facts(pid);
         self.stepped.remove(&(pid, tid));
+        self.own.remove(&(pid, tid));
         Self::req(OP, pid, tid, libc::PTRACE_CONT, 0, 0)?;
         // Hand each signal over the moment it stops the thread instead of sleeping through the
         // window: a thread parked in a signal-delivery-stop makes no progress, and one whose
@@ -1562,8 +1571,15 @@ impl Tracer for PtraceTracer {
             .ignored
             .get(&(pid, tid))
             .is_some_and(|ignored| ignored & trap == 0);
-        let saved = raw::get_regs(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
-        let saved_mask = raw::get_sigmask(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?;
+        // Its own registers and mask: as restored after the previous call of a batch (the
+        // thread has sat in that step's stop since), else read now.
+        let (saved, saved_mask) = match self.own.remove(&(pid, tid)) {
+            Some(own) if stepped && self.stepped.contains(&(pid, tid)) => own,
+            _ => (
+                raw::get_regs(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?,
+                raw::get_sigmask(tid.0).map_err(|e| Self::err(OP, pid, tid, e))?,
+            ),
+        };
         // Block every signal while the registers are not the thread's own: no handler may run on
         // our borrowed context. SIGKILL/SIGSTOP stay unblockable; they are handled in the loop.
         // When stepping, SIGTRAP stays unblocked: a forced SIGTRAP that finds it blocked would
@@ -1635,10 +1651,14 @@ impl Tracer for PtraceTracer {
         }
         let value = result?;
         restored?;
+        if stepped {
+            self.own.insert((pid, tid), (saved, saved_mask));
+        }
         Ok(value)
     }
 
     fn settle(&mut self, pid: Pid, tid: Tid, deadline: Instant) -> Result<()> {
+        self.own.remove(&(pid, tid));
         if self.stepped.remove(&(pid, tid)) {
             // Resumed with signal 0, the step's SIGTRAP is discarded; the pending interrupt
             // stops the thread again inside get_signal, before it runs one instruction.
@@ -1650,6 +1670,7 @@ impl Tracer for PtraceTracer {
     fn detach(&mut self, pid: Pid, tid: Tid) -> Result<()> {
         // From the step's signal-delivery-stop a detach with signal 0 discards the SIGTRAP.
         self.stepped.remove(&(pid, tid));
+        self.own.remove(&(pid, tid));
         match raw::ptrace_int(libc::PTRACE_DETACH, tid.0, 0, 0) {
             Ok(_) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
@@ -1684,6 +1705,7 @@ impl Tracer for PtraceTracer {
         self.mem.remove(&pid);
         self.maps.remove(&pid);
         self.stepped.retain(|&(p, _)| p != pid);
+        self.own.retain(|&(p, _), _| p != pid);
         self.forget_thread_facts(pid);
     }
 }
@@ -1789,6 +1811,54 @@ mod tests {
         }
         assert!(exec.iter().any(|m| m.name == "[vdso]"), "{exec:?}");
         sp.resume().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Hazard: the next call of a batch takes the thread's own registers and mask from the
+    /// previous one's restore instead of reading them; a stale copy would resume the thread
+    /// (here inside `nanosleep`) with another context. Between calls and after the batch the
+    /// thread holds exactly what it held when stopped.
+    #[test]
+    fn a_batch_of_remote_syscalls_restores_registers_and_mask_after_each_call() {
+        let Some((mut child, pid)) = sleeper() else {
+            return;
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        let Some(mut sp) = stop(pid, PtraceTracer::new()) else {
+            return;
+        };
+        let tid = pid.leader();
+        let regs = sp.thread(tid).expect("held").regs;
+        let mask = raw::get_sigmask(tid.0).expect("mask");
+        let exact = || {
+            (
+                raw::get_regs(tid.0).expect("regs"),
+                raw::get_sigmask(tid.0).expect("mask"),
+            )
+        };
+        sp.remote_batch(|sp| {
+            let a = sp.remote_mmap(crate::Placement::Anywhere, 0x2000, libc::PROT_READ)?;
+            assert_eq!(exact(), (regs, mask), "after the first call");
+            sp.remote_mprotect(a, 0x1000, libc::PROT_NONE)?;
+            assert_eq!(exact(), (regs, mask), "after the second call");
+            sp.remote_munmap(a, 0x2000)
+        })
+        .expect("batch");
+        assert_eq!(exact(), (regs, mask), "after the batch");
+        // Outside a batch the copy is not used (the thread was parked in between).
+        let a = sp
+            .remote_mmap(crate::Placement::Anywhere, 0x1000, libc::PROT_READ)
+            .expect("mmap");
+        sp.remote_munmap(a, 0x1000).expect("munmap");
+        assert_eq!(exact(), (regs, mask), "after single calls");
+        sp.resume().expect("resume");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            procfs::process_state(pid).expect("alive").state,
+            crate::TaskState::Sleeping,
+            "still in its sleep"
+        );
         let _ = child.kill();
         let _ = child.wait();
     }

@@ -143,7 +143,7 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker, cpu: Opt
         let now = Instant::now();
         let timeout = waiting
             .iter()
-            .map(|w| w.next_deadline().saturating_duration_since(now))
+            .map(|w| w.next_deadline(now).saturating_duration_since(now))
             .min();
         let (events, woken) = match shared.group.read_events_until(stop, timeout) {
             Ok(r) => r,
@@ -250,10 +250,17 @@ impl Waiting {
         }
     }
 
-    /// When the reader must look at it again.
-    fn next_deadline(&self) -> Instant {
+    /// When the reader must look at it again. An exec open not taken yet is looked at every
+    /// [`EXEC_SEIZE_BOUND`]: a worker may take it at any moment (without waking the reader),
+    /// and from then on its seize bound runs.
+    fn next_deadline(&self, now: Instant) -> Instant {
         let picked = self.pending.0.lock().ok().and_then(|st| st.picked);
-        self.bound(picked).0
+        let (bound, _) = self.bound(picked);
+        if self.exec && picked.is_none() {
+            bound.min(now + EXEC_SEIZE_BOUND)
+        } else {
+            bound
+        }
     }
 }
 

@@ -483,7 +483,12 @@ fn target_run_as_a_script_interpreter_does_not_hang_the_script() {
     let took = t0.elapsed();
     assert!(ok, "{out}");
     assert!(out.ends_with('\n') && out.contains("main "), "{out}");
-    assert!(took < Duration::from_secs(1), "the script waited {took:?}");
+    eprintln!("script with a held interpreter: {took:?}");
+    // Well under the 100 ms queue bound: the seize bound (3 ms) let it go.
+    assert!(
+        took < Duration::from_millis(80),
+        "the script waited {took:?}"
+    );
     let missed = h
         .wait_for(Duration::from_secs(5), |v| event_is(v, "missed", pid))
         .expect("reported as a miss");

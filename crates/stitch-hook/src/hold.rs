@@ -927,11 +927,18 @@ fn follow_library(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: I
             HoldStop::Timeout => return Outcome::Missed(MissReason::HoldTimeout),
         };
         if let Err(e) = resumed {
-            if e.is_gone() {
-                return Outcome::Skipped(SkipReason::Exited);
-            }
-            return Outcome::Missed(MissReason::Trace(e.to_string()));
+            return trace_failed(&e);
         }
+    }
+}
+
+/// How a failed ptrace request ends a hold: the thread (or process) is gone, or following it
+/// failed.
+fn trace_failed(e: &SysError) -> Outcome {
+    if e.is_gone() {
+        Outcome::Skipped(SkipReason::Exited)
+    } else {
+        Outcome::Missed(MissReason::Trace(e.to_string()))
     }
 }
 
@@ -995,10 +1002,7 @@ fn follow_mapping(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: I
             HoldStop::Timeout => return Outcome::Missed(MissReason::HoldTimeout),
         };
         if let Err(e) = resumed {
-            if e.is_gone() {
-                return Outcome::Skipped(SkipReason::Exited);
-            }
-            return Outcome::Missed(MissReason::Trace(e.to_string()));
+            return trace_failed(&e);
         }
     }
 }
@@ -1073,10 +1077,7 @@ fn follow_exec(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: Inst
             HoldStop::Timeout => return Outcome::Missed(MissReason::HoldTimeout),
         };
         if let Err(e) = resumed {
-            if e.is_gone() {
-                return Outcome::Skipped(SkipReason::Exited);
-            }
-            return Outcome::Missed(MissReason::Trace(e.to_string()));
+            return trace_failed(&e);
         }
     }
 }

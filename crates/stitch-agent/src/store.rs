@@ -744,3 +744,45 @@ pub fn verify_bundle(ca: &str, bytes: &[u8], keys: &TrustedKeys) -> Result<Verif
 pub(crate) fn is_hex64(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rebuilt_database_keeps_a_manifest_patch_whose_bundle_is_gone_and_check_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, report) = Store::open(dir.path()).unwrap();
+        assert!(report.fresh);
+        let entry: crate::sync::ManifestEntry = serde_json::from_value(serde_json::json!({
+            "patch_id": "ST-1", "revision": 3, "content_address": "ab".repeat(32),
+            "enabled": true, "title": "t",
+        }))
+        .unwrap();
+        store
+            .set_manifest(&StoredManifest {
+                version: 1,
+                expires_at: i64::MAX,
+                entries: vec![entry],
+            })
+            .unwrap();
+        drop(store);
+        for f in ["state.db-wal", "state.db-shm"] {
+            let _ = std::fs::remove_file(dir.path().join(f));
+        }
+        std::fs::write(dir.path().join("state.db"), b"not a database").unwrap();
+        let (store, report) = Store::open(dir.path()).unwrap();
+        assert!(report.rebuilt_from.is_some());
+        let rows = store.patches().unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!((rows[0].patch_id.as_str(), rows[0].revision), ("ST-1", 3));
+        assert!(rows[0].enabled());
+        let bad = store.unverifiable(&TrustedKeys::new()).unwrap();
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].1.code(), "agent.bundle_missing");
+        let e = store
+            .load_verified(&rows[0].content_address, &TrustedKeys::new())
+            .unwrap_err();
+        assert_eq!(e.code(), "agent.bundle_missing");
+    }
+}

@@ -385,9 +385,11 @@ impl MapQuery {
     /// above `addr` that has the required permissions, if it covers `addr` or `or_next` is set.
     #[must_use]
     pub fn answer<'m>(&self, maps: &'m [Mapping], addr: u64) -> Option<&'m Mapping> {
-        maps.iter()
-            .filter(|m| m.end > addr && self.accepts(m))
-            .min_by_key(|m| m.start)
+        // Sorted and disjoint: the mappings ending above `addr` are a suffix.
+        let first = maps.partition_point(|m| m.end <= addr);
+        maps[first..]
+            .iter()
+            .find(|m| self.accepts(m))
             .filter(|m| self.or_next || m.start <= addr)
     }
 }

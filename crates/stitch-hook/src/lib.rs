@@ -197,6 +197,26 @@ pub enum SkipReason {
     ExecElsewhere,
 }
 
+/// Where loads of a marked file are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldAt {
+    /// Right after the `mmap` of its code (a library, where mapping events exist).
+    Mapping,
+    /// At its open (or exec), followed to the mapping.
+    Open,
+}
+
+impl HeldAt {
+    /// Lowercase name for output.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mapping => "mapping",
+            Self::Open => "open",
+        }
+    }
+}
+
 /// What the hook did, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HookEvent {
@@ -206,6 +226,9 @@ pub enum HookEvent {
         dev: u64,
         ino: u64,
         patches: Vec<String>,
+        /// Where a load of it is held: at the `mmap` of its code (`FAN_PRE_ACCESS`), or at
+        /// its open (executables, and filesystems without mapping events).
+        held_at: HeldAt,
     },
     /// A mark was removed (file replaced or changed).
     Unmarked { path: PathBuf, dev: u64, ino: u64 },

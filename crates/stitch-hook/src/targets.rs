@@ -444,6 +444,11 @@ impl Targets {
             dev: key.0,
             ino: key.1,
             patches,
+            held_at: if pre {
+                crate::HeldAt::Mapping
+            } else {
+                crate::HeldAt::Open
+            },
         });
     }
 

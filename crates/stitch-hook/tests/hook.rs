@@ -681,6 +681,8 @@ fn library_is_held_at_its_code_mapping_not_at_its_open() {
     let prog = fx.gcc(SLOW_OPEN_C, "slow_open", &["-ldl"]);
     let b = fx.bundle(&lib, "ST-2026-9030");
     let mut h = Hookd::start(&fx, &[&b], &[]);
+    let marked = h.seen.iter().find(|v| v["event"] == "marked").unwrap();
+    assert_eq!(marked["held_at"], "mapping", "{marked}");
     let mut child = Command::new(&prog)
         .arg(&lib)
         .arg("400")
@@ -787,6 +789,8 @@ fn library_on_a_filesystem_without_mapping_events_is_held_at_its_open() {
     let prog = fx.gcc(DLOPEN_MT_C, "dlopen_mt", &["-pthread", "-ldl"]);
     let b = fx.bundle(&lib, "ST-2026-9032");
     let mut h = Hookd::start(&fx, &[&b], &[]);
+    let marked = h.seen.iter().find(|v| v["event"] == "marked").unwrap();
+    assert_eq!(marked["held_at"], "open", "{marked}");
     let (out, ok, pid) = run(Command::new(&prog).arg(&lib));
     assert!(ok);
     assert_eq!(out, "ctor 1000\ndlopen 1000\n");

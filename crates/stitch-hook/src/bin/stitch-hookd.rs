@@ -73,9 +73,11 @@ fn json(e: &HookEvent) -> serde_json::Value {
             dev,
             ino,
             patches,
-        } => {
-            json!({"event": "marked", "path": path, "dev": dev, "ino": ino, "patches": patches})
-        }
+            held_at,
+        } => json!({
+            "event": "marked", "path": path, "dev": dev, "ino": ino, "patches": patches,
+            "held_at": held_at.as_str(),
+        }),
         HookEvent::Unmarked { path, dev, ino } => {
             json!({"event": "unmarked", "path": path, "dev": dev, "ino": ino})
         }

@@ -808,6 +808,7 @@ fn try_commit<'a>(
     }
     tracing::debug!(
         pid = pid.0,
+        kind = ?job.kind,
         syscalls,
         to_plan_us = t_plan.saturating_duration_since(received).as_micros() as u64,
         plan_us = (t_stop - t_plan).as_micros() as u64,

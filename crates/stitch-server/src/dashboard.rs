@@ -422,6 +422,16 @@ async fn computers(
         Ok(r) => r,
         Err(e) => return error_page(&s, &e.into()),
     };
+    // The count above the list is of the list the pages add up to: with a state filter, of
+    // the computers it keeps, not of every computer the search matches.
+    let total = if query.show.is_empty() {
+        page_rows.total
+    } else {
+        match state.store.count_computers(s.user.org_id, &query).await {
+            Ok(n) => n,
+            Err(e) => return error_page(&s, &e.into()),
+        }
+    };
     let online = |c: &ComputerRow| c.last_seen.is_some_and(|t| t >= now - window) && !c.revoked;
     let rows: Vec<&ComputerRow> = page_rows.computers.iter().collect();
     // Page links keep the search and the filter; `after` is the keyset cursor.
@@ -438,7 +448,7 @@ async fn computers(
     let body = html! {
         div.head {
             h1 { "Computers" }
-            span.count { (page_rows.total) " computers · " (rows.len()) " on this page" }
+            span.count { (total) " computers · " (rows.len()) " on this page" }
         }
         form.filters method="get" action="/computers" {
             input #search type="search" name="q" value=(f.q) placeholder="Search host name, IP, OS…" data-filter="#computers";

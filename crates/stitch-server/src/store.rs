@@ -601,6 +601,18 @@ impl Store {
         })
     }
 
+    /// How many computers of an org match both the search and the `show` filter of `q` (all
+    /// pages of [`Store::computers`] together; its `total` is before `show`). With `missing`
+    /// this computes the missing patches of every computer that matches the search.
+    pub async fn count_computers(&self, org_id: i64, q: &ComputerQuery) -> DbResult<i64> {
+        let like = format!("%{}%", q.search.trim().to_lowercase());
+        rd!(self, p => {
+            Ok(sqlx::query_scalar(&COMPUTERS_SHOWN_COUNT_SQL)
+                .bind(org_id).bind(&like).bind(q.show.as_str()).bind(q.online_since)
+                .fetch_one(p).await?)
+        })
+    }
+
     /// One computer of an org.
     pub async fn computer(&self, org_id: i64, agent_id: &str) -> DbResult<Option<ComputerRow>> {
         let q = COMPUTERS_SQL.replace("ORDER BY", "AND a.id = $3 ORDER BY");
@@ -1009,6 +1021,17 @@ const COMPUTERS_SQL: &str = "SELECT a.id, a.group_id, g.name AS group_name, a.ho
     WHERE a.org_id = $1 AND (LOWER(a.hostname) LIKE $2 OR LOWER(a.ips) LIKE $2 OR LOWER(a.os_name) LIKE $2 OR a.id LIKE $2) \
     ORDER BY a.hostname, a.id";
 
+/// The `show` filter over a row `c` of `COMPUTERS_SQL`: `show` and `since` (the start of the
+/// online window) are the numbers of their placeholders.
+fn show_filter(show: u8, since: u8) -> String {
+    format!(
+        "(${show} = '' \
+           OR (${show} = 'online' AND c.revoked = FALSE AND c.last_seen >= ${since}) \
+           OR (${show} = 'offline' AND (c.revoked = TRUE OR c.last_seen IS NULL OR c.last_seen < ${since})) \
+           OR (${show} = 'missing' AND c.missing > 0))"
+    )
+}
+
 /// A page of `COMPUTERS_SQL` in (hostname, id) order: $3 is the id of the last computer of the
 /// previous page ('' for the first), $4 the `show` filter, $5 the start of the online window,
 /// $6 the row limit. Keyset, not OFFSET, so page 1,000 of 100,000 costs what page 1 costs.
@@ -1016,12 +1039,19 @@ static COMPUTERS_PAGE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::ne
     format!(
         "SELECT * FROM ({}) c WHERE \
          ($3 = '' OR (c.hostname, c.id) > (SELECT x.hostname, x.id FROM agents x WHERE x.id = $3 AND x.org_id = $1)) \
-         AND ($4 = '' \
-           OR ($4 = 'online' AND c.revoked = FALSE AND c.last_seen >= $5) \
-           OR ($4 = 'offline' AND (c.revoked = TRUE OR c.last_seen IS NULL OR c.last_seen < $5)) \
-           OR ($4 = 'missing' AND c.missing > 0)) \
-         ORDER BY c.hostname, c.id LIMIT $6",
-        COMPUTERS_SQL.trim_end_matches(" ORDER BY a.hostname, a.id")
+         AND {} ORDER BY c.hostname, c.id LIMIT $6",
+        COMPUTERS_SQL.trim_end_matches(" ORDER BY a.hostname, a.id"),
+        show_filter(4, 5)
+    )
+});
+
+/// How many computers of an org match a search ($2) and a `show` filter ($3, with $4 the
+/// start of the online window): the list the pages of `COMPUTERS_PAGE_SQL` add up to.
+static COMPUTERS_SHOWN_COUNT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT COUNT(*) FROM ({}) c WHERE {}",
+        COMPUTERS_SQL.trim_end_matches(" ORDER BY a.hostname, a.id"),
+        show_filter(3, 4)
     )
 });
 

@@ -1200,6 +1200,22 @@ both!(
         let v = json_of(t.get(&org.api, "/api/v1/computers?show=offline").await).await;
         assert_eq!(v["computers"].as_array().map(Vec::len), Some(0));
         assert!(v["next"].is_null());
+        // The dashboard's count of a filtered list is of what the filter keeps (`total` above
+        // is before `show`).
+        let count = |search: &str, show: &str| {
+            let q = stitch_server::model::ComputerQuery {
+                search: search.into(),
+                show: show.into(),
+                online_since: stitch_server::now() - 300,
+                ..Default::default()
+            };
+            let store = t.store();
+            async move { store.count_computers(org.id, &q).await.expect("count") }
+        };
+        assert_eq!(count("", "online").await, 7);
+        assert_eq!(count("WEB", "online").await, 4);
+        assert_eq!(count("", "offline").await, 0);
+        assert_eq!(count("", "missing").await, 0);
         // Out-of-range limits are clamped, not errors; an unknown filter is.
         let v = json_of(t.get(&org.api, "/api/v1/computers?limit=0").await).await;
         assert_eq!(v["computers"].as_array().map(Vec::len), Some(1));

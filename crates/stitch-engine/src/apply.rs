@@ -314,10 +314,14 @@ impl Engine {
             let mut cursor = addr;
             let end = addr.saturating_add(len);
             while cursor < end {
-                let m = sp
-                    .query_mapping(cursor, MapQuery::COVERING)?
-                    .filter(ours)
-                    .ok_or_else(|| layout(format!("{cursor:#x} is not mapped from the file")))?;
+                // Usually the mapping at `exec_start` itself (asked for above).
+                let m = if exec.contains(cursor) {
+                    exec.clone()
+                } else {
+                    sp.query_mapping(cursor, MapQuery::COVERING)?
+                        .filter(ours)
+                        .ok_or_else(|| layout(format!("{cursor:#x} is not mapped from the file")))?
+                };
                 let mapped = m.offset.checked_add(cursor - m.start);
                 if !m.perms.exec
                     || m.perms.shared

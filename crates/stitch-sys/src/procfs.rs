@@ -241,13 +241,39 @@ fn gone(pid: Pid, tid: Tid) -> SysError {
     }
 }
 
+/// Reads a whole `/proc` text file with as few `read` calls as it takes (usually two: the
+/// text, then the end): `fs::read_to_string` first `statx`es it (size 0 for `/proc`), then
+/// reads 32, 32, 64, 128... bytes — nine calls for a 1.4 KiB `status`, each of which makes a
+/// `/proc/PID/maps` walk the mappings again. `status` read this way: ~15 us against ~19 us.
+fn read_proc_text(path: &str, first: usize) -> io::Result<String> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; first.max(64)];
+    let mut n = 0;
+    loop {
+        if n == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(n);
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 fn read_task_file(pid: Pid, tid: Tid, file: &str) -> Result<String> {
     let path = if pid.0 == tid.0 {
         format!("/proc/{pid}/{file}")
     } else {
         format!("/proc/{pid}/task/{tid}/{file}")
     };
-    std::fs::read_to_string(&path).map_err(|source| {
+    // A `status` is ~1.4 KiB, a `maps` line ~100 bytes (most processes: under 16 KiB).
+    let first = if file == "maps" { 16 << 10 } else { 4 << 10 };
+    read_proc_text(&path, first).map_err(|source| {
         if is_gone_error(&source) {
             gone(pid, tid)
         } else {
@@ -357,6 +383,22 @@ pub fn read_maps(pid: Pid) -> Result<Vec<Mapping>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_text_read_whole_whatever_its_first_buffer() {
+        let want = std::fs::read_to_string("/proc/self/maps").unwrap();
+        for first in [0, 64, 100, 16 << 10] {
+            let got = read_proc_text("/proc/self/maps", first).unwrap();
+            // The maps of this very process may differ by a mapping the read itself made:
+            // compare the line structure only, and a stable file exactly.
+            assert_eq!(got.lines().next(), want.lines().next(), "{first}");
+            assert!(got.ends_with('\n'), "{first}");
+        }
+        let cmdline = std::fs::read("/proc/self/cmdline").unwrap();
+        let got = read_proc_text("/proc/self/cmdline", 7).unwrap();
+        assert_eq!(got.as_bytes(), &cmdline[..]);
+        assert!(read_proc_text("/proc/self/no-such-file", 64).is_err());
+    }
 
     const STAT_SELF: &str = "4242 (cat) R 100 4242 100 34816 4242 4194304 90 0 0 0 1 2 0 0 20 0 1 0 \
         1234 8421376 200 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";

@@ -1723,6 +1723,18 @@ mod tests {
         while !procfs::process_state(pid).is_ok_and(|s| s.comm == "sleep") && Instant::now() < end {
             std::thread::sleep(Duration::from_millis(1));
         }
+        // Past the exec, ld.so still maps libraries: wait until it sleeps and its maps stay.
+        let mut last = String::new();
+        while Instant::now() < end {
+            let now = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            let asleep =
+                procfs::process_state(pid).is_ok_and(|s| s.state == crate::TaskState::Sleeping);
+            if asleep && now == last {
+                break;
+            }
+            last = now;
+            std::thread::sleep(Duration::from_millis(10));
+        }
         Some((child, pid))
     }
 

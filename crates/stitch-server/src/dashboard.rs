@@ -399,7 +399,7 @@ struct ComputerFilter {
     q: String,
     #[serde(default)]
     show: String,
-    /// Id of the last computer of the previous page (keyset pagination).
+    /// `next` of the previous page (keyset cursor: host name and id of its last computer).
     #[serde(default)]
     after: String,
 }

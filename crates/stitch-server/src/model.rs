@@ -243,7 +243,7 @@ pub struct ComputerQuery {
     pub search: String,
     /// `""` (all), `online`, `offline` or `missing` (relevant patches not applied).
     pub show: String,
-    /// Id of the last computer of the previous page; empty for the first page.
+    /// `next` of the previous page (see [`ComputerQuery::cursor`]); empty for the first page.
     pub after: String,
     /// Computers last seen at or after this time (unix seconds) count as online.
     pub online_since: i64,
@@ -254,6 +254,27 @@ pub struct ComputerQuery {
 impl ComputerQuery {
     pub const MAX_LIMIT: i64 = 1000;
     pub const DEFAULT_LIMIT: i64 = 100;
+
+    /// The keyset cursor of the page that ends with computer `id` named `hostname`: the id,
+    /// a dot and the host name in hex (URL-safe; opaque to clients). It carries the host name,
+    /// not only the id, so that the computer being renamed while someone pages does not move
+    /// the cursor (the next page would skip or repeat every computer between its two names).
+    pub fn cursor(hostname: &str, id: &str) -> String {
+        format!("{id}.{}", hex::encode(hostname))
+    }
+
+    /// The (host name, id) of an `after` cursor. A bare id (a cursor of an older server, or
+    /// one that does not decode) has no host name: the caller looks it up.
+    pub fn parse_cursor(after: &str) -> (Option<String>, &str) {
+        if let Some((id, name)) = after.split_once('.')
+            && let Some(name) = hex::decode(name)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+        {
+            return (Some(name), id);
+        }
+        (None, after)
+    }
 }
 
 /// One page of computers in (host name, id) order.
@@ -340,4 +361,27 @@ pub struct PolicyRow {
     pub enabled: bool,
     pub mode: Mode,
     pub approved: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_cursor_round_trips_any_host_name_and_a_bare_id_has_none() {
+        for name in ["web-1", "", "a.b&c=d é", "0123abcd"] {
+            let c = ComputerQuery::cursor(name, "00ff");
+            assert!(
+                c.bytes().all(|b| b.is_ascii_hexdigit() || b == b'.'),
+                "URL-safe: {c}"
+            );
+            assert_eq!(
+                ComputerQuery::parse_cursor(&c),
+                (Some(name.to_string()), "00ff")
+            );
+        }
+        assert_eq!(ComputerQuery::parse_cursor("00ff"), (None, "00ff"));
+        assert_eq!(ComputerQuery::parse_cursor("00ff.zz"), (None, "00ff.zz"));
+        assert_eq!(ComputerQuery::parse_cursor(""), (None, ""));
+    }
 }

@@ -584,16 +584,24 @@ impl Store {
         let show = q.show.as_str();
         // One more than asked tells whether a next page exists without a second query.
         let limit = q.limit.clamp(1, ComputerQuery::MAX_LIMIT);
+        let (after_name, after_id) = ComputerQuery::parse_cursor(&q.after);
         rd!(self, p => {
+            // A bare id: its computer's current host name (none for an unknown id: no rows).
+            let after_name = match after_name {
+                None if !after_id.is_empty() => sqlx::query_scalar("SELECT hostname FROM agents WHERE id = $1 AND org_id = $2")
+                    .bind(after_id).bind(org_id).fetch_optional(p).await?,
+                n => n,
+            };
             let rows = sqlx::query(&COMPUTERS_PAGE_SQL)
-                .bind(org_id).bind(&like).bind(&q.after).bind(show).bind(q.online_since).bind(limit + 1)
+                .bind(org_id).bind(&like).bind(after_id).bind(show).bind(q.online_since).bind(limit + 1)
+                .bind(after_name)
                 .fetch_all(p).await?;
             let total: i64 = sqlx::query_scalar(COMPUTERS_COUNT_SQL)
                 .bind(org_id).bind(&like).fetch_one(p).await?;
             let mut computers = rows.iter().map(computer_from).collect::<DbResult<Vec<_>>>()?;
             let next = if computers.len() as i64 > limit {
                 computers.truncate(limit as usize);
-                computers.last().map(|c| c.id.clone())
+                computers.last().map(|c| ComputerQuery::cursor(&c.hostname, &c.id))
             } else {
                 None
             };
@@ -1032,13 +1040,14 @@ fn show_filter(show: u8, since: u8) -> String {
     )
 }
 
-/// A page of `COMPUTERS_SQL` in (hostname, id) order: $3 is the id of the last computer of the
-/// previous page ('' for the first), $4 the `show` filter, $5 the start of the online window,
-/// $6 the row limit. Keyset, not OFFSET, so page 1,000 of 100,000 costs what page 1 costs.
+/// A page of `COMPUTERS_SQL` in (hostname, id) order: $7 and $3 are the host name and id of
+/// the last computer of the previous page as it was shown (id '' for the first page), $4 the
+/// `show` filter, $5 the start of the online window, $6 the row limit. Keyset, not OFFSET, so
+/// page 1,000 of 100,000 costs what page 1 costs.
 static COMPUTERS_PAGE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT * FROM ({}) c WHERE \
-         ($3 = '' OR (c.hostname, c.id) > (SELECT x.hostname, x.id FROM agents x WHERE x.id = $3 AND x.org_id = $1)) \
+         ($3 = '' OR (c.hostname, c.id) > ($7, $3)) \
          AND {} ORDER BY c.hostname, c.id LIMIT $6",
         COMPUTERS_SQL.trim_end_matches(" ORDER BY a.hostname, a.id"),
         show_filter(4, 5)

@@ -1145,6 +1145,54 @@ async fn long_poll_on_one_replica_wakes_for_a_change_made_on_another() {
 }
 
 both!(
+    computer_list_cursor_stays_put_when_the_last_computer_shown_is_renamed,
+    |t| {
+        // The next page starts after the last computer shown as it was shown: its agent
+        // reporting a new host name in between must not move the cursor (here back to the
+        // start of the list, which would show a-1 … again; forward would skip computers).
+        let org = t.org("acme", Plan::Paid).await;
+        let mut creds = Vec::new();
+        for name in ["a-1", "b-1", "c-1", "d-1", "e-1"] {
+            creds.push(t.agent(&org, name, &[("bash", "5.2")]).await.cred);
+        }
+        let names = |v: &Value| -> Vec<String> {
+            v["computers"]
+                .as_array()
+                .expect("computers")
+                .iter()
+                .map(|c| c["hostname"].as_str().unwrap_or("").to_string())
+                .collect()
+        };
+        let v = json_of(t.get(&org.api, "/api/v1/computers?limit=2").await).await;
+        assert_eq!(names(&v), ["a-1", "b-1"]);
+        let next = v["next"].as_str().expect("next").to_string();
+        let b_id = v["computers"][1]["id"].as_str().expect("id").to_string();
+        let r = t
+            .post(
+                &creds[1],
+                "/api/v1/agent/heartbeat",
+                &heartbeat("0-renamed", &[("bash", "5.2")], &[]),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let v = json_of(
+            t.get(&org.api, &format!("/api/v1/computers?limit=2&after={next}"))
+                .await,
+        )
+        .await;
+        assert_eq!(names(&v), ["c-1", "d-1"]);
+        // A bare id (a cursor of an older server) still works, from the computer's new name.
+        let v = json_of(
+            t.get(&org.api, &format!("/api/v1/computers?limit=2&after={b_id}"))
+                .await,
+        )
+        .await;
+        assert_eq!(names(&v), ["a-1", "c-1"]);
+        t.stop().await;
+    }
+);
+
+both!(
     computer_list_pages_through_every_computer_once_in_name_order,
     |t| {
         // A fleet is listed page by page (keyset on host name, then id): no computer may be

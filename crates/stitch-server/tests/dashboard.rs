@@ -198,6 +198,48 @@ impl Browser {
         panic!("expected to reach {path}, still at {at}");
     }
 
+    /// Runs `script` in the page and returns its result.
+    async fn script(&self, script: &str) -> Value {
+        self.cmd(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(json!({ "script": script, "args": [] })),
+        )
+        .await
+    }
+
+    /// Clicks `css` and waits (up to 5 s) until the browser left the current URL and the
+    /// new page has loaded.
+    async fn click_to_new_page(&self, css: &str) {
+        let before = self.url().await;
+        self.click(css).await;
+        self.wait_new_page(&before).await;
+    }
+
+    async fn wait_new_page(&self, before: &str) {
+        for _ in 0..50 {
+            if self.url().await != before
+                && self.script("return document.readyState").await == "complete"
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("still at {before}");
+    }
+
+    /// The browser's Back button (waits for the page to load).
+    async fn back(&self) {
+        self.cmd(reqwest::Method::POST, "/back", Some(json!({})))
+            .await;
+    }
+
+    /// The browser's Forward button (waits for the page to load).
+    async fn forward(&self) {
+        self.cmd(reqwest::Method::POST, "/forward", Some(json!({})))
+            .await;
+    }
+
     async fn url(&self) -> String {
         self.cmd(reqwest::Method::GET, "/url", None)
             .await
@@ -629,6 +671,277 @@ async fn computers_page_of_a_large_fleet_is_paged_and_the_next_link_reaches_the_
         "last page has no next link"
     );
     assert!(second.contains("id=\"first-page\""));
+    t.stop().await;
+}
+
+/// Enrolls `hostname` through the agents' API and sends its first heartbeat, like
+/// `TestServer::agent` but with owned arguments so that many enrollments can run at once.
+/// Returns (agent id, credential).
+async fn enroll_owned(
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    hostname: String,
+    packages: Vec<(&'static str, &'static str)>,
+) -> (String, String) {
+    let r = http
+        .post(format!("{base}/api/v1/enroll"))
+        .json(&json!({ "enrollment_token": token, "hostname": hostname }))
+        .send()
+        .await
+        .expect("enroll");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v: Value = r.json().await.expect("json");
+    let id = v["agent_id"].as_str().expect("id").to_string();
+    let cred = v["credential"].as_str().expect("cred").to_string();
+    let r = http
+        .post(format!("{base}/api/v1/agent/heartbeat"))
+        .bearer_auth(&cred)
+        .json(&heartbeat(&hostname, &packages, &[]))
+        .send()
+        .await
+        .expect("heartbeat");
+    assert_eq!(r.status(), StatusCode::OK);
+    (id, cred)
+}
+
+/// The rows the Computers page shows, in order, as (host name, id).
+async fn shown_computers(b: &Browser) -> Vec<(String, String)> {
+    let v = b
+        .script(
+            "return Array.from(document.querySelectorAll('#computers tbody tr'))\
+             .map(tr => [tr.querySelector('td a').textContent, tr.getAttribute('data-id')])",
+        )
+        .await;
+    v.as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            let s = |i: usize| r[i].as_str().expect("text").to_string();
+            (s(0), s(1))
+        })
+        .collect()
+}
+
+/// Whether the page has an element with this id (without the implicit wait).
+async fn has_id(b: &Browser, id: &str) -> bool {
+    b.script(&format!("return document.getElementById('{id}') !== null"))
+        .await
+        == true
+}
+
+#[tokio::test]
+async fn computers_pages_in_chromium_show_each_computer_once_back_and_forth_filtered_and_after_a_rename()
+ {
+    // Three pages of 100: the browser walks forward and back through them, and through a
+    // search and a state filter that span two pages. Keyset pagination must neither skip nor
+    // repeat a computer: two computers share a host name exactly at each page boundary (the
+    // tie-break on id), and the last computer of a page is renamed by its agent before the
+    // next page is asked for (the cursor must not move with it).
+    let t = TestServer::start(Backend::Sqlite).await.expect("server");
+    let org = t.org("acme", Plan::Paid).await;
+    assert_eq!(
+        t.upload(
+            &org.api,
+            signed_bundle(
+                patch("ST-2026-0001", 1, Tier::Pro, "libdemo1", "1.0-1"),
+                &vendor_key()
+            )
+        )
+        .await
+        .status(),
+        StatusCode::CREATED
+    );
+    // host-000 … host-228, plus a second host-099 and a second host-196. Computers with the
+    // vulnerable libdemo1 (even numbers and both extra ones) miss the patch.
+    let mut hosts: Vec<(String, bool)> = (0..229)
+        .map(|i| (format!("host-{i:03}"), i % 2 == 0))
+        .collect();
+    hosts.push(("host-099".into(), true));
+    hosts.push(("host-196".into(), true));
+    let enroll_all = async {
+        let mut set = tokio::task::JoinSet::new();
+        let mut done = Vec::new();
+        for (name, vulnerable) in &hosts {
+            let mut packages = vec![("bash", "5.2")];
+            if *vulnerable {
+                packages.push(("libdemo1", "1.0-1"));
+            }
+            let (name, vulnerable) = (name.clone(), *vulnerable);
+            let enroll = enroll_owned(
+                t.http.clone(),
+                t.url.clone(),
+                org.enroll.clone(),
+                name.clone(),
+                packages,
+            );
+            set.spawn(async move { (name, vulnerable, enroll.await) });
+            if set.len() >= 8 {
+                done.push(set.join_next().await.expect("task").expect("enrolled"));
+            }
+        }
+        while let Some(r) = set.join_next().await {
+            done.push(r.expect("enrolled"));
+        }
+        done
+    };
+    let (browser, enrolled) = tokio::join!(Browser::start(), enroll_all);
+    let Some(b) = browser else {
+        return;
+    };
+    // What the pages must show, in (host name, id) order.
+    let mut all: Vec<(String, String)> = enrolled
+        .iter()
+        .map(|(name, _, (id, _))| (name.clone(), id.clone()))
+        .collect();
+    all.sort();
+    let mut missing: Vec<(String, String)> = enrolled
+        .iter()
+        .filter(|(_, vulnerable, _)| *vulnerable)
+        .map(|(name, _, (id, _))| (name.clone(), id.clone()))
+        .collect();
+    missing.sort();
+    let search: Vec<(String, String)> = all
+        .iter()
+        .filter(|(name, _)| name.contains("host-1"))
+        .cloned()
+        .collect();
+    assert_eq!((all.len(), missing.len(), search.len()), (231, 117, 101));
+    // A shared host name straddles the first page boundary of the whole and the filtered list.
+    assert_eq!(all[99].0, "host-099");
+    assert_eq!(all[100].0, "host-099");
+    assert_eq!(missing[99].0, "host-196");
+    assert_eq!(missing[100].0, "host-196");
+
+    b.goto(&t.u("/computers")).await;
+    b.wait_path("/login").await;
+    b.type_into("#username", "acme-admin").await;
+    b.type_into("#password", "password-acme").await;
+    b.click("#login").await;
+    b.wait_path("/computers").await;
+
+    // Forward through the three pages.
+    let page1 = shown_computers(&b).await;
+    assert_eq!(page1, all[..100], "page 1");
+    assert_eq!(
+        b.text("span.count").await,
+        "231 computers · 100 on this page"
+    );
+    assert!(!has_id(&b, "first-page").await);
+    b.click_to_new_page("#next-page").await;
+    let page2 = shown_computers(&b).await;
+    assert_eq!(page2, all[100..200], "page 2");
+    assert_eq!(
+        b.text("span.count").await,
+        "231 computers · 100 on this page"
+    );
+    b.click_to_new_page("#next-page").await;
+    let page3 = shown_computers(&b).await;
+    assert_eq!(page3, all[200..], "page 3");
+    assert_eq!(
+        b.text("span.count").await,
+        "231 computers · 31 on this page"
+    );
+    assert!(
+        !has_id(&b, "next-page").await,
+        "the last page has no next link"
+    );
+    b.screenshot("dashboard-computers-page-3").await;
+
+    // Back and forward again with the browser's buttons, then the first-page link.
+    b.back().await;
+    assert_eq!(shown_computers(&b).await, page2, "back to page 2");
+    b.back().await;
+    assert_eq!(shown_computers(&b).await, page1, "back to page 1");
+    b.forward().await;
+    assert_eq!(shown_computers(&b).await, page2, "forward to page 2");
+    b.click_to_new_page("#next-page").await;
+    assert_eq!(shown_computers(&b).await, page3, "page 3 again");
+    b.click_to_new_page("#first-page").await;
+    assert_eq!(shown_computers(&b).await, page1, "first page link");
+
+    // The state filter, chosen in the form, is kept by the page links.
+    b.click("select[name=show] option[value=missing]").await;
+    b.click_to_new_page("form.filters button[type=submit]")
+        .await;
+    let filtered1 = shown_computers(&b).await;
+    assert_eq!(filtered1, missing[..100], "missing patches, page 1");
+    assert_eq!(
+        b.text("span.count").await,
+        "117 computers · 100 on this page"
+    );
+    b.click_to_new_page("#next-page").await;
+    assert_eq!(
+        shown_computers(&b).await,
+        missing[100..],
+        "missing patches, page 2"
+    );
+    assert_eq!(
+        b.text("span.count").await,
+        "117 computers · 17 on this page"
+    );
+    assert_eq!(
+        b.script("return document.querySelector('select[name=show]').value")
+            .await,
+        "missing",
+        "page 2 still shows the filter it applies"
+    );
+    assert!(!has_id(&b, "next-page").await);
+    b.screenshot("dashboard-computers-missing-page-2").await;
+    b.back().await;
+    assert_eq!(
+        shown_computers(&b).await,
+        filtered1,
+        "back to filtered page 1"
+    );
+
+    // A search, with the state filter back at All, across its two pages.
+    b.click("select[name=show] option[value='']").await;
+    b.type_into("#search", "host-1").await;
+    b.click_to_new_page("form.filters button[type=submit]")
+        .await;
+    assert_eq!(shown_computers(&b).await, search[..100], "search, page 1");
+    assert_eq!(
+        b.text("span.count").await,
+        "101 computers · 100 on this page"
+    );
+    b.click_to_new_page("#next-page").await;
+    assert_eq!(shown_computers(&b).await, search[100..], "search, page 2");
+    assert_eq!(b.text("span.count").await, "101 computers · 1 on this page");
+    assert_eq!(
+        b.script("return document.getElementById('search').value")
+            .await,
+        "host-1"
+    );
+
+    // The last computer of page 1 is renamed (its agent reports a new host name) while the
+    // user reads page 1: the next page is still the rest of the list after it.
+    b.goto(&t.u("/computers")).await;
+    assert_eq!(shown_computers(&b).await, page1);
+    let (_, cursor) = page1.last().expect("a row").clone();
+    let (_, vulnerable, (_, cred)) = enrolled
+        .iter()
+        .find(|(_, _, (id, _))| *id == cursor)
+        .expect("cursor computer");
+    let mut packages = vec![("bash", "5.2")];
+    if *vulnerable {
+        packages.push(("libdemo1", "1.0-1"));
+    }
+    let r = t
+        .post(
+            cred,
+            "/api/v1/agent/heartbeat",
+            &heartbeat("host-050x", &packages, &[]),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    b.click_to_new_page("#next-page").await;
+    assert_eq!(
+        shown_computers(&b).await,
+        page2,
+        "page 2 after the cursor computer was renamed"
+    );
+    b.close().await;
     t.stop().await;
 }
 

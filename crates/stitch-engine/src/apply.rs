@@ -466,23 +466,24 @@ impl Engine {
             Some(c) => c,
             None => {
                 let proposed = plan.region.addr();
-                let first = if proposal_clear(sp, &span, proposed)? {
-                    vec![proposed]
-                } else {
-                    region_candidates(&sp.mappings()?, &span, proposed)
+                let asked = region_by_asking(sp, &span, proposed)?;
+                let first = match asked {
+                    Some(a) => vec![a],
+                    None => region_candidates(&sp.mappings()?, &span, proposed),
                 };
                 let header = RegionHeader::new(span.sha256, span.bias);
                 // One stop per injected syscall, plus one for the sequence.
                 let addr = sp.remote_batch(|sp| {
                     match create_region(sp, &first, &header, self)? {
                         Ok(a) => Ok(a),
-                        // The proposal alone was tried (the maps were not read whole) and
-                        // was refused: the free ranges near the module, from the maps now.
-                        Err(refused) if first == [proposed] => {
+                        // One address found by asking was tried (the maps were not read
+                        // whole) and refused: the free ranges near the module, from the
+                        // maps now.
+                        Err(refused) if asked.is_some() => {
                             let rest: Vec<u64> =
                                 region_candidates(&sp.mappings()?, &span, proposed)
                                     .into_iter()
-                                    .filter(|&a| a != proposed)
+                                    .filter(|a| !first.contains(a))
                                     .collect();
                             if rest.is_empty() {
                                 return Err(refused);
@@ -777,51 +778,141 @@ fn create_region<T: Tracer>(
     })
 }
 
-/// How many mappings [`proposal_clear`] asks about before it reads the maps whole instead.
+/// How many mappings [`free_by_asking`] asks about for one address before it gives up.
 const PROPOSAL_QUERIES: usize = 64;
 
-/// Whether the plan's proposed region address is usable as [`region_candidates`] decides it
-/// (aligned, within reach, nothing mapped there, not within 64 MiB above a `[heap]`), from
-/// the mappings between 64 MiB below it and its end only — usually none or one (a proposal
-/// just below a module the kernel placed top-down), so a new region is placed without
-/// reading the maps whole. Past [`PROPOSAL_QUERIES`] mappings, from the maps read whole.
-fn proposal_clear<T: Tracer>(
+/// Guard rules for an address tried by [`free_by_asking`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Guards {
+    /// The plan's proposal, as [`region_candidates`] accepts it: nothing mapped there and not
+    /// within 64 MiB above `[heap]` (it may touch the module just above it).
+    Proposal,
+    /// A free range as `stitch_sys::free_gaps_near` picks them: also a free page on both
+    /// sides and the kernel's stack guard gap below `[stack]`.
+    Gap,
+}
+
+/// What [`free_by_asking`] found at one address.
+enum Asked {
+    Free,
+    /// Taken; the lowest start of what is in the way (the next try goes below it).
+    Taken(u64),
+    /// Too many mappings to look at one by one.
+    TooMany,
+}
+
+/// Whether `c` is free for a region under `guards`, from the mappings between 64 MiB below it
+/// (room for a `[heap]` to grow) and its end plus the stack guard gap — usually one or two
+/// queries.
+fn free_by_asking<T: Tracer>(
+    sp: &mut StoppedProcess<T>,
+    c: u64,
+    guards: Guards,
+) -> Result<Asked, EngineError> {
+    const PAGE: u64 = 4096;
+    const STACK_GUARD: u64 = 256 * PAGE;
+    let end = c.saturating_add(region::REGION_SIZE);
+    let (lo_pad, hi_pad) = match guards {
+        Guards::Proposal => (0, 0),
+        Guards::Gap => (PAGE, PAGE),
+    };
+    let stack_reach = match guards {
+        Guards::Proposal => 0,
+        Guards::Gap => STACK_GUARD + PAGE,
+    };
+    let limit = end + hi_pad + stack_reach;
+    let mut blocker: Option<u64> = None;
+    let mut at = c.saturating_sub(HEAP_GUARD);
+    for _ in 0..PROPOSAL_QUERIES {
+        let m = match sp.query_mapping(at, MapQuery::COVERING_OR_NEXT)? {
+            Some(m) if m.start < limit => m,
+            // Nothing more up to the limit: the range was seen whole.
+            _ => return Ok(blocker.map_or(Asked::Free, Asked::Taken)),
+        };
+        if m.start < end + hi_pad && c.saturating_sub(lo_pad) < m.end {
+            blocker = Some(blocker.map_or(m.start, |b| b.min(m.start)));
+        } else if m.inode == 0 {
+            // Only anonymous mappings can be `[heap]` or `[stack]`: their names then.
+            let heap_near = m.start < end && c < m.end.saturating_add(HEAP_GUARD);
+            let stack_near = m.start >= end && stack_reach > 0;
+            if heap_near || stack_near {
+                let name = sp
+                    .query_mapping(m.start, MapQuery::COVERING.named())?
+                    .map(|n| n.name)
+                    .unwrap_or_default();
+                // Below a stack, the next try must leave its guard gap free too.
+                let below = match name.as_str() {
+                    "[heap]" if heap_near => Some(m.start),
+                    "[stack]" if stack_near => Some(m.start.saturating_sub(STACK_GUARD + PAGE)),
+                    _ => None,
+                };
+                if let Some(s) = below {
+                    blocker = Some(blocker.map_or(s, |b| b.min(s)));
+                }
+            }
+        }
+        at = m.end;
+        if at >= limit {
+            return Ok(blocker.map_or(Asked::Free, Asked::Taken));
+        }
+    }
+    // The query bound, with the range not seen whole.
+    Ok(blocker.map_or(Asked::TooMany, Asked::Taken))
+}
+
+/// Where to map a new region, found by asking for single mappings: the plan's proposal if
+/// [`region_candidates`] would take it (just below the module: usually free when the kernel
+/// placed the module top-down), else the first free range right above the module or, walking
+/// down, right below what is in the way — each checked with the guards
+/// `stitch_sys::free_gaps_near` keeps. `None`: nothing found that way in a few tries (the
+/// caller reads the maps whole and takes the nearest free range).
+fn region_by_asking<T: Tracer>(
     sp: &mut StoppedProcess<T>,
     span: &ModuleSpan,
     proposed: u64,
-) -> Result<bool, EngineError> {
-    let end = proposed.saturating_add(region::REGION_SIZE);
-    if !(proposed.is_multiple_of(4096)
-        && end.abs_diff(span.start) < crate::plan::REACH
-        && proposed.abs_diff(span.end) < crate::plan::REACH)
-    {
-        return Ok(false);
+) -> Result<Option<u64>, EngineError> {
+    const PAGE: u64 = 4096;
+    const LOW_ADDR: u64 = 0x1_0000;
+    let size = region::REGION_SIZE;
+    let in_reach = |c: u64| {
+        c.is_multiple_of(PAGE)
+            && c >= LOW_ADDR
+            && c.saturating_add(size).abs_diff(span.start) < crate::plan::REACH
+            && c.abs_diff(span.end) < crate::plan::REACH
+    };
+    let mut down = None;
+    if in_reach(proposed) {
+        match free_by_asking(sp, proposed, Guards::Proposal)? {
+            Asked::Free => return Ok(Some(proposed)),
+            Asked::Taken(b) => down = Some(b),
+            Asked::TooMany => return Ok(None),
+        }
     }
-    let heap_guard = HEAP_GUARD;
-    let mut at = proposed.saturating_sub(heap_guard);
-    for _ in 0..PROPOSAL_QUERIES {
-        let Some(m) = sp.query_mapping(at, MapQuery::COVERING_OR_NEXT)? else {
-            return Ok(true);
+    // Right above the module (and its guard page).
+    let up = span.end.div_ceil(PAGE) * PAGE + PAGE;
+    if in_reach(up) {
+        match free_by_asking(sp, up, Guards::Gap)? {
+            Asked::Free => return Ok(Some(up)),
+            Asked::Taken(_) => {}
+            Asked::TooMany => return Ok(None),
+        }
+    }
+    // Walking down from what took the proposal.
+    let mut blocker = down.unwrap_or(span.start);
+    for _ in 0..4 {
+        let Some(c) = blocker.checked_sub(PAGE + size).map(|c| c / PAGE * PAGE) else {
+            return Ok(None);
         };
-        if m.start >= end {
-            return Ok(true);
+        if !in_reach(c) {
+            return Ok(None);
         }
-        if proposed < m.end && m.start < end {
-            return Ok(false);
+        match free_by_asking(sp, c, Guards::Gap)? {
+            Asked::Free => return Ok(Some(c)),
+            Asked::Taken(b) => blocker = b,
+            Asked::TooMany => return Ok(None),
         }
-        // Only an anonymous mapping can be the heap: its name then.
-        if m.inode == 0
-            && proposed < m.end.saturating_add(heap_guard)
-            && sp
-                .query_mapping(m.start, MapQuery::COVERING.named())?
-                .is_some_and(|n| n.name == "[heap]")
-        {
-            return Ok(false);
-        }
-        at = m.end;
     }
-    let maps = sp.mappings()?;
-    Ok(region_candidates(&maps, span, proposed).first() == Some(&proposed))
+    Ok(None)
 }
 
 /// Room left above `[heap]` for it to grow (no region is placed there).

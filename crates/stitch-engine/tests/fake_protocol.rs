@@ -510,3 +510,53 @@ fn fake_live_stack_that_cannot_be_read_is_refused_with_nothing_written() {
     assert_eq!(e, "sys.mem_io", "{e}");
     assert_eq!(outcome(&f, &fake, "unreadable stack"), Outcome::Original);
 }
+
+/// Hazard: a region placed from single mappings (no full read of the maps) must keep the
+/// rules the full read applies — not within 64 MiB above `[heap]`, not inside the stack
+/// guard gap below `[stack]`, a free page on both sides. The proposal (just below the
+/// module) lies above a heap, the range right above the module is within a stack's guard
+/// gap: the region goes right below the heap. Same place with the maps read whole.
+#[test]
+fn fake_region_placed_by_asking_keeps_clear_of_heap_and_stack_guards() {
+    let f = fixture();
+    let engine = fast_engine();
+    for procmap_query in [true, false] {
+        let mut fake = world(&f);
+        let p = fake.process_mut(PID).unwrap();
+        p.procmap_query = procmap_query;
+        p.add_region(FakeRegion {
+            start: 0x30_0000,
+            perms: Perms::RW,
+            name: "[heap]".into(),
+            bytes: vec![0; 0x1_0000],
+        });
+        p.add_region(FakeRegion {
+            start: 0x42_0000,
+            perms: Perms::RW,
+            name: "[stack]".into(),
+            bytes: vec![0; 0x1000],
+        });
+        let mut plan = plan_for(&f);
+        plan.region = RegionPlan::New {
+            addr: 0x40_0000 - region::REGION_SIZE,
+        };
+        let mut sp = stop_all_with(&mut fake, PID, deadline()).unwrap();
+        let r = engine.commit(&mut sp, &plan, &f.patch);
+        sp.resume().unwrap();
+        let report = r.unwrap();
+        assert!(report.region_created);
+        assert_eq!(
+            report.plan.region.addr(),
+            0x30_0000 - 0x1000 - region::REGION_SIZE,
+            "procmap_query {procmap_query}"
+        );
+        assert_eq!(outcome(&f, &fake, "placed by asking"), Outcome::Patched);
+        if procmap_query {
+            assert_eq!(
+                fake.count(CallKind::Mappings),
+                0,
+                "no full read of the maps"
+            );
+        }
+    }
+}

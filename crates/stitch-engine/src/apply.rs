@@ -795,19 +795,29 @@ enum Guards {
 /// What [`free_by_asking`] found at one address.
 enum Asked {
     Free,
-    /// Taken; the lowest start of what is in the way (the next try goes below it).
-    Taken(u64),
+    /// Taken: a try below must end below `.0` (less its guard page), a try above may start
+    /// at `.1` (guards included).
+    Taken(u64, u64),
     /// Too many mappings to look at one by one.
     TooMany,
 }
 
+/// Where `[heap]` and `[stack]` are, for [`free_by_asking`].
+struct HeapAndStack {
+    heaps: Vec<(u64, u64)>,
+    stack: Option<(u64, u64)>,
+}
+
 /// Whether `c` is free for a region under `guards`, from the mappings between 64 MiB below it
-/// (room for a `[heap]` to grow) and its end plus the stack guard gap — usually one or two
-/// queries.
+/// (room for a `[heap]` to grow) and its end plus the stack guard gap, naming the anonymous
+/// ones — usually one or two queries; or, with `[heap]` and `[stack]` known (`known`), from
+/// the mappings right around it only.
 fn free_by_asking<T: Tracer>(
     sp: &mut StoppedProcess<T>,
     c: u64,
     guards: Guards,
+    known: Option<&HeapAndStack>,
+    max_queries: usize,
 ) -> Result<Asked, EngineError> {
     const PAGE: u64 = 4096;
     const STACK_GUARD: u64 = 256 * PAGE;
@@ -816,48 +826,77 @@ fn free_by_asking<T: Tracer>(
         Guards::Proposal => (0, 0),
         Guards::Gap => (PAGE, PAGE),
     };
-    let stack_reach = match guards {
-        Guards::Proposal => 0,
-        Guards::Gap => STACK_GUARD + PAGE,
+    let stack_reach = match (guards, known) {
+        (Guards::Proposal, _) | (_, Some(_)) => 0,
+        (Guards::Gap, None) => STACK_GUARD + PAGE,
     };
     let limit = end + hi_pad + stack_reach;
-    let mut blocker: Option<u64> = None;
-    let mut at = c.saturating_sub(HEAP_GUARD);
-    for _ in 0..PROPOSAL_QUERIES {
+    // (lowest start, highest next-try) of what is in the way.
+    let mut blocker: Option<(u64, u64)> = None;
+    let mut block = |low: u64, high: u64| {
+        blocker = Some(blocker.map_or((low, high), |(l, h)| (l.min(low), h.max(high))));
+    };
+    let mut at = match known {
+        Some(k) => {
+            for &(start, heap_end) in &k.heaps {
+                if start < end && c < heap_end.saturating_add(HEAP_GUARD) {
+                    block(start, heap_end.saturating_add(HEAP_GUARD));
+                }
+            }
+            // `free_gaps_near` ends a gap `STACK_GUARD + PAGE` below `[stack]`.
+            if let Some((start, stack_end)) = k.stack
+                && guards == Guards::Gap
+                && end.saturating_add(STACK_GUARD + PAGE) > start
+                && c < stack_end.saturating_add(PAGE)
+            {
+                block(
+                    start.saturating_sub(STACK_GUARD + PAGE),
+                    stack_end.saturating_add(PAGE),
+                );
+            }
+            c.saturating_sub(lo_pad)
+        }
+        None => c.saturating_sub(HEAP_GUARD),
+    };
+    for _ in 0..max_queries {
         let m = match sp.query_mapping(at, MapQuery::COVERING_OR_NEXT)? {
             Some(m) if m.start < limit => m,
             // Nothing more up to the limit: the range was seen whole.
-            _ => return Ok(blocker.map_or(Asked::Free, Asked::Taken)),
+            _ => return Ok(blocker.map_or(Asked::Free, |(l, h)| Asked::Taken(l, h))),
         };
         if m.start < end + hi_pad && c.saturating_sub(lo_pad) < m.end {
-            blocker = Some(blocker.map_or(m.start, |b| b.min(m.start)));
+            block(m.start, m.end.saturating_add(PAGE));
         } else if m.inode == 0 {
             // Only anonymous mappings can be `[heap]` or `[stack]`: their names then.
-            let heap_near = m.start < end && c < m.end.saturating_add(HEAP_GUARD);
+            let heap_near =
+                known.is_none() && m.start < end && c < m.end.saturating_add(HEAP_GUARD);
             let stack_near = m.start >= end && stack_reach > 0;
             if heap_near || stack_near {
                 let name = sp
                     .query_mapping(m.start, MapQuery::COVERING.named())?
                     .map(|n| n.name)
                     .unwrap_or_default();
-                // Below a stack, the next try must leave its guard gap free too.
-                let below = match name.as_str() {
-                    "[heap]" if heap_near => Some(m.start),
-                    "[stack]" if stack_near => Some(m.start.saturating_sub(STACK_GUARD + PAGE)),
-                    _ => None,
-                };
-                if let Some(s) = below {
-                    blocker = Some(blocker.map_or(s, |b| b.min(s)));
+                match name.as_str() {
+                    "[heap]" if heap_near => block(m.start, m.end.saturating_add(HEAP_GUARD)),
+                    // Below a stack, a try must leave its guard gap free too.
+                    "[stack]" if stack_near => block(
+                        m.start.saturating_sub(STACK_GUARD + PAGE),
+                        m.end.saturating_add(PAGE),
+                    ),
+                    _ => {}
                 }
             }
         }
         at = m.end;
         if at >= limit {
-            return Ok(blocker.map_or(Asked::Free, Asked::Taken));
+            break;
         }
     }
-    // The query bound, with the range not seen whole.
-    Ok(blocker.map_or(Asked::TooMany, Asked::Taken))
+    if at < limit && blocker.is_none() {
+        // The query bound, with the range not seen whole.
+        return Ok(Asked::TooMany);
+    }
+    Ok(blocker.map_or(Asked::Free, |(l, h)| Asked::Taken(l, h)))
 }
 
 /// Where to map a new region, found by asking for single mappings: the plan's proposal if
@@ -880,39 +919,105 @@ fn region_by_asking<T: Tracer>(
             && c.saturating_add(size).abs_diff(span.start) < crate::plan::REACH
             && c.abs_diff(span.end) < crate::plan::REACH
     };
-    let mut down = None;
+    // The proposal: taken if anything is mapped there (one query); else free unless a
+    // `[heap]` lies within 64 MiB below it — looked for among the few mappings there, or
+    // (more than a few: a crowded neighbourhood) with the heap's place asked for below.
+    let mut proposal_open = false;
     if in_reach(proposed) {
-        match free_by_asking(sp, proposed, Guards::Proposal)? {
-            Asked::Free => return Ok(Some(proposed)),
-            Asked::Taken(b) => down = Some(b),
-            Asked::TooMany => return Ok(None),
+        let end = proposed + size;
+        let taken = sp
+            .query_mapping(proposed, MapQuery::COVERING_OR_NEXT)?
+            .is_some_and(|m| m.start < end);
+        if !taken {
+            match free_by_asking(sp, proposed, Guards::Proposal, None, 8)? {
+                Asked::Free => return Ok(Some(proposed)),
+                Asked::Taken(..) => {}
+                Asked::TooMany => proposal_open = true,
+            }
         }
     }
-    // Right above the module (and its guard page).
-    let up = span.end.div_ceil(PAGE) * PAGE + PAGE;
-    if in_reach(up) {
-        match free_by_asking(sp, up, Guards::Gap)? {
-            Asked::Free => return Ok(Some(up)),
-            Asked::Taken(_) => {}
-            Asked::TooMany => return Ok(None),
+    // `[heap]` (from `start_brk`: the anonymous mappings named so from there) and `[stack]`
+    // (the mapping holding `startstack`), so that each further try looks only at the
+    // mappings right around it.
+    let Some((start_brk, start_stack)) = sp.heap_and_stack()? else {
+        return Ok(None);
+    };
+    let stack = sp
+        .query_mapping(start_stack, MapQuery::COVERING)?
+        .filter(|m| m.inode == 0)
+        .map(|m| (m.start, m.end));
+    let mut heaps = Vec::new();
+    let mut at = start_brk;
+    while heaps.len() < 8 {
+        match sp.query_mapping(at, MapQuery::COVERING_OR_NEXT)? {
+            Some(m) if m.inode == 0 => {
+                let named = sp.query_mapping(m.start, MapQuery::COVERING.named())?;
+                if named.is_none_or(|n| n.name != "[heap]") {
+                    break;
+                }
+                heaps.push((m.start, m.end));
+                at = m.end;
+            }
+            _ => break,
         }
     }
-    // Walking down from what took the proposal.
-    let mut blocker = down.unwrap_or(span.start);
-    for _ in 0..4 {
-        let Some(c) = blocker.checked_sub(PAGE + size).map(|c| c / PAGE * PAGE) else {
-            return Ok(None);
-        };
+    let known = HeapAndStack { heaps, stack };
+    if proposal_open
+        && matches!(
+            free_by_asking(
+                sp,
+                proposed,
+                Guards::Proposal,
+                Some(&known),
+                PROPOSAL_QUERIES
+            )?,
+            Asked::Free
+        )
+    {
+        return Ok(Some(proposed));
+    }
+    // The nearest free range above the module and the nearest below it, as
+    // `free_gaps_near` places them (the lowest address of a gap above, the highest fitting
+    // one of a gap below), walking over what is in the way; the nearer one wins (below on a
+    // tie), so the walk down stops once it is farther than what was found above.
+    let dist = |c: u64| span.start.abs_diff(c).max(span.start.abs_diff(c + size));
+    let mut above = None;
+    let mut c = span.end.div_ceil(PAGE) * PAGE + PAGE;
+    for _ in 0..8 {
         if !in_reach(c) {
-            return Ok(None);
+            break;
         }
-        match free_by_asking(sp, c, Guards::Gap)? {
-            Asked::Free => return Ok(Some(c)),
-            Asked::Taken(b) => blocker = b,
+        match free_by_asking(sp, c, Guards::Gap, Some(&known), PROPOSAL_QUERIES)? {
+            Asked::Free => {
+                above = Some(c);
+                break;
+            }
+            Asked::Taken(_, high) => c = high.div_ceil(PAGE) * PAGE,
             Asked::TooMany => return Ok(None),
         }
     }
-    Ok(None)
+    let mut below = None;
+    let mut c = span.start.checked_sub(PAGE + size).map(|c| c / PAGE * PAGE);
+    for _ in 0..8 {
+        let Some(at) = c.filter(|&a| in_reach(a)) else {
+            break;
+        };
+        if above.is_some_and(|a| dist(at) > dist(a)) {
+            break;
+        }
+        match free_by_asking(sp, at, Guards::Gap, Some(&known), PROPOSAL_QUERIES)? {
+            Asked::Free => {
+                below = Some(at);
+                break;
+            }
+            Asked::Taken(low, _) => c = low.checked_sub(PAGE + size).map(|c| c / PAGE * PAGE),
+            Asked::TooMany => return Ok(None),
+        }
+    }
+    Ok(match (below, above) {
+        (Some(b), Some(a)) => Some(if dist(a) < dist(b) { a } else { b }),
+        (b, a) => b.or(a),
+    })
 }
 
 /// Room left above `[heap]` for it to grow (no region is placed there).

@@ -709,6 +709,20 @@ impl Tracer for FakeTracer {
         Ok(p.maps())
     }
 
+    /// The starts of the regions named `[heap]` and `[stack]` (0 without one). Logged as a
+    /// [`CallKind::TaskInfo`] call (a `stat` read).
+    fn heap_and_stack(&mut self, pid: Pid) -> Result<Option<(u64, u64)>> {
+        self.enter(CallKind::TaskInfo, pid, None, None, None)?;
+        let p = self.proc_mut(pid)?;
+        let start = |name: &str| {
+            p.regions
+                .iter()
+                .find(|r| r.name == name)
+                .map_or(0, |r| r.start)
+        };
+        Ok(Some((start("[heap]"), start("[stack]"))))
+    }
+
     /// Logged as [`CallKind::QueryMapping`] (an unsupported answer too: the kernel is asked).
     fn query_mapping(&mut self, pid: Pid, addr: u64, query: &MapQuery) -> Result<MapAnswer> {
         self.enter(CallKind::QueryMapping, pid, None, Some((addr, 0)), None)?;

@@ -326,6 +326,34 @@ pub fn task_status(pid: Pid, tid: Tid) -> Result<ProcStatus> {
     parse_status(&read_task_file(pid, tid, "status")?)
 }
 
+/// `start_brk` and `startstack` (fields 47 and 28 of `/proc/PID/stat`; 47 since Linux 3.5;
+/// `brk` itself is not there): the kernel names `[heap]` every anonymous mapping with
+/// `start <= brk` and `end >= start_brk`, and `[stack]` the one holding `startstack`. `None`
+/// when a field is missing (an older kernel) or hidden (no ptrace access: 0).
+///
+/// # Errors
+/// [`SysError::Parse`] when the text does not have the shape of a `stat` line.
+pub fn parse_heap_and_stack(stat: &str) -> Result<Option<(u64, u64)>> {
+    let close = stat
+        .rfind(')')
+        .ok_or_else(|| parse_err("/proc/PID/stat", "no ')'"))?;
+    let rest: Vec<&str> = stat[close + 1..].split_ascii_whitespace().collect();
+    // rest[0] is field 3.
+    let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    Ok(match (field(47), field(28)) {
+        (Some(brk), Some(stack)) if brk != 0 && stack != 0 => Some((brk, stack)),
+        _ => None,
+    })
+}
+
+/// Reads the process's `start_brk` and `startstack` (see [`parse_heap_and_stack`]).
+///
+/// # Errors
+/// As [`process_state`].
+pub fn heap_and_stack(pid: Pid) -> Result<Option<(u64, u64)>> {
+    parse_heap_and_stack(&read_task_file(pid, pid.leader(), "stat")?)
+}
+
 /// Lists `/proc/PID/task`.
 ///
 /// # Errors
@@ -398,6 +426,45 @@ mod tests {
         let got = read_proc_text("/proc/self/cmdline", 7).unwrap();
         assert_eq!(got.as_bytes(), &cmdline[..]);
         assert!(read_proc_text("/proc/self/no-such-file", 64).is_err());
+    }
+
+    #[test]
+    fn heap_and_stack_fields() {
+        // Fields 1..52 of a line: startstack (28) 4000, start_brk (47), then arg_start (48).
+        let line = "7 (a b) S 1 7 7 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 5 1000 100 \
+            18446744073709551615 1 1 4000 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 1 2 1440866304 \
+            1441001472 3 4 5 6 0";
+        assert_eq!(
+            parse_heap_and_stack(line).unwrap(),
+            Some((1_440_866_304, 4000))
+        );
+        // Hidden (no access: zeros) or an older kernel (fewer fields).
+        assert_eq!(parse_heap_and_stack(STAT_SELF).unwrap(), None);
+        assert!(parse_heap_and_stack("no paren").is_err());
+        // This process: its `[heap]` starts there (or nothing is mapped there yet), its
+        // `[stack]` holds the other.
+        let (brk, stack) =
+            parse_heap_and_stack(&std::fs::read_to_string("/proc/self/stat").unwrap())
+                .unwrap()
+                .expect("own fields");
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let range = |l: &str| {
+            let (a, b) = l
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .split_once('-')
+                .unwrap();
+            (
+                u64::from_str_radix(a, 16).unwrap(),
+                u64::from_str_radix(b, 16).unwrap(),
+            )
+        };
+        if let Some(heap) = maps.lines().find(|l| l.ends_with("[heap]")) {
+            assert_eq!(range(heap).0, brk, "{heap}");
+        }
+        let s = range(maps.lines().find(|l| l.ends_with("[stack]")).unwrap());
+        assert!(s.0 <= stack && stack <= s.1, "{s:x?} {stack:#x}");
     }
 
     const STAT_SELF: &str = "4242 (cat) R 100 4242 100 34816 4242 4194304 90 0 0 0 1 2 0 0 20 0 1 0 \

@@ -1211,6 +1211,10 @@ impl Tracer for PtraceTracer {
         procfs::read_maps(pid)
     }
 
+    fn heap_and_stack(&mut self, pid: Pid) -> Result<Option<(u64, u64)>> {
+        procfs::heap_and_stack(pid)
+    }
+
     fn query_mapping(&mut self, pid: Pid, addr: u64, query: &MapQuery) -> Result<MapAnswer> {
         use std::os::fd::AsRawFd;
         if self.no_procmap_query {

@@ -597,6 +597,17 @@ impl<T: Tracer> StoppedProcess<T> {
         Ok(out)
     }
 
+    /// The process's `start_brk` and `startstack` ([`Tracer::heap_and_stack`]): with them,
+    /// the `[heap]` and `[stack]` mappings are found with a query or two instead of by name
+    /// among all the others.
+    ///
+    /// # Errors
+    /// [`SysError::Released`], tracer errors.
+    pub fn heap_and_stack(&mut self) -> Result<Option<(u64, u64)>> {
+        self.live()?;
+        self.tracer.heap_and_stack(self.pid)
+    }
+
     /// Every executable mapping, by address; anonymous ones (`[vdso]`, a Stitch region's
     /// trampolines, JIT code) with their names, files' names only if the maps were read
     /// whole (else empty: ask [`StoppedProcess::query_mapping`] for one). One query per executable mapping (plus one

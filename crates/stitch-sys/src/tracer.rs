@@ -119,6 +119,13 @@ pub trait Tracer {
         Ok(MapAnswer::Unsupported)
     }
 
+    /// The process's `start_brk` and `startstack`, if known: the kernel names `[heap]` every
+    /// anonymous mapping with `start <= brk` and `end >= start_brk`, and `[stack]` the one
+    /// holding `startstack`. Needs nothing. Default: `None`.
+    fn heap_and_stack(&mut self, _pid: Pid) -> Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
+
     /// Running → seized: `PTRACE_SEIZE` (no `PTRACE_O_EXITKILL`, ever) then `PTRACE_INTERRUPT`.
     /// EPERM comes back as `PermissionDenied`; the caller decides whether it means "already
     /// traced" by looking at `TracerPid`.
@@ -223,6 +230,9 @@ impl<T: Tracer + ?Sized> Tracer for &mut T {
     }
     fn query_mapping(&mut self, pid: Pid, addr: u64, query: &MapQuery) -> Result<MapAnswer> {
         (**self).query_mapping(pid, addr, query)
+    }
+    fn heap_and_stack(&mut self, pid: Pid) -> Result<Option<(u64, u64)>> {
+        (**self).heap_and_stack(pid)
     }
     fn seize(&mut self, pid: Pid, tid: Tid) -> Result<()> {
         (**self).seize(pid, tid)

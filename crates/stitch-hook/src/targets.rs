@@ -65,7 +65,7 @@ pub(crate) type WatchedDirs = HashMap<i32, (PathBuf, usize)>;
 
 /// What [`Targets::identify`] found: `(dev, ino)`, the hashed descriptor, the bundles whose
 /// target it is, the engine's key for the file with its SHA-256, and the file offsets of its
-/// executable segments if it is a library (see [`MarkedFile::map_offsets`]).
+/// executable segments if it is a library (see [`Target::map_offsets`]).
 type Identified = (
     (u64, u64),
     File,

@@ -143,14 +143,17 @@ impl Engine {
             kill_point("stopped");
             let mut laps = Laps::new();
             laps.out.extend(stop_phases(sp.stop_timings()));
-            // One read of the maps per stop: the identity re-check and the commit share it
-            // (no thread can map or unmap while every thread is held).
-            let result = sp.mappings().map_err(EngineError::from).and_then(|maps| {
-                laps.lap("maps");
-                self.same_module(plan, &maps)?;
-                laps.lap("identity");
-                self.commit_mapped(&mut sp, plan, bundle.patch(), &mut laps)
-            });
+            // The mapping at the module's start, asked for alone (no thread can map or unmap
+            // while every thread is held); the commit asks for the others it needs.
+            let result = sp
+                .query_mapping(plan.module_start, MapQuery::COVERING.named())
+                .map_err(EngineError::from)
+                .and_then(|at_start| {
+                    laps.lap("maps");
+                    self.same_module(plan, at_start.as_ref())?;
+                    laps.lap("identity");
+                    self.commit_mapped(&mut sp, plan, bundle.patch(), &mut laps)
+                });
             let released = sp.resume();
             let pause = t0.elapsed();
             laps.lap("release");
@@ -177,14 +180,13 @@ impl Engine {
     /// Under the stop: the module the plan was made for is still mapped at the same place and
     /// is still the same file (only the mapping at the module's start is opened, through
     /// `/proc/PID/map_files`; its digest is cached by device, inode, size and ctime).
-    fn same_module(&self, plan: &Plan, maps: &[Mapping]) -> Result<(), EngineError> {
+    fn same_module(&self, plan: &Plan, at_start: Option<&Mapping>) -> Result<(), EngineError> {
         let gone = || EngineError::ModuleNotMapped {
             pid: plan.pid.0,
             sha256: hex::encode(plan.module_sha256),
         };
-        let m = maps
-            .iter()
-            .find(|m| m.start == plan.module_start && m.inode != 0)
+        let m = at_start
+            .filter(|m| m.start == plan.module_start && m.inode != 0)
             .ok_or_else(gone)?;
         let path = m.name.strip_suffix(" (deleted)").unwrap_or(&m.name);
         if self.digests.mapping_has_digest(

@@ -178,7 +178,7 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker, cpu: Opt
                 // A read or a mapping: held only where a loader maps the code (`cat`,
                 // `sha256sum` and the loader's own header read go on at once).
                 match ev.range {
-                    Some((offset, count)) if count > 0 && target.map_offsets.contains(&offset) => {
+                    Some(range) if target.code_maps.iter().any(|c| c.may_map(range)) => {
                         JobKind::Mapping
                     }
                     _ => {
@@ -188,7 +188,7 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker, cpu: Opt
                 }
             } else if ev.is_exec() {
                 JobKind::Exec
-            } else if !target.map_offsets.is_empty() {
+            } else if !target.code_maps.is_empty() {
                 // Its executable mapping raises its own event: the open needs no hold.
                 allow_event(shared, &ev);
                 continue;

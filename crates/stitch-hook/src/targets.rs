@@ -55,23 +55,41 @@ pub(crate) struct MarkedFile {
 pub(crate) struct Target {
     pub(crate) path: PathBuf,
     pub(crate) bundles: Vec<Arc<VerifiedBundle>>,
-    /// Marked for `FAN_PRE_ACCESS` too: the page-aligned file offsets of its executable
-    /// `PT_LOAD`s, where a loader's `mmap(PROT_EXEC)` starts. Empty: open holds only.
-    pub(crate) map_offsets: Arc<[u64]>,
+    /// Marked for `FAN_PRE_ACCESS`: where a loader's `mmap(PROT_EXEC)` of each executable
+    /// `PT_LOAD` falls in the file. Empty: held at its open.
+    pub(crate) code_maps: Arc<[CodeMapping]>,
+}
+
+/// The file range a loader maps for one executable `PT_LOAD`: from its page-aligned offset,
+/// at least its page-rounded file extent (ld.so maps exactly that; with the code at offset 0
+/// its first `mmap` covers the whole span).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CodeMapping {
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
+impl CodeMapping {
+    /// Whether a read or mapping of `(offset, count)` (a `FAN_PRE_ACCESS` range) may be the
+    /// loader mapping this code: it starts where the code starts and covers all of it. A
+    /// loader's header read (one page from offset 0) does not, unless the code fits in it.
+    pub(crate) fn may_map(&self, (offset, count): (u64, u64)) -> bool {
+        offset == self.offset && count >= self.len
+    }
 }
 
 /// Watched directories by inotify watch descriptor: path and how much deeper to go.
 pub(crate) type WatchedDirs = HashMap<i32, (PathBuf, usize)>;
 
 /// What [`Targets::identify`] found: `(dev, ino)`, the hashed descriptor, the bundles whose
-/// target it is, the engine's key for the file with its SHA-256, and the file offsets of its
-/// executable segments if it is a library (see [`Target::map_offsets`]).
+/// target it is, the engine's key for the file with its SHA-256, and where its code is mapped
+/// from if it is a library (see [`Target::code_maps`]).
 type Identified = (
     (u64, u64),
     File,
     Vec<Arc<VerifiedBundle>>,
     (stitch_engine::FileKey, [u8; 32]),
-    Vec<u64>,
+    Vec<CodeMapping>,
 );
 
 /// The bundles, indexed by target size.
@@ -128,19 +146,25 @@ pub(crate) struct Targets {
     watch_mappings: bool,
 }
 
-/// Page-aligned file offsets of the executable `PT_LOAD`s of a library (what a loader's
-/// `mmap(PROT_EXEC)` of it starts at); empty for anything else.
-fn library_map_offsets(elf: &stitch_elf::ElfFile<'_>) -> Vec<u64> {
+/// Where a loader maps the code of a library from (see [`CodeMapping`]); empty for anything
+/// else.
+fn library_code_maps(elf: &stitch_elf::ElfFile<'_>) -> Vec<CodeMapping> {
     if !elf.is_library() {
         return Vec::new();
     }
-    let mut out: Vec<u64> = elf
+    let mut out: Vec<CodeMapping> = elf
         .load_segments()
         .iter()
         .filter(|s| s.executable)
-        .map(|s| s.offset & !0xfff)
+        .map(|s| {
+            let in_page = s.offset & 0xfff;
+            CodeMapping {
+                offset: s.offset - in_page,
+                len: (in_page + s.filesz).div_ceil(4096) * 4096,
+            }
+        })
         .collect();
-    out.sort_unstable();
+    out.sort_unstable_by_key(|c| c.offset);
     out.dedup();
     out
 }
@@ -271,7 +295,7 @@ impl Targets {
                     m.target = Arc::new(Target {
                         path: m.target.path.clone(),
                         bundles: now,
-                        map_offsets: m.target.map_offsets.clone(),
+                        code_maps: m.target.code_maps.clone(),
                     });
                     update.kept += 1;
                 }
@@ -383,7 +407,7 @@ impl Targets {
             (None, Some(old)) => self.unmark(shared, old),
             _ => {}
         }
-        let Some((key, file, bundles, (file_key, digest), map_offsets)) = now else {
+        let Some((key, file, bundles, (file_key, digest), code_maps)) = now else {
             // Same inode, content no longer a target (rewritten in place)?
             if let Some(k) = self.key_of_path(path) {
                 self.unmark(shared, k);
@@ -404,7 +428,7 @@ impl Targets {
         // report mappings (`FAN_PRE_ACCESS`); elsewhere at its open, followed syscall by
         // syscall to that mapping.
         let pre = self.watch_mappings
-            && !map_offsets.is_empty()
+            && !code_maps.is_empty()
             && shared
                 .group
                 .mark_inode(file.as_fd(), self.mark_mask(true))
@@ -416,8 +440,8 @@ impl Targets {
             tracing::warn!(path = %path.display(), error = %e, "cannot mark");
             return;
         }
-        let map_offsets: Arc<[u64]> = if pre {
-            Arc::from(map_offsets)
+        let code_maps: Arc<[CodeMapping]> = if pre {
+            Arc::from(code_maps)
         } else {
             Arc::from(Vec::new())
         };
@@ -431,7 +455,7 @@ impl Targets {
                     target: Arc::new(Target {
                         path: path.to_path_buf(),
                         bundles,
-                        map_offsets,
+                        code_maps,
                     }),
                 },
             );
@@ -503,24 +527,18 @@ impl Targets {
             tracing::info!(path = %path.display(), "a dynamic loader: not held at load time");
             return None;
         }
-        let map_offsets = match &elf {
-            Some(elf) if self.watch_mappings => library_map_offsets(elf),
+        let code_maps = match &elf {
+            Some(elf) if self.watch_mappings => library_code_maps(elf),
             _ => Vec::new(),
         };
-        Some((
-            (fmd.dev(), fmd.ino()),
-            f,
-            bundles,
-            (key, digest),
-            map_offsets,
-        ))
+        Some(((fmd.dev(), fmd.ino()), f, bundles, (key, digest), code_maps))
     }
 
     fn unmark(&self, shared: &Shared, key: (u64, u64)) {
         let Some(m) = self.marks.lock().ok().and_then(|mut m| m.remove(&key)) else {
             return;
         };
-        let mask = self.mark_mask(!m.target.map_offsets.is_empty());
+        let mask = self.mark_mask(!m.target.code_maps.is_empty());
         if let Err(e) = shared.group.unmark_inode(m.file.as_fd(), mask) {
             tracing::warn!(path = %m.target.path.display(), error = %e, "cannot unmark");
         }

@@ -766,6 +766,54 @@ fn read_of_the_code_offset_is_let_go_untouched_and_other_reads_are_not_held() {
     }
 }
 
+/// A library linked with its code at file offset 0 (`-z noseparate-code`, what toolchains
+/// before binutils 2.31 made — most libraries of an old distribution) is mapped by ld.so's
+/// first `mmap`, which covers the whole span: that is the one held. The loader's header read
+/// starts at the same offset; it must not be held too (a second stop per load, reported
+/// as skipped).
+#[test]
+fn library_with_its_code_at_offset_zero_is_held_once_at_its_first_mapping() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let src =
+        format!("{LIB_C}\nvoid stitch_padding(void) {{ __asm__(\".fill 12288, 1, 0x90\"); }}\n");
+    let lib = fx.gcc(
+        &src,
+        "libtarget.so",
+        &["-shared", "-fPIC", "-DVALUE=1", "-Wl,-z,noseparate-code"],
+    );
+    let bytes = std::fs::read(&lib).unwrap();
+    let code = stitch_elf::ElfFile::parse(&bytes)
+        .unwrap()
+        .load_segments()
+        .iter()
+        .find(|s| s.executable)
+        .copied()
+        .unwrap();
+    assert_eq!(code.offset, 0, "code at offset 0: {code:?}");
+    assert!(
+        code.filesz > 8192,
+        "more than the header read covers: {code:?}"
+    );
+    if !needs_mapping_events(&lib) {
+        return;
+    }
+    let prog = fx.gcc(DLOPEN_MT_C, "dlopen_mt", &["-pthread", "-ldl"]);
+    let b = fx.bundle(&lib, "ST-2026-9034");
+    let mut h = Hookd::start(&fx, &[&b], &[]);
+    let (out, ok, pid) = run(Command::new(&prog).arg(&lib));
+    assert!(ok);
+    assert_eq!(out, "ctor 1000\ndlopen 1000\n");
+    let events = h.drain(Duration::from_millis(300));
+    let mine: Vec<_> = events.iter().filter(|v| v["pid"] == pid).collect();
+    assert_eq!(mine.len(), 1, "one hold, patched: {mine:?}");
+    assert_eq!(mine[0]["event"], "patched");
+    assert_eq!(mine[0]["syscalls"], 0);
+}
+
 /// A filesystem without mapping events (tmpfs here) gets the open hold: the load is still
 /// patched before its constructor, followed syscall by syscall from the open.
 #[test]

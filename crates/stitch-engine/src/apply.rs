@@ -574,8 +574,7 @@ impl Engine {
     ) -> Result<RevertReport, EngineError> {
         let t0 = Instant::now();
         let pid = sp.pid();
-        let maps = sp.mappings()?;
-        let (revision, hits, region_freed) = revert_stopped(sp, &maps, id, self)?;
+        let (revision, hits, region_freed) = revert_stopped(sp, id, self)?;
         Ok(RevertReport {
             pid,
             id: id.to_string(),
@@ -650,13 +649,27 @@ fn find_regions_held<T: Tracer>(
     sp: &mut StoppedProcess<T>,
     module: &ModuleSpan,
 ) -> Result<Vec<(u64, RegionHeader)>, EngineError> {
+    Ok(regions_held(sp, |start| {
+        start.abs_diff(module.start) <= crate::plan::REACH
+    })?
+    .into_iter()
+    .filter(|(_, h)| h.module_sha256 == module.sha256 && h.module_bias == module.bias)
+    .collect())
+}
+
+/// Every Stitch region of the held process that starts where `near` allows, by address,
+/// found from its trampolines as [`find_regions_held`] describes.
+fn regions_held<T: Tracer>(
+    sp: &mut StoppedProcess<T>,
+    near: impl Fn(u64) -> bool,
+) -> Result<Vec<(u64, RegionHeader)>, EngineError> {
     let mut out = Vec::new();
     let tramp_parts: Vec<u64> = sp
         .exec_mappings()?
         .into_iter()
         .filter(|x| x.inode == 0 && !x.perms.shared && x.start >= region::TRAMPOLINE_START)
         .map(|x| x.start)
-        .filter(|&t| (t - region::TRAMPOLINE_START).abs_diff(module.start) <= crate::plan::REACH)
+        .filter(|&t| near(t - region::TRAMPOLINE_START))
         .collect();
     for t in tramp_parts {
         let Some(m) = sp.query_mapping(t - 1, MapQuery::COVERING.named())? else {
@@ -671,10 +684,7 @@ fn find_regions_held<T: Tracer>(
         if !RegionHeader::looks_like_region(&data) {
             continue;
         }
-        let header = RegionHeader::decode(&data)?;
-        if header.module_sha256 == module.sha256 && header.module_bias == module.bias {
-            out.push((m.start, header));
-        }
+        out.push((m.start, RegionHeader::decode(&data)?));
     }
     Ok(out)
 }
@@ -1524,26 +1534,18 @@ fn mark<T: Tracer>(sp: &mut StoppedProcess<T>, record_addr: u64, state: RecordSt
 
 fn revert_stopped<T: Tracer>(
     sp: &mut StoppedProcess<T>,
-    maps: &[Mapping],
     id: &str,
     engine: &Engine,
 ) -> Result<(u32, u64, bool), EngineError> {
     let pid = sp.pid();
     let mut found = None;
-    for m in maps.iter().filter(|m| maybe_region_sys(m)) {
-        let Ok(data) = sp.read_vec(m.start, region::TRAMPOLINE_START as usize) else {
-            continue;
-        };
-        if !RegionHeader::looks_like_region(&data) {
-            continue;
-        }
-        let h = RegionHeader::decode(&data)?;
+    for (start, h) in regions_held(sp, |_| true)? {
         if let Some(r) = h
             .records
             .iter()
             .find(|r| r.id == id && r.state != RecordState::Reverted)
         {
-            found = Some((m.start, h.clone(), r.clone()));
+            found = Some((start, h.clone(), r.clone()));
             break;
         }
     }

@@ -56,6 +56,10 @@ pub struct HookConfig {
     /// More directories where target modules live (searched recursively to `depth`).
     pub dirs: Vec<PathBuf>,
     pub depth: usize,
+    /// Hold a library at the `mmap` of its code where the kernel reports mappings (Linux
+    /// 6.14+, ext4/xfs/btrfs); `false`: at its open, following each syscall to that mapping
+    /// (docs/load-time.md, section 2).
+    pub watch_mappings: bool,
 }
 
 impl Default for HookConfig {
@@ -65,6 +69,7 @@ impl Default for HookConfig {
             standard_dirs: true,
             dirs: Vec::new(),
             depth: 3,
+            watch_mappings: true,
         }
     }
 }
@@ -311,6 +316,7 @@ mod tests {
         assert_eq!(c.socket_path, d.socket_path);
         assert_eq!(c.crash.threshold, d.crash.threshold);
         assert_eq!(c.sync.long_poll_s, d.sync.long_poll_s);
+        assert_eq!(c.hook.watch_mappings, d.hook.watch_mappings);
         assert!(c.server_url.is_none() && c.trusted_keys.is_empty());
     }
 

@@ -138,6 +138,7 @@ impl LoadTime {
             standard_dirs: cfg.hook.standard_dirs,
             dirs: cfg.hook.dirs.clone(),
             depth: cfg.hook.depth,
+            watch_mappings: cfg.hook.watch_mappings,
             ..Default::default()
         };
         match stitch_hook::Hook::start(bundles, hc) {

@@ -842,7 +842,7 @@ fn follow_library(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: I
     loop {
         let stop = match hold.wait(deadline) {
             Ok(s) => s,
-            Err(e) => return Outcome::Missed(MissReason::Trace(e.to_string())),
+            Err(e) => return trace_failed(&e),
         };
         let resumed = match stop {
             HoldStop::Parked(StopKind::Interrupted) => {
@@ -954,7 +954,7 @@ fn follow_mapping(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: I
     loop {
         let stop = match hold.wait(deadline) {
             Ok(s) => s,
-            Err(e) => return Outcome::Missed(MissReason::Trace(e.to_string())),
+            Err(e) => return trace_failed(&e),
         };
         let resumed = match stop {
             HoldStop::Parked(StopKind::Interrupted) => {
@@ -1014,7 +1014,7 @@ fn follow_exec(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: Inst
     loop {
         let stop = match hold.wait(deadline) {
             Ok(s) => s,
-            Err(e) => return Outcome::Missed(MissReason::Trace(e.to_string())),
+            Err(e) => return trace_failed(&e),
         };
         let resumed = match stop {
             HoldStop::Exec => {

@@ -287,7 +287,17 @@ struct Hookd {
 
 impl Hookd {
     fn start(fx: &Fixture, bundles: &[&Path], extra: &[&str]) -> Hookd {
+        Self::start_with_env(fx, bundles, extra, &[])
+    }
+
+    fn start_with_env(
+        fx: &Fixture,
+        bundles: &[&Path],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Hookd {
         let mut child = Command::new(env!("CARGO_BIN_EXE_stitch-hookd"))
+            .envs(env.iter().copied())
             .arg("--trusted-keys")
             .arg(&fx.keys)
             .arg("--no-standard-dirs")
@@ -812,6 +822,74 @@ fn library_with_its_code_at_offset_zero_is_held_once_at_its_first_mapping() {
     assert_eq!(mine.len(), 1, "one hold, patched: {mine:?}");
     assert_eq!(mine[0]["event"], "patched");
     assert_eq!(mine[0]["syscalls"], 0);
+}
+
+/// The hook SIGKILLed at each step of a load-time commit in a mapping hold (the engine's kill
+/// points: the hold is over in well under a millisecond, too short to hit from outside). The
+/// program must run on — no stray SIGTRAP, no hang — with its library either patched or not
+/// at all: its constructor and its caller see the same value.
+#[test]
+fn hook_killed_at_each_step_of_a_mapping_hold_leaves_the_program_whole() {
+    if !can_run(&[]) {
+        return;
+    }
+    let _s = serial();
+    let fx = Fixture::new();
+    let lib = fx.lib(1);
+    if !needs_mapping_events(&lib) {
+        return;
+    }
+    let prog = fx.gcc(DLOPEN_MT_C, "dlopen_mt", &["-pthread", "-ldl"]);
+    let b = fx.bundle(&lib, "ST-2026-9035");
+    let mut killed = Vec::new();
+    for step in stitch_engine::KILL_POINTS
+        .iter()
+        .filter(|s| !s.starts_with("revert"))
+    {
+        let mut h = Hookd::start_with_env(
+            &fx,
+            &[&b],
+            &["--no-live-patch"],
+            &[(stitch_engine::KILL_AT_ENV, step)],
+        );
+        let (out, ok, _) = run(Command::new(&prog).arg(&lib));
+        assert!(ok, "{step}: the program failed: {out:?}");
+        assert!(
+            out == "ctor 1\ndlopen 1\n" || out == "ctor 1000\ndlopen 1000\n",
+            "{step}: half patched: {out:?}"
+        );
+        // Killed there, or the step is not on a load-time commit's path (then it patched).
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let status = loop {
+            if let Some(st) = h.child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        match status {
+            Some(st) => {
+                assert_eq!(
+                    std::os::unix::process::ExitStatusExt::signal(&st),
+                    Some(9),
+                    "{step}: the hook died otherwise: {st:?}"
+                );
+                killed.push(*step);
+            }
+            None => assert_eq!(out, "ctor 1000\ndlopen 1000\n", "{step} not reached"),
+        }
+    }
+    // The commit's own steps, at least: the region mapped, trampolines, sites, marked.
+    for step in [
+        "region_mapped",
+        "trampolines_written",
+        "sites_written",
+        "marked_applied",
+    ] {
+        assert!(killed.contains(&step), "{step} never reached: {killed:?}");
+    }
 }
 
 /// A filesystem without mapping events (tmpfs here) gets the open hold: the load is still

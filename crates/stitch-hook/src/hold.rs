@@ -28,6 +28,9 @@ struct PendingState {
     /// When a worker took the job: the reader's queue bound no longer applies, the seize
     /// bound does (see [`Waiting::hold_deadline`]).
     picked: Option<Instant>,
+    /// Since when its worker is inside `PTRACE_SEIZE` for an exec open (cleared when the
+    /// seize returns): see [`EXEC_SEIZE_BOUND`].
+    seizing: Option<Instant>,
     /// The event's descriptor, kept after the answer: the file the thread opened, `fstat`ed
     /// at the `mmap` of it for the engine's key (no open, no event).
     file: Option<std::os::fd::OwnedFd>,
@@ -40,6 +43,7 @@ impl Pending {
         Arc::new(Self(Mutex::new(PendingState {
             event: Some(event),
             picked: None,
+            seizing: None,
             file: None,
         })))
     }
@@ -229,8 +233,8 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker, cpu: Opt
     }
 }
 
-/// How long a worker that took an exec open may take to answer it (it seizes the thread
-/// first, ~10 us). An exec that opens a marked file as an *interpreter* — a `#!` script's,
+/// How long a worker may be inside `PTRACE_SEIZE` for an exec open (~5 us normally; time
+/// before the call — a worker preempted on a busy host — does not count). An exec that opens a marked file as an *interpreter* — a `#!` script's,
 /// or the ELF interpreter of the program — does so holding `cred_guard_mutex`, which
 /// `PTRACE_SEIZE` waits for: the seize cannot finish before the event is answered. Nothing
 /// tells those opens from a direct exec beforehand without taking that mutex too
@@ -239,24 +243,25 @@ const EXEC_SEIZE_BOUND: Duration = Duration::from_millis(3);
 
 impl Waiting {
     /// The bound that applies now, and what passing it is reported as.
-    fn bound(&self, picked: Option<Instant>) -> (Instant, MissReason) {
-        match picked {
-            Some(at) if self.exec => (
+    fn bound(&self, st: &PendingState) -> (Instant, MissReason) {
+        match (st.picked, st.seizing) {
+            (Some(_), Some(at)) => (
                 (at + EXEC_SEIZE_BOUND).min(self.hold_deadline),
                 MissReason::SeizeBlocked,
             ),
-            Some(_) => (self.hold_deadline, MissReason::HoldTimeout),
-            None => (self.deadline, MissReason::QueueTimeout),
+            (Some(_), None) => (self.hold_deadline, MissReason::HoldTimeout),
+            (None, _) => (self.deadline, MissReason::QueueTimeout),
         }
     }
 
-    /// When the reader must look at it again. An exec open not taken yet is looked at every
-    /// [`EXEC_SEIZE_BOUND`]: a worker may take it at any moment (without waking the reader),
-    /// and from then on its seize bound runs.
+    /// When the reader must look at it again. An exec open not yet past its seize is looked
+    /// at every [`EXEC_SEIZE_BOUND`]: its worker enters the seize without waking the reader.
     fn next_deadline(&self, now: Instant) -> Instant {
-        let picked = self.pending.0.lock().ok().and_then(|st| st.picked);
-        let (bound, _) = self.bound(picked);
-        if self.exec && picked.is_none() {
+        let Ok(st) = self.pending.0.lock() else {
+            return now;
+        };
+        let (bound, _) = self.bound(&st);
+        if self.exec && st.event.is_some() {
             bound.min(now + EXEC_SEIZE_BOUND)
         } else {
             bound
@@ -275,7 +280,7 @@ fn expire_waiting(shared: &Shared, waiting: &mut Vec<Waiting>) {
         if st.event.is_none() {
             return false;
         }
-        let (bound, reason) = w.bound(st.picked);
+        let (bound, reason) = w.bound(&st);
         if now < bound {
             return true;
         }
@@ -540,11 +545,21 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
     };
     let _rt = shared.config.realtime_holds.then(RealtimeGuard::enter);
     let checked = Instant::now();
-    let hold = match ThreadHold::seize(pid, tid) {
+    let seizing = |at: Option<Instant>| {
+        if exec && let Ok(mut st) = job.pending.0.lock() {
+            st.seizing = at;
+        }
+    };
+    seizing(Some(Instant::now()));
+    let seized = ThreadHold::seize(pid, tid);
+    seizing(None);
+    let hold = match seized {
         Ok(h) => h,
         Err(e) => {
             if !job.pending.allow(shared) {
+                // Answered (and reported) by the reader at the seize bound.
                 unblock_exec(shared, tid);
+                return;
             }
             let reason = match e {
                 SysError::AlreadyTraced { tracer, .. } => MissReason::AlreadyTraced { tracer },

@@ -876,7 +876,7 @@ impl Controller {
         let hit = mapped.iter().any(|s| sizes.contains(s));
         let look = hit
             || self.carriers.contains_key(&pid)
-            || (self.sweep_regions() && scan::may_hold_region(&entries));
+            || (self.sweep_regions() && stitch_engine::may_hold_region(&entries));
         look.then_some(Candidate { pid, mapped })
     }
 

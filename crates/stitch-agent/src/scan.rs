@@ -49,38 +49,6 @@ pub fn maps(pid: i32) -> Option<Vec<MapEntry>> {
     maps::parse(&bytes).ok()
 }
 
-/// Whether a process may hold a Stitch region: a region's read-write data part (anonymous or
-/// `[anon:stitch]`, private, exactly `TRAMPOLINE_START` bytes — what
-/// [`stitch_engine::Engine::list`] reads) directly followed by its read-execute trampoline part
-/// (the rest of `REGION_SIZE`). An 8 KiB anonymous read-write mapping alone is common (a fifth
-/// of the processes of a small host); the pair is not. Finds the carriers of a patch whose
-/// target is unknown (its bundle no longer verifies), so it can still be reverted.
-pub fn may_hold_region(entries: &[MapEntry]) -> bool {
-    use stitch_engine::region::{ANON_NAME, REGION_SIZE, TRAMPOLINE_START};
-    let anon = |e: &MapEntry| match &e.path {
-        MapPath::Anonymous => true,
-        MapPath::Special(s) => {
-            s.strip_prefix("[anon:").and_then(|s| s.strip_suffix(']')) == Some(ANON_NAME)
-        }
-        MapPath::File { .. } => false,
-    };
-    entries.windows(2).any(|w| {
-        let (data, code) = (&w[0], &w[1]);
-        anon(data)
-            && data.end - data.start == TRAMPOLINE_START
-            && data.read
-            && data.write
-            && !data.exec
-            && !data.shared
-            && anon(code)
-            && code.start == data.end
-            && code.end - code.start == REGION_SIZE - TRAMPOLINE_START
-            && code.exec
-            && !code.write
-            && !code.shared
-    })
-}
-
 /// Sizes of mapped files by (device, inode), filled lazily for one scan pass so every file
 /// is `stat`ed once however many processes map it.
 #[derive(Debug, Default)]
@@ -133,18 +101,5 @@ mod tests {
         assert_eq!(parse_start_time(line), Some(123456));
         assert!(start_time(std::process::id() as i32).is_some());
         assert!(!pids().is_empty());
-    }
-
-    #[test]
-    fn a_stitch_region_is_recognised_from_maps_and_a_lone_8k_mapping_is_not() {
-        let region = b"7f0000000000-7f0000002000 rw-p 00000000 00:00 0 \n7f0000002000-7f0000010000 r-xp 00000000 00:00 0 \n";
-        let named = b"7f0000000000-7f0000002000 rw-p 00000000 00:00 0 [anon:stitch]\n7f0000002000-7f0000010000 r-xp 00000000 00:00 0 [anon:stitch]\n";
-        let lone = b"7f0000000000-7f0000002000 rw-p 00000000 00:00 0 \n7f0000003000-7f0000011000 r-xp 00000000 00:00 0 \n";
-        let file = b"7f0000000000-7f0000002000 rw-p 00000000 08:01 42 /lib/x.so\n7f0000002000-7f0000010000 r-xp 00000000 00:00 0 \n";
-        let parse = |b: &[u8]| maps::parse(b).unwrap();
-        assert!(may_hold_region(&parse(region)));
-        assert!(may_hold_region(&parse(named)));
-        assert!(!may_hold_region(&parse(lone)));
-        assert!(!may_hold_region(&parse(file)));
     }
 }

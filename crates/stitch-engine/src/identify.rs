@@ -405,6 +405,30 @@ pub(crate) fn maybe_region_sys(m: &stitch_sys::Mapping) -> bool {
         && !m.perms.shared
 }
 
+/// Whether a process's maps may hold a Stitch region: a data part ([`maybe_region`]) directly
+/// followed by its read-execute trampoline part (the rest of `REGION_SIZE`, anonymous or
+/// `[anon:stitch]`, private). A lone 8 KiB anonymous read-write mapping is common (a fifth of
+/// the processes of a small host); the pair is not. For sweeps that look for carriers without
+/// knowing their module (the agent's, for a patch whose bundle no longer verifies); the
+/// region's magic confirms ([`crate::Engine::list`]).
+pub fn may_hold_region(entries: &[maps::MapEntry]) -> bool {
+    let anon = |e: &maps::MapEntry| match &e.path {
+        MapPath::Special(s) => s == &format!("[anon:{}]", crate::region::ANON_NAME),
+        MapPath::Anonymous => true,
+        MapPath::File { .. } => false,
+    };
+    entries.windows(2).any(|w| {
+        let (data, code) = (&w[0], &w[1]);
+        maybe_region(data)
+            && anon(code)
+            && code.start == data.end
+            && code.end - code.start == crate::region::REGION_SIZE - crate::region::TRAMPOLINE_START
+            && code.exec
+            && !code.write
+            && !code.shared
+    })
+}
+
 /// True when the maps entry may be the data part of a Stitch region: the read-write first
 /// `TRAMPOLINE_START` bytes, named `[anon:stitch]` (or unnamed where the kernel cannot name
 /// mappings). The caller confirms by reading the magic.
@@ -416,4 +440,22 @@ pub(crate) fn maybe_region(e: &maps::MapEntry) -> bool {
         MapPath::File { .. } => false,
     };
     anon && size_ok && e.read && e.write && !e.exec && !e.shared
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stitch_region_is_recognised_from_maps_and_a_lone_8k_mapping_is_not() {
+        let region = b"7f0000000000-7f0000002000 rw-p 00000000 00:00 0 \n7f0000002000-7f0000010000 r-xp 00000000 00:00 0 \n";
+        let named = b"7f0000000000-7f0000002000 rw-p 00000000 00:00 0 [anon:stitch]\n7f0000002000-7f0000010000 r-xp 00000000 00:00 0 [anon:stitch]\n";
+        let lone = b"7f0000000000-7f0000002000 rw-p 00000000 00:00 0 \n7f0000003000-7f0000011000 r-xp 00000000 00:00 0 \n";
+        let file = b"7f0000000000-7f0000002000 rw-p 00000000 08:01 42 /lib/x.so\n7f0000002000-7f0000010000 r-xp 00000000 00:00 0 \n";
+        let parse = |b: &[u8]| maps::parse(b).unwrap();
+        assert!(may_hold_region(&parse(region)));
+        assert!(may_hold_region(&parse(named)));
+        assert!(!may_hold_region(&parse(lone)));
+        assert!(!may_hold_region(&parse(file)));
+    }
 }

@@ -30,7 +30,7 @@ pub mod region;
 
 pub use apply::{AppliedPatch, ApplyReport, RevertReport};
 pub use error::EngineError;
-pub use identify::{DigestCache, FileKey, KnownMapping, MappedModule};
+pub use identify::{DigestCache, FileKey, KnownMapping, MappedModule, may_hold_region};
 pub use plan::{Plan, PlannedSite, RegionPlan};
 
 use std::sync::OnceLock;

@@ -28,6 +28,16 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The usual start of a test: can it run here (see [`can_run`]), then the hook to itself
+/// and a fresh fixture directory.
+fn setup(tools: &[&str]) -> Option<(MutexGuard<'static, ()>, Fixture)> {
+    if !can_run(tools) {
+        return None;
+    }
+    let s = serial();
+    Some((s, Fixture::new()))
+}
+
 fn in_ci() -> bool {
     std::env::var_os("CI").is_some_and(|v| v == "true")
 }
@@ -447,11 +457,9 @@ fn wait_bounded(mut child: Child, limit: Duration) -> (String, bool) {
 
 #[test]
 fn executable_execed_after_the_hook_started_is_patched_before_its_constructor() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let exe = fx.gcc(EXE_C, "exe", &[]);
     let b = fx.bundle(&exe, "ST-2026-9001");
     let mut h = Hookd::start(&fx, &[&b], &[]);
@@ -477,11 +485,9 @@ fn executable_execed_after_the_hook_started_is_patched_before_its_constructor() 
 /// done; the same executable run directly is still patched at exec.
 #[test]
 fn target_run_as_a_script_interpreter_does_not_hang_the_script() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let exe = fx.gcc(EXE_C, "exe", &[]);
     let b = fx.bundle(&exe, "ST-2026-9033");
     let script = fx.path("script");
@@ -543,11 +549,9 @@ fn statically_linked_executable_is_patched_at_exec() {
 
 #[test]
 fn library_linked_at_start_up_is_patched_before_its_constructor() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let main = fx.gcc(MAIN_DYN_C, "main_dyn", &["-ltarget"]);
     let b = fx.bundle(&lib, "ST-2026-9003");
@@ -563,11 +567,9 @@ fn library_linked_at_start_up_is_patched_before_its_constructor() {
 
 #[test]
 fn library_dlopened_from_a_worker_thread_of_a_multithreaded_process_is_patched() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let prog = fx.gcc(DLOPEN_MT_C, "dlopen_mt", &["-pthread", "-ldl"]);
     let b = fx.bundle(&lib, "ST-2026-9004");
@@ -583,11 +585,9 @@ fn library_dlopened_from_a_worker_thread_of_a_multithreaded_process_is_patched()
 
 #[test]
 fn program_in_another_mount_namespace_is_patched() {
-    if !can_run(&["unshare", "mount"]) {
+    let Some((_s, fx)) = setup(&["unshare", "mount"]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let prog = fx.gcc(DLOPEN_MT_C, "dlopen_mt", &["-pthread", "-ldl"]);
     let b = fx.bundle(&lib, "ST-2026-9005");
@@ -619,11 +619,9 @@ fn program_in_another_mount_namespace_is_patched() {
 
 #[test]
 fn file_merely_read_is_neither_hung_nor_patched() {
-    if !can_run(&["cat", "sha256sum"]) {
+    let Some((_s, fx)) = setup(&["cat", "sha256sum"]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let b = fx.bundle(&lib, "ST-2026-9006");
     let mut h = Hookd::start(&fx, &[&b], &[OPEN_HOLDS]);
@@ -679,11 +677,9 @@ fn needs_mapping_events(file: &Path) -> bool {
 /// no syscall followed, patched before its constructor.
 #[test]
 fn library_is_held_at_its_code_mapping_not_at_its_open() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     if !needs_mapping_events(&lib) {
         return;
@@ -726,11 +722,9 @@ fn library_is_held_at_its_code_mapping_not_at_its_open() {
 /// (a read, not a mapping): the reader gets the file's bytes, nothing is patched.
 #[test]
 fn read_of_the_code_offset_is_let_go_untouched_and_other_reads_are_not_held() {
-    if !can_run(&["cat", "sha256sum"]) {
+    let Some((_s, fx)) = setup(&["cat", "sha256sum"]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     if !needs_mapping_events(&lib) {
         return;
@@ -783,11 +777,9 @@ fn read_of_the_code_offset_is_let_go_untouched_and_other_reads_are_not_held() {
 /// as skipped).
 #[test]
 fn library_with_its_code_at_offset_zero_is_held_once_at_its_first_mapping() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let src =
         format!("{LIB_C}\nvoid stitch_padding(void) {{ __asm__(\".fill 12288, 1, 0x90\"); }}\n");
     let lib = fx.gcc(
@@ -830,11 +822,9 @@ fn library_with_its_code_at_offset_zero_is_held_once_at_its_first_mapping() {
 /// at all: its constructor and its caller see the same value.
 #[test]
 fn hook_killed_at_each_step_of_a_mapping_hold_leaves_the_program_whole() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     if !needs_mapping_events(&lib) {
         return;
@@ -933,11 +923,9 @@ fn library_on_a_filesystem_without_mapping_events_is_held_at_its_open() {
 /// the write goes through.
 #[test]
 fn file_opened_for_writing_is_let_go_and_reported_as_skipped() {
-    if !can_run(&["sh"]) {
+    let Some((_s, fx)) = setup(&["sh"]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let b = fx.bundle(&lib, "ST-2026-9019");
     let mut h = Hookd::start(&fx, &[&b], &[OPEN_HOLDS]);
@@ -961,11 +949,9 @@ fn file_opened_for_writing_is_let_go_and_reported_as_skipped() {
 
 #[test]
 fn target_under_strace_is_allowed_and_reported() {
-    if !can_run(&["strace"]) {
+    let Some((_s, fx)) = setup(&["strace"]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let main = fx.gcc(MAIN_DYN_C, "main_dyn", &["-ltarget"]);
     let b = fx.bundle(&lib, "ST-2026-9007");
@@ -986,11 +972,9 @@ fn target_under_strace_is_allowed_and_reported() {
 
 #[test]
 fn file_replaced_by_another_build_then_vulnerable_build_restored_marks_follow() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let vulnerable = std::fs::read(&lib).unwrap();
     let main = fx.gcc(MAIN_DYN_C, "main_dyn", &["-ltarget"]);
@@ -1040,11 +1024,9 @@ fn file_replaced_by_another_build_then_vulnerable_build_restored_marks_follow() 
 
 #[test]
 fn hook_killed_during_a_hold_lets_the_program_run_unpatched_without_hanging() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let prog = fx.gcc(SLOW_OPEN_C, "slow_open", &["-ldl"]);
     let b = fx.bundle(&lib, "ST-2026-9009");
@@ -1116,11 +1098,9 @@ int main(int argc, char **argv) {
 /// held program would stay stopped.
 #[test]
 fn hook_stopped_during_a_hold_still_lets_the_held_program_finish() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let prog = fx.gcc(OPEN_SLEEP_MAP_C, "open_sleep_map", &[]);
     let b = fx.bundle(&lib, "ST-2026-9013");
@@ -1197,11 +1177,9 @@ fn context_switches(pid: i32) -> Vec<(String, u64)> {
 /// poll a stop flag every 100 ms per thread).
 #[test]
 fn idle_hook_threads_never_wake_up() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let b = fx.bundle(&lib, "ST-2026-9014");
     let h = Hookd::start(&fx, &[&b], &[]);
@@ -1247,11 +1225,9 @@ fn bundles_cmd(h: &mut Hookd, bundles: &[&Path]) -> serde_json::Value {
 
 #[test]
 fn bundles_changed_on_a_running_hook_mark_new_targets_and_unmark_dropped_ones() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib_a = fx.lib(1);
     let main_a = fx.gcc(MAIN_DYN_C, "main_dyn", &["-ltarget"]);
     let (lib_b, main_b) = second_target(&fx);
@@ -1315,11 +1291,9 @@ fn bundles_changed_on_a_running_hook_mark_new_targets_and_unmark_dropped_ones() 
 /// a load of a target that stays hooked, in that moment, runs unpatched.
 #[test]
 fn unchanged_target_stays_held_while_bundles_change() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib_a = fx.lib(1);
     let main_a = fx.gcc(MAIN_DYN_C, "main_dyn", &["-ltarget"]);
     let (lib_b, _) = second_target(&fx);
@@ -1440,11 +1414,9 @@ fn debug_registers_survive_tracer_exit_and_detach_so_holds_never_arm_them() {
 /// that hold ended.
 #[test]
 fn bundles_change_returns_only_after_holds_with_removed_bundles_ended() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let prog = fx.gcc(OPEN_SLEEP_MAP_C, "open_sleep_map", &[]);
     let b = fx.bundle(&lib, "ST-2026-9020");
@@ -1535,11 +1507,9 @@ int main(int argc, char **argv) {
 /// sibling's hold to end.
 #[test]
 fn library_dlopened_while_a_sibling_thread_holds_another_target_open_is_patched() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib_a = fx.lib(1);
     let (lib_b, _) = second_target(&fx);
     let prog = fx.gcc(SIBLING_HOLD_C, "sibling_hold", &["-pthread", "-ldl"]);
@@ -1621,11 +1591,9 @@ int main(int argc, char **argv) {
 /// load is live-patched later), the first commits.
 #[test]
 fn two_threads_loading_two_targets_at_once_do_not_wait_for_each_other() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib_a = fx.lib(1);
     let (lib_b, _) = second_target(&fx);
     let prog = fx.gcc(SIBLING_LOAD_C, "sibling_load", &["-pthread", "-ldl"]);
@@ -1664,11 +1632,9 @@ fn two_threads_loading_two_targets_at_once_do_not_wait_for_each_other() {
 /// hold (and, in the agent, that thread for good) confined to one CPU.
 #[test]
 fn hold_workers_get_their_cpu_affinity_back_after_a_hold() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let main = fx.gcc(MAIN_DYN_C, "main_dyn", &["-ltarget"]);
     let b = fx.bundle(&lib, "ST-2026-9025");
@@ -1718,11 +1684,9 @@ fn hold_workers_get_their_cpu_affinity_back_after_a_hold() {
 /// instance), so later copies went unmarked.
 #[test]
 fn directory_created_after_start_is_watched_after_a_rescan() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let b = fx.bundle(&lib, "ST-2026-9027");
     let other = tempfile::tempdir().unwrap();
@@ -1771,11 +1735,9 @@ int main(int argc, char **argv) {
 /// run unpatched, reported as a miss).
 #[test]
 fn library_dlclosed_and_dlopened_again_is_patched_again() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let prog = fx.gcc(DLOPEN_TWICE_C, "dlopen_twice", &["-ldl"]);
     let b = fx.bundle(&lib, "ST-2026-9028");
@@ -1895,11 +1857,9 @@ fn assert_jobs_empty(t: &Tmux) {
 
 #[test]
 fn interactive_program_in_tmux_keeps_job_control_and_terminal_input() {
-    if !can_run(&["tmux", "bash"]) {
+    let Some((_s, fx)) = setup(&["tmux", "bash"]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let prog = fx.gcc(SLOW_OPEN_C, "slow_open", &["-ldl"]);
     let b = fx.bundle(&lib, "ST-2026-9010");
@@ -1919,11 +1879,9 @@ fn interactive_program_in_tmux_keeps_job_control_and_terminal_input() {
 
 #[test]
 fn ctrl_z_during_a_hold_keeps_job_control_right() {
-    if !can_run(&["tmux", "bash"]) {
+    let Some((_s, fx)) = setup(&["tmux", "bash"]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let lib = fx.lib(1);
     let prog = fx.gcc(SLOW_OPEN_C, "slow_open", &["-ldl"]);
     let b = fx.bundle(&lib, "ST-2026-9011");
@@ -1977,11 +1935,9 @@ int main(void) {
 
 #[test]
 fn exec_without_exec_holds_as_on_kernels_before_6_8_is_allowed_unheld_then_live_patched() {
-    if !can_run(&[]) {
+    let Some((_s, fx)) = setup(&[]) else {
         return;
-    }
-    let _s = serial();
-    let fx = Fixture::new();
+    };
     let exe = fx.gcc(EXE_SLOW_C, "exe_slow", &[]);
     let b = fx.bundle(&exe, "ST-2026-9012");
     // The fallback the hook takes by itself on kernels < 6.8 (exec open under

@@ -25,8 +25,8 @@ const PROT_EXEC: u64 = 4;
 /// An event waiting for its answer. Whoever takes `event` answers it (exactly once).
 struct PendingState {
     event: Option<PermEvent>,
-    /// When a worker took the job: the reader's queue bound no longer applies, the seize
-    /// bound does (see [`Waiting::hold_deadline`]).
+    /// When a worker took the job: the reader's queue bound no longer applies, the hold
+    /// bound does (see [`Waiting::bound`]).
     picked: Option<Instant>,
     /// Since when its worker is inside `PTRACE_SEIZE` for an exec open (cleared when the
     /// seize returns): see [`EXEC_SEIZE_BOUND`].
@@ -119,7 +119,7 @@ struct Waiting {
     /// ([`crate::HookConfig::hold_timeout`]): a seize that blocks — a thread inside an exec
     /// holds `cred_guard_mutex`, which `PTRACE_SEIZE` takes — must not hold the load forever.
     hold_deadline: Instant,
-    /// An exec open: its worker must answer within [`EXEC_SEIZE_BOUND`] of taking it.
+    /// An exec open: its worker may spend at most [`EXEC_SEIZE_BOUND`] inside the seize.
     exec: bool,
     tid: Tid,
     path: PathBuf,
@@ -234,11 +234,12 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker, cpu: Opt
 }
 
 /// How long a worker may be inside `PTRACE_SEIZE` for an exec open (~5 us normally; time
-/// before the call — a worker preempted on a busy host — does not count). An exec that opens a marked file as an *interpreter* — a `#!` script's,
-/// or the ELF interpreter of the program — does so holding `cred_guard_mutex`, which
-/// `PTRACE_SEIZE` waits for: the seize cannot finish before the event is answered. Nothing
-/// tells those opens from a direct exec beforehand without taking that mutex too
-/// (`/proc/TID/syscall` does), so the reader answers them after this bound.
+/// before the call — a worker preempted on a busy host — does not count). An exec that opens
+/// a marked file as an *interpreter* — a `#!` script's, or the ELF interpreter of the
+/// program — does so holding `cred_guard_mutex`, which `PTRACE_SEIZE` waits for: the seize
+/// cannot finish before the event is answered. Nothing tells those opens from a direct exec
+/// beforehand without taking that mutex too (`/proc/TID/syscall` does), so the reader answers
+/// them after this bound.
 const EXEC_SEIZE_BOUND: Duration = Duration::from_millis(3);
 
 impl Waiting {
@@ -611,10 +612,11 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
         "held"
     );
     let deadline = job.received + shared.config.hold_timeout;
+    // An exec found among opens (no exec holds) was let go above: `exec` is the Exec kind.
     let outcome = match job.kind {
-        _ if exec => follow_exec(shared, hold, job, deadline),
+        JobKind::Exec => follow_exec(shared, hold, job, deadline),
         JobKind::Mapping => follow_mapping(shared, hold, job, deadline),
-        JobKind::Open | JobKind::Exec => follow_library(shared, hold, job, deadline),
+        JobKind::Open => follow_library(shared, hold, job, deadline),
     };
     // The thread is let go: a sibling's hold waiting for ours may go on, and reporting (or a
     // live patch after a miss) needs neither the pinned CPU nor the count.
@@ -905,20 +907,7 @@ fn follow_library(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: I
                     _ => None,
                 };
                 if let Some(a) = mapped_exec {
-                    // What was just mapped, for the engine's plan without a maps read: the
-                    // file the thread opened (the event's descriptor, `fstat`ed now), where.
-                    let known = job
-                        .pending
-                        .file_key()
-                        .map(|key| stitch_engine::KnownMapping {
-                            path: job.path.clone(),
-                            key,
-                            exec_start: rval.cast_unsigned(),
-                            exec_end: rval
-                                .cast_unsigned()
-                                .saturating_add(a[1].div_ceil(4096) * 4096),
-                            exec_offset: a[5],
-                        });
+                    let known = just_mapped(job, rval.cast_unsigned(), a[1], a[5]);
                     match try_commit(
                         shared,
                         hold,
@@ -946,6 +935,26 @@ fn follow_library(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: I
             return trace_failed(&e);
         }
     }
+}
+
+/// What an `mmap` of the held file just mapped (its result, length and offset), for the
+/// engine's plan without a maps read: the file the thread opened (the event's descriptor,
+/// `fstat`ed now), where. `None` if that `fstat` failed (the full plan then).
+fn just_mapped(
+    job: &Job,
+    start: u64,
+    len: u64,
+    offset: u64,
+) -> Option<stitch_engine::KnownMapping> {
+    job.pending
+        .file_key()
+        .map(|key| stitch_engine::KnownMapping {
+            path: job.path.clone(),
+            key,
+            exec_start: start,
+            exec_end: start.saturating_add(len.div_ceil(4096) * 4096),
+            exec_offset: offset,
+        })
 }
 
 /// How a failed ptrace request ends a hold: the thread (or process) is gone, or following it
@@ -985,16 +994,7 @@ fn follow_mapping(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: I
                 if !mapped {
                     return Outcome::Skipped(SkipReason::NotMappedExecutable);
                 }
-                let known = job
-                    .pending
-                    .file_key()
-                    .map(|key| stitch_engine::KnownMapping {
-                        path: job.path.clone(),
-                        key,
-                        exec_start: r.rax,
-                        exec_end: r.rax.saturating_add(r.rsi.div_ceil(4096) * 4096),
-                        exec_offset: r.r9,
-                    });
+                let known = just_mapped(job, r.rax, r.rsi, r.r9);
                 return match try_commit(
                     shared,
                     hold,

@@ -427,8 +427,8 @@ impl Targets {
         // A library is held at its executable mapping where the kernel and the filesystem
         // report mappings (`FAN_PRE_ACCESS`); elsewhere at its open, followed syscall by
         // syscall to that mapping.
-        let pre = self.watch_mappings
-            && !code_maps.is_empty()
+        // (`code_maps` is empty unless mapping holds are on and the file is a library.)
+        let pre = !code_maps.is_empty()
             && shared
                 .group
                 .mark_inode(file.as_fd(), self.mark_mask(true))

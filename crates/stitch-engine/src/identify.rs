@@ -412,15 +412,10 @@ pub(crate) fn maybe_region_sys(m: &stitch_sys::Mapping) -> bool {
 /// knowing their module (the agent's, for a patch whose bundle no longer verifies); the
 /// region's magic confirms ([`crate::Engine::list`]).
 pub fn may_hold_region(entries: &[maps::MapEntry]) -> bool {
-    let anon = |e: &maps::MapEntry| match &e.path {
-        MapPath::Special(s) => s == &format!("[anon:{}]", crate::region::ANON_NAME),
-        MapPath::Anonymous => true,
-        MapPath::File { .. } => false,
-    };
     entries.windows(2).any(|w| {
         let (data, code) = (&w[0], &w[1]);
         maybe_region(data)
-            && anon(code)
+            && region_anon(code)
             && code.start == data.end
             && code.end - code.start == crate::region::REGION_SIZE - crate::region::TRAMPOLINE_START
             && code.exec
@@ -434,12 +429,16 @@ pub fn may_hold_region(entries: &[maps::MapEntry]) -> bool {
 /// mappings). The caller confirms by reading the magic.
 pub(crate) fn maybe_region(e: &maps::MapEntry) -> bool {
     let size_ok = e.end - e.start == crate::region::TRAMPOLINE_START;
-    let anon = match &e.path {
+    region_anon(e) && size_ok && e.read && e.write && !e.exec && !e.shared
+}
+
+/// Anonymous, or named `[anon:stitch]`: how either part of a region shows in the maps.
+fn region_anon(e: &maps::MapEntry) -> bool {
+    match &e.path {
         MapPath::Special(s) => s == &format!("[anon:{}]", crate::region::ANON_NAME),
         MapPath::Anonymous => true,
         MapPath::File { .. } => false,
-    };
-    anon && size_ok && e.read && e.write && !e.exec && !e.shared
+    }
 }
 
 #[cfg(test)]

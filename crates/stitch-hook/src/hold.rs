@@ -1,10 +1,10 @@
 //! The event path: the reader thread (answers what needs no hold, queues the rest) and the
 //! hold workers (seize, allow, follow, commit, let go).
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use stitch_engine::EngineError;
@@ -132,12 +132,54 @@ pub(crate) enum Work {
     Stop,
 }
 
+/// A lane's queue of jobs for its workers. A push wakes one idle worker and nobody else (a
+/// `Mutex<Receiver>` shared by the workers woke the next waiting worker on every job, only
+/// for it to block again — a wakeup on the lane's CPU inside the hold).
+#[derive(Default)]
+pub(crate) struct JobQueue {
+    work: Mutex<VecDeque<Work>>,
+    ready: Condvar,
+}
+
+impl JobQueue {
+    /// Queues `work` for one worker. `Err` gives it back when the queue is unusable (a worker
+    /// panicked holding its lock): the caller answers the job itself.
+    pub(crate) fn push(&self, work: Work) -> Result<(), Work> {
+        match self.work.lock() {
+            Ok(mut q) => {
+                q.push_back(work);
+                drop(q);
+                self.ready.notify_one();
+                Ok(())
+            }
+            Err(_) => Err(work),
+        }
+    }
+
+    /// Blocks (no timeout: an idle worker has no periodic wakeup) for the next work; `Stop`
+    /// when the queue is unusable.
+    fn pop(&self) -> Work {
+        let Ok(mut q) = self.work.lock() else {
+            return Work::Stop;
+        };
+        loop {
+            if let Some(w) = q.pop_front() {
+                return w;
+            }
+            q = match self.ready.wait(q) {
+                Ok(g) => g,
+                Err(_) => return Work::Stop,
+            };
+        }
+    }
+}
+
 /// The reader: never opens a file, never blocks on anything but the group (and `stop`).
 /// Sleeps in `poll` with no timeout while nothing waits for a worker: an idle hook has no
 /// periodic wakeup. Returns when `stop` is woken, answering what is still queued.
 ///
 /// Runs pinned to `cpu` (its lane) if given, handing jobs to that lane's workers.
-pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker, cpu: Option<usize>) {
+pub(crate) fn reader(shared: &Shared, jobs: &JobQueue, stop: &Waker, cpu: Option<usize>) {
     let _pin = cpu.and_then(|c| stitch_sys::CpuPin::to(c).ok());
     let _rt = shared.config.realtime.then(RealtimeGuard::enter);
     let mut waiting: Vec<Waiting> = Vec::new();
@@ -219,7 +261,7 @@ pub(crate) fn reader(shared: &Shared, jobs: Sender<Work>, stop: &Waker, cpu: Opt
                 received,
                 cpu,
             };
-            if jobs.send(Work::Job(job)).is_err() {
+            if jobs.push(Work::Job(job)).is_err() {
                 pending.allow(shared);
             }
         }
@@ -304,16 +346,17 @@ fn expire_waiting(shared: &Shared, waiting: &mut Vec<Waiting>) {
     });
 }
 
-/// A hold worker: blocks on the job queue (no periodic wakeup) until [`Work::Stop`].
-pub(crate) fn worker(shared: &Shared, jobs: &Mutex<Receiver<Work>>) {
+/// A hold worker: blocks on its lane's queue (no periodic wakeup) until [`Work::Stop`].
+///
+/// Pinned to its lane's CPU (`cpu`) for life: a library hold's stops then hand that CPU back
+/// and forth with the held thread (it raised the event there). Pinning per job instead cost a
+/// migration inside every hold (~25-45 us here: the worker had last run elsewhere).
+pub(crate) fn worker(shared: &Shared, jobs: &JobQueue, cpu: Option<usize>) {
+    let _home = cpu.and_then(|c| stitch_sys::CpuPin::to(c).ok());
     loop {
-        let work = {
-            let Ok(rx) = jobs.lock() else { return };
-            rx.recv()
-        };
-        let mut job = match work {
-            Ok(Work::Job(j)) => j,
-            Ok(Work::Stop) | Err(_) => return,
+        let mut job = match jobs.pop() {
+            Work::Job(j) => j,
+            Work::Stop => return,
         };
         if shared.stopping.load(Ordering::SeqCst) {
             // Stopping: no new hold.
@@ -536,14 +579,9 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
     // A library hold hands the CPU back and forth with its thread at each ptrace stop; with
     // the worker on the CPU the thread runs on, each stop is a switch on that CPU instead of
     // a wakeup of another CPU — idle (slow to wake in a VM) or busy (a wait for its time
-    // slice). The lane's CPU is where the event was raised: pinned before the seize. An exec
-    // hold pins at `PTRACE_EVENT_EXEC` instead (`follow_exec`): the kernel may move an
-    // exec'ing task to another CPU.
-    let lane_pin = if exec {
-        None
-    } else {
-        job.cpu.and_then(|c| stitch_sys::CpuPin::to(c).ok())
-    };
+    // slice). The worker already runs on its lane's CPU, where the event was raised (see
+    // `worker`). An exec hold moves at `PTRACE_EVENT_EXEC` (`follow_exec`): the kernel may
+    // move an exec'ing task to another CPU.
     let _rt = shared.config.realtime_holds.then(RealtimeGuard::enter);
     let checked = Instant::now();
     let seizing = |at: Option<Instant>| {
@@ -598,7 +636,7 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
     let allowed = Instant::now();
     // No lane CPU (no affinity known): pin to where the thread last ran, after the answer so
     // the move overlaps the end of its syscall.
-    let pin = if exec || lane_pin.is_some() {
+    let pin = if exec || job.cpu.is_some() {
         None
     } else {
         stitch_sys::last_cpu_of(tid).and_then(|c| stitch_sys::CpuPin::to(c).ok())
@@ -621,7 +659,6 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
     // The thread is let go: a sibling's hold waiting for ours may go on, and reporting (or a
     // live patch after a miss) needs neither the pinned CPU nor the count.
     drop(pin);
-    drop(lane_pin);
     drop(in_process);
     match outcome {
         Outcome::Patched {
@@ -1035,7 +1072,7 @@ fn follow_exec(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: Inst
             HoldStop::Exec => {
                 // The commit's stops, on the CPU the exec ended on (see `handle`).
                 let _pin = stitch_sys::last_cpu_of(hold.tid())
-                    .and_then(|c| stitch_sys::CpuPin::to(c).ok());
+                    .and_then(|c| stitch_sys::CpuPin::among(c, &shared.cpus).ok());
                 // The executable's text, from where the kernel put its program headers and
                 // the file the exec opened: the plan then reads no maps (checked under the
                 // stop by `commit_known`). Only when every bundle's sites fit one segment and

@@ -272,8 +272,8 @@ pub enum HookEvent {
 pub struct Hook {
     /// Wakes the directory watcher on stop.
     stop: Arc<stitch_sys::Waker>,
-    /// One sender per worker, into its lane's queue (to hand each a [`hold::Work::Stop`]).
-    jobs: Vec<Sender<hold::Work>>,
+    /// Each lane's queue, once per worker of the lane (to hand each a [`hold::Work::Stop`]).
+    jobs: Vec<Arc<hold::JobQueue>>,
     /// Workers and the directory watcher.
     threads: Vec<JoinHandle<()>>,
     /// Stops the fanotify reader — only after every worker has finished: a worker in the
@@ -297,6 +297,9 @@ impl std::fmt::Debug for Hook {
 /// State shared by the threads.
 pub(crate) struct Shared {
     pub(crate) config: HookConfig,
+    /// The CPUs the hook may run on (empty when unknown). A lane's workers are pinned to its
+    /// CPU; an exec hold moves its worker to any of these.
+    pub(crate) cpus: Vec<usize>,
     pub(crate) group: stitch_sys::PermissionGroup,
     pub(crate) targets: targets::Targets,
     pub(crate) engine: stitch_engine::Engine,
@@ -351,7 +354,11 @@ impl Hook {
         let mut engine = stitch_engine::Engine::new();
         engine.options.stop_timeout = config.hold_timeout.min(Duration::from_millis(100));
         engine.options.realtime = config.realtime_holds;
+        // The CPUs this process may run on (empty when unknown): one lane each, up to
+        // MAX_LANES (below).
+        let cpus = stitch_sys::allowed_cpus().unwrap_or_default();
         let shared = Arc::new(Shared {
+            cpus: cpus.clone(),
             targets: targets::Targets::new(bundles, exec_holds, config.watch_mappings),
             config,
             group,
@@ -372,9 +379,10 @@ impl Hook {
         // Every reader is woken by an event; the one on the CPU of the thread that raised it
         // runs first (that thread just blocked) and takes it, so the answer and the hold's
         // stops stay on that CPU — a wakeup across CPUs costs ~15-30 us in a VM.
-        let lanes: Vec<Option<usize>> = match stitch_sys::allowed_cpus() {
-            Ok(cpus) if !cpus.is_empty() => cpus.into_iter().take(MAX_LANES).map(Some).collect(),
-            _ => vec![None],
+        let lanes: Vec<Option<usize>> = if cpus.is_empty() {
+            vec![None]
+        } else {
+            cpus.into_iter().take(MAX_LANES).map(Some).collect()
         };
         // From here on, every thread spawned is stopped again by `hook`'s Drop if a later
         // step fails.
@@ -389,23 +397,22 @@ impl Hook {
         };
         for cpu in lanes {
             let lane = cpu.map_or_else(|| "any".to_string(), |c| c.to_string());
-            let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<hold::Work>();
-            let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+            let queue = Arc::new(hold::JobQueue::default());
             for i in 0..workers {
-                let (s, r) = (shared.clone(), jobs_rx.clone());
+                let (s, q) = (shared.clone(), queue.clone());
                 hook.threads.push(
                     std::thread::Builder::new()
                         .name(format!("stitch-hold-{lane}-{i}"))
-                        .spawn(move || hold::worker(&s, &r))
+                        .spawn(move || hold::worker(&s, &q, cpu))
                         .map_err(HookError::Spawn)?,
                 );
-                hook.jobs.push(jobs_tx.clone());
+                hook.jobs.push(queue.clone());
             }
             let (s, st) = (shared.clone(), reader_stop.clone());
             hook.readers.push(
                 std::thread::Builder::new()
                     .name(format!("stitch-fanotify-{lane}"))
-                    .spawn(move || hold::reader(&s, jobs_tx, &st, cpu))
+                    .spawn(move || hold::reader(&s, &queue, &st, cpu))
                     .map_err(HookError::Spawn)?,
             );
         }
@@ -477,7 +484,7 @@ impl Hook {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.stop.wake();
         for jobs in self.jobs.drain(..) {
-            let _ = jobs.send(hold::Work::Stop);
+            let _ = jobs.push(hold::Work::Stop);
         }
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -1627,9 +1627,10 @@ fn two_threads_loading_two_targets_at_once_do_not_wait_for_each_other() {
     assert_eq!(missed["reason"], "OtherThreadHeld", "{missed}");
 }
 
-/// A hold pins its worker to the CPU the held thread last ran on (a library hold from the
-/// start, an exec hold from the exec on; each ptrace stop is then a switch on one CPU). The hazard: a worker left pinned after the hold, every later
-/// hold (and, in the agent, that thread for good) confined to one CPU.
+/// A lane's reader and workers live on the lane's CPU; an exec hold moves its worker to the
+/// CPU the exec ended on for its commit (each ptrace stop is then a switch on one CPU). The
+/// hazard: a worker left on the exec's CPU after the hold (its lane's library holds would then
+/// wake another CPU at every stop), or any other thread of the hook confined to one CPU.
 #[test]
 fn hold_workers_get_their_cpu_affinity_back_after_a_hold() {
     let Some((_s, fx)) = setup(&[]) else {
@@ -1667,14 +1668,19 @@ fn hold_workers_get_their_cpu_affinity_back_after_a_hold() {
         .flatten()
     {
         let tid = t.file_name().to_string_lossy().into_owned();
-        // Readers are pinned for life, one per CPU (their lane); nothing else is.
-        let name = std::fs::read_to_string(format!("/proc/{hook_pid}/task/{tid}/comm"))
+        // Readers and workers are pinned for life to their lane's CPU (a worker's is in its
+        // name, stitch-hold-LANE-I; a reader's is cut off the 15-byte comm); nothing else is.
+        let comm = std::fs::read_to_string(format!("/proc/{hook_pid}/task/{tid}/comm"))
             .unwrap_or_default();
+        let name = comm.trim();
         if name.starts_with("stitch-fanotify") {
             assert!(!allowed(&tid).contains([',', '-']), "a reader on one CPU");
-            continue;
+        } else if let Some(rest) = name.strip_prefix("stitch-hold-") {
+            let lane = rest.split('-').next().unwrap_or("");
+            assert_eq!(allowed(&tid), lane, "worker {name} off its lane");
+        } else {
+            assert_eq!(allowed(&tid), whole, "thread {name} ({tid}) left pinned");
         }
-        assert_eq!(allowed(&tid), whole, "thread {tid} left pinned");
     }
 }
 

@@ -583,6 +583,7 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
     // `worker`). An exec hold moves at `PTRACE_EVENT_EXEC` (`follow_exec`): the kernel may
     // move an exec'ing task to another CPU.
     let _rt = shared.config.realtime_holds.then(RealtimeGuard::enter);
+    pause_at(shared, crate::PausePoint::BeforeSeize);
     let checked = Instant::now();
     let seizing = |at: Option<Instant>| {
         if exec && let Ok(mut st) = job.pending.0.lock() {
@@ -690,6 +691,21 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
             module: job.path.clone(),
             reason,
         }),
+    }
+}
+
+/// Waits at `point` if [`crate::HOLD_PAUSE_ENV`] asks for it (tests only).
+fn pause_at(shared: &Shared, point: crate::PausePoint) {
+    if let Some((at, how_long)) = shared.test_pause
+        && at == point
+    {
+        tracing::warn!(
+            ?point,
+            ?how_long,
+            "{}: pausing the hold",
+            crate::HOLD_PAUSE_ENV
+        );
+        std::thread::sleep(how_long);
     }
 }
 
@@ -1032,6 +1048,7 @@ fn follow_mapping(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: I
                     return Outcome::Skipped(SkipReason::NotMappedExecutable);
                 }
                 let known = just_mapped(job, r.rax, r.rsi, r.r9);
+                pause_at(shared, crate::PausePoint::Stopped);
                 return match try_commit(
                     shared,
                     hold,

@@ -69,6 +69,32 @@ use std::time::Duration;
 use stitch_format::VerifiedBundle;
 use stitch_sys::Pid;
 
+/// Test hook: `STITCH_TEST_HOLD_PAUSE=<point>:<ms>` makes every hold wait that long at that
+/// point, so a test can act (press Ctrl-Z, kill the hook) inside a hold that otherwise lasts
+/// a few hundred microseconds. Points: `before_seize` (any hold: the thread still blocked in
+/// the kernel, its event unanswered) and `stopped` (a mapping hold: the thread in our stop
+/// right after its `mmap`, before the commit). Read once at [`Hook::start`]; inert unless set.
+pub const HOLD_PAUSE_ENV: &str = "STITCH_TEST_HOLD_PAUSE";
+
+/// Where a hold pauses under [`HOLD_PAUSE_ENV`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PausePoint {
+    BeforeSeize,
+    Stopped,
+}
+
+/// Parses [`HOLD_PAUSE_ENV`]'s value (`None` for anything malformed: a typo must not pause
+/// holds somewhere unexpected).
+pub(crate) fn parse_hold_pause(v: &str) -> Option<(PausePoint, Duration)> {
+    let (point, ms) = v.split_once(':')?;
+    let point = match point {
+        "before_seize" => PausePoint::BeforeSeize,
+        "stopped" => PausePoint::Stopped,
+        _ => return None,
+    };
+    Some((point, Duration::from_millis(ms.parse().ok()?)))
+}
+
 /// At most this many CPU lanes (reader + workers pinned to one CPU); a host with more CPUs
 /// has events raised on the others picked up by a lane's reader across CPUs.
 const MAX_LANES: usize = 16;
@@ -300,6 +326,8 @@ pub(crate) struct Shared {
     /// The CPUs the hook may run on (empty when unknown). A lane's workers are pinned to its
     /// CPU; an exec hold moves its worker to any of these.
     pub(crate) cpus: Vec<usize>,
+    /// [`HOLD_PAUSE_ENV`], if set.
+    pub(crate) test_pause: Option<(PausePoint, Duration)>,
     pub(crate) group: stitch_sys::PermissionGroup,
     pub(crate) targets: targets::Targets,
     pub(crate) engine: stitch_engine::Engine,
@@ -359,6 +387,9 @@ impl Hook {
         let cpus = stitch_sys::allowed_cpus().unwrap_or_default();
         let shared = Arc::new(Shared {
             cpus: cpus.clone(),
+            test_pause: std::env::var(HOLD_PAUSE_ENV)
+                .ok()
+                .and_then(|v| parse_hold_pause(&v)),
             targets: targets::Targets::new(bundles, exec_holds, config.watch_mappings),
             config,
             group,
@@ -499,5 +530,33 @@ impl Hook {
 impl Drop for Hook {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hold_pause_knob_parses_only_its_exact_form() {
+        assert_eq!(
+            parse_hold_pause("stopped:1500"),
+            Some((PausePoint::Stopped, Duration::from_millis(1500)))
+        );
+        assert_eq!(
+            parse_hold_pause("before_seize:0"),
+            Some((PausePoint::BeforeSeize, Duration::ZERO))
+        );
+        for bad in [
+            "",
+            "stopped",
+            "stopped:",
+            "stopped:x",
+            "after:10",
+            ":10",
+            "stopped:-1",
+        ] {
+            assert_eq!(parse_hold_pause(bad), None, "{bad:?}");
+        }
     }
 }

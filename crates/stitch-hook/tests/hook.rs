@@ -1927,6 +1927,102 @@ fn ctrl_z_during_a_hold_keeps_job_control_right() {
     );
 }
 
+/// `State:` letter of a process (`R`, `S`, `D`, `T`, `t`, ...).
+fn state_of(pid: i32) -> char {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
+        .unwrap_or('?')
+}
+
+/// Ctrl-Z pressed while a library is held at its code mapping — a hold of a few hundred
+/// microseconds, stretched to 1.5 s by `STITCH_TEST_HOLD_PAUSE` at each of its two phases:
+/// the thread still blocked in the kernel on its unanswered event (the signal waits there:
+/// the wait is killable only), and the thread in our stop right after its `mmap` (the signal
+/// waits for our resume). The hazards: the stop swallowed (the shell never sees `Stopped`),
+/// the program run on while the shell believes it stopped, a stop reported twice, or the
+/// hold given up (library unpatched) because a signal came in between.
+#[test]
+fn ctrl_z_during_a_mapping_hold_stops_the_job_once_and_the_library_is_patched() {
+    let Some((_s, fx)) = setup(&["tmux", "bash"]) else {
+        return;
+    };
+    let lib = fx.lib(1);
+    if !needs_mapping_events(&lib) {
+        return;
+    }
+    let prog = fx.gcc(SLOW_OPEN_C, "slow_open", &["-ldl"]);
+    let b = fx.bundle(&lib, "ST-2026-9040");
+    for (n, point) in ["before_seize", "stopped"].into_iter().enumerate() {
+        let pause = format!("{point}:1500");
+        let mut h = Hookd::start_with_env(
+            &fx,
+            &[&b],
+            &["--hold-timeout-ms", "20000"],
+            &[("STITCH_TEST_HOLD_PAUSE", &pause)],
+        );
+        let t = Tmux::start();
+        t.keys(&[&format!("{} {} 0", prog.display(), lib.display()), "Enter"]);
+        t.wait_screen("opened", Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(300));
+        let pid = pid_of("slow_open").expect("program running");
+        // Inside the hold: blocked in the kernel on the event (`D`, no tracer yet), or in our
+        // stop (`t`, traced by the hook).
+        if point == "before_seize" {
+            assert_eq!(state_of(pid), 'D', "{point}: blocked on its event");
+            assert_eq!(tracer_of(pid), 0, "{point}: not seized yet");
+        } else {
+            assert_eq!(state_of(pid), 't', "{point}: in our stop");
+            assert_eq!(
+                tgid_of(tracer_of(pid)),
+                h.pid(),
+                "{point}: held by the hook"
+            );
+        }
+        t.keys(&["C-z"]);
+        // The hold ends (patched), then the stop takes effect: the shell sees it once.
+        let ev = h
+            .wait_for(Duration::from_secs(10), |v| {
+                event_is(v, "patched", pid.cast_unsigned())
+            })
+            .unwrap_or_else(|| panic!("{point}: the library was patched despite the Ctrl-Z"));
+        assert_eq!(ev["syscalls"], 0, "{point}: held at the mapping");
+        let s = t.wait_screen("Stopped", Duration::from_secs(5));
+        assert!(
+            !s.contains("value"),
+            "{point}: stopped before it ran on:\n{s}"
+        );
+        assert_eq!(s.matches("Stopped").count(), 1, "{point}: one stop:\n{s}");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(state_of(pid), 'T', "{point}: a plain job-control stop");
+        assert_eq!(tracer_of(pid), 0, "{point}: let go");
+        let marker = format!("END{}", 50 + n);
+        t.keys(&[&format!("jobs; echo END$((50+{n}))"), "Enter"]);
+        let s = t.wait_screen(&marker, Duration::from_secs(5));
+        let after = s
+            .rsplit(&format!("echo END$((50+{n}))"))
+            .next()
+            .unwrap_or("");
+        assert!(
+            after.contains("Stopped"),
+            "{point}: jobs shows it stopped:\n{s}"
+        );
+        assert!(!t.screen().contains("value"), "{point}: still stopped");
+        t.keys(&["fg", "Enter"]);
+        t.wait_screen("type a line", Duration::from_secs(10));
+        let s = t.screen();
+        assert!(
+            s.contains("ctor 1000") && s.contains("value 1000"),
+            "{point}: {s}"
+        );
+        t.keys(&["hi", "Enter"]);
+        t.wait_screen("got hi value 1000", Duration::from_secs(10));
+        assert_jobs_empty(&t);
+        drop(t);
+        drop(h);
+    }
+}
+
 /// Sleeps before `main` prints, so a live patch right after the exec is visible.
 const EXE_SLOW_C: &str = r#"
 #include <stdio.h>

@@ -580,8 +580,7 @@ fn handle(shared: &Shared, job: &Job, picked: Instant) {
     // the worker on the CPU the thread runs on, each stop is a switch on that CPU instead of
     // a wakeup of another CPU — idle (slow to wake in a VM) or busy (a wait for its time
     // slice). The worker already runs on its lane's CPU, where the event was raised (see
-    // `worker`). An exec hold moves at `PTRACE_EVENT_EXEC` (`follow_exec`): the kernel may
-    // move an exec'ing task to another CPU.
+    // `worker`).
     let _rt = shared.config.realtime_holds.then(RealtimeGuard::enter);
     pause_at(shared, crate::PausePoint::BeforeSeize);
     let checked = Instant::now();
@@ -1087,9 +1086,10 @@ fn follow_exec(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: Inst
         };
         let resumed = match stop {
             HoldStop::Exec => {
-                // The commit's stops, on the CPU the exec ended on (see `handle`).
-                let _pin = stitch_sys::last_cpu_of(hold.tid())
-                    .and_then(|c| stitch_sys::CpuPin::among(c, &shared.cpus).ok());
+                // The worker stays on its lane's CPU, where the exec began; the exec may have
+                // ended on another. Moving the worker there (a migration, ~30 us here) cost
+                // more than its stops across CPUs save: exec hold p50 382-410 us moved,
+                // 357-377 us not (load_time bench, alternating runs).
                 // The executable's text, from where the kernel put its program headers and
                 // the file the exec opened: the plan then reads no maps (checked under the
                 // stop by `commit_known`). Only when every bundle's sites fit one segment and

@@ -323,9 +323,6 @@ impl std::fmt::Debug for Hook {
 /// State shared by the threads.
 pub(crate) struct Shared {
     pub(crate) config: HookConfig,
-    /// The CPUs the hook may run on (empty when unknown). A lane's workers are pinned to its
-    /// CPU; an exec hold moves its worker to any of these.
-    pub(crate) cpus: Vec<usize>,
     /// [`HOLD_PAUSE_ENV`], if set.
     pub(crate) test_pause: Option<(PausePoint, Duration)>,
     pub(crate) group: stitch_sys::PermissionGroup,
@@ -386,7 +383,6 @@ impl Hook {
         // MAX_LANES (below).
         let cpus = stitch_sys::allowed_cpus().unwrap_or_default();
         let shared = Arc::new(Shared {
-            cpus: cpus.clone(),
             test_pause: std::env::var(HOLD_PAUSE_ENV)
                 .ok()
                 .and_then(|v| parse_hold_pause(&v)),

@@ -82,28 +82,9 @@ impl CpuPin {
         if !cpu_isset(cpu, &previous) {
             return Err(SysError::InvalidArgument(format!("cpu {cpu} not allowed")));
         }
-        Self::set(cpu, previous)
-    }
-
-    /// Pins the calling thread to `cpu` if it is one of `allowed` (the CPUs the process may
-    /// use, from [`allowed_cpus`] before any pin) — for a thread already pinned elsewhere,
-    /// whose current set holds one CPU. The previous (current) affinity is restored on drop.
-    ///
-    /// # Errors
-    /// [`SysError::Os`] (also when the kernel refuses the CPU); [`SysError::InvalidArgument`]
-    /// for a CPU not in `allowed`.
-    pub fn among(cpu: usize, allowed: &[usize]) -> Result<Self> {
-        if !allowed.contains(&cpu) || cpu >= libc::CPU_SETSIZE as usize {
-            return Err(SysError::InvalidArgument(format!("cpu {cpu} not allowed")));
-        }
-        Self::set(cpu, get_affinity()?)
-    }
-
-    fn set(cpu: usize, previous: libc::cpu_set_t) -> Result<Self> {
         // SAFETY: all-zero is an empty cpu_set_t.
         let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `cpu` is below CPU_SETSIZE (both callers check it), so the bit lies inside
-        // `one`.
+        // SAFETY: `cpu` is below CPU_SETSIZE (checked above), so the bit lies inside `one`.
         unsafe { libc::CPU_SET(cpu, &mut one) };
         set_affinity(&one)?;
         Ok(Self {
@@ -146,25 +127,5 @@ mod tests {
         let cpus = allowed_cpus().unwrap();
         assert!(cpus.contains(&cpu));
         assert!(cpus.windows(2).all(|w| w[0] < w[1]));
-    }
-
-    #[test]
-    fn thread_pinned_for_life_moves_to_another_allowed_cpu_and_back() {
-        let cpus = allowed_cpus().unwrap();
-        let (home, other) = (cpus[0], *cpus.last().unwrap());
-        let _home = CpuPin::to(home).unwrap();
-        // `to` only knows the current (pinned) set: another CPU is refused there.
-        if other != home {
-            assert!(CpuPin::to(other).is_err());
-        }
-        {
-            let _moved = CpuPin::among(other, &cpus).unwrap();
-            // SAFETY: sched_getcpu takes no arguments.
-            assert_eq!(unsafe { libc::sched_getcpu() }, other as i32);
-        }
-        // SAFETY: sched_getcpu takes no arguments.
-        assert_eq!(unsafe { libc::sched_getcpu() }, home as i32);
-        assert!(allowed_cpus().unwrap() == vec![home]);
-        assert!(CpuPin::among(libc::CPU_SETSIZE as usize, &cpus).is_err());
     }
 }

@@ -173,6 +173,8 @@ pub struct ElfFile<'a> {
     soname: bool,
     /// `e_entry`.
     entry: u64,
+    /// False for [`ElfFile::parse_layout`]: no symbol table was read.
+    symbols_read: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -245,6 +247,24 @@ impl<'a> ElfFile<'a> {
     /// files: a PT_LOAD extending past the end of `data`, an unreadable section,
     /// symbol, version or note table are all [`ElfError::Malformed`].
     pub fn parse(data: &'a [u8]) -> Result<Self, ElfError> {
+        Self::parse_with(data, true)
+    }
+
+    /// Like [`Self::parse`] but reads no symbol table, for callers that need the layout
+    /// only — load segments, build-id, kind, entry, code ranges: the load-time hook plans
+    /// under a hold, where collecting and sorting libc's symbols cost ~95 us of it (layout
+    /// alone: a few us). Symbol tables are not validated either. The symbol lookups
+    /// ([`Self::symbol`], [`Self::symbol_info`], [`Self::exported_symbol`],
+    /// [`Self::symbols`], [`Self::symbol_containing`]) find nothing on it; debug builds
+    /// assert they are not called.
+    ///
+    /// # Errors
+    /// As [`Self::parse`], except for symbol and version tables.
+    pub fn parse_layout(data: &'a [u8]) -> Result<Self, ElfError> {
+        Self::parse_with(data, false)
+    }
+
+    fn parse_with(data: &'a [u8], read_symbols: bool) -> Result<Self, ElfError> {
         check_ident(data)?;
         let header = Header::parse(data).map_err(malformed("file header"))?;
         let kind = match header.e_type(LE) {
@@ -300,22 +320,27 @@ impl<'a> ElfFile<'a> {
             ranges
         });
 
-        let symtab = sections
-            .symbols(LE, data, abi::SHT_SYMTAB)
-            .map_err(malformed(".symtab"))?;
-        let dynsym = sections
-            .symbols(LE, data, abi::SHT_DYNSYM)
-            .map_err(malformed(".dynsym"))?;
-        let versions = sections
-            .versions(LE, data)
-            .map_err(malformed("symbol versions"))?;
-        let mut syms = collect_symbols(&symtab, None)?;
-        let dynsym_start = syms.len();
-        syms.extend(collect_symbols(&dynsym, Some(versions.as_ref()))?);
+        let (syms, dynsym_start, by_addr, max_size) = if read_symbols {
+            let symtab = sections
+                .symbols(LE, data, abi::SHT_SYMTAB)
+                .map_err(malformed(".symtab"))?;
+            let dynsym = sections
+                .symbols(LE, data, abi::SHT_DYNSYM)
+                .map_err(malformed(".dynsym"))?;
+            let versions = sections
+                .versions(LE, data)
+                .map_err(malformed("symbol versions"))?;
+            let mut syms = collect_symbols(&symtab, None)?;
+            let dynsym_start = syms.len();
+            syms.extend(collect_symbols(&dynsym, Some(versions.as_ref()))?);
 
-        let mut by_addr: Vec<usize> = (0..syms.len()).collect();
-        by_addr.sort_by_key(|&i| syms[i].vaddr);
-        let max_size = syms.iter().map(|s| s.size).max().unwrap_or(0);
+            let mut by_addr: Vec<usize> = (0..syms.len()).collect();
+            by_addr.sort_by_key(|&i| syms[i].vaddr);
+            let max_size = syms.iter().map(|s| s.size).max().unwrap_or(0);
+            (syms, dynsym_start, by_addr, max_size)
+        } else {
+            (Vec::new(), 0, Vec::new(), 0)
+        };
 
         Ok(Self {
             data,
@@ -331,7 +356,17 @@ impl<'a> ElfFile<'a> {
             interp,
             soname,
             entry: header.e_entry(LE),
+            symbols_read: read_symbols,
         })
+    }
+
+    /// Symbol lookups on a [`Self::parse_layout`] file are a caller's bug: it would find
+    /// nothing and take that for an answer.
+    fn symbols_wanted(&self) {
+        debug_assert!(
+            self.symbols_read,
+            "symbol lookup on an ElfFile from parse_layout (use parse)"
+        );
     }
 
     /// The bytes this file was parsed from.
@@ -432,6 +467,7 @@ impl<'a> ElfFile<'a> {
 
     /// Like [`Self::symbol`] but with kind, binding and version.
     pub fn symbol_info(&self, name: &str) -> Option<SymbolInfo> {
+        self.symbols_wanted();
         let (symtab, dynsym) = self.syms.split_at(self.dynsym_start);
         lookup(symtab, name, false)
             .or_else(|| lookup(dynsym, name, false))
@@ -442,11 +478,13 @@ impl<'a> ElfFile<'a> {
     /// global or weak, default or protected visibility. Version rules as in
     /// [`Self::symbol`], so a plain name gets the default version.
     pub fn exported_symbol(&self, name: &str) -> Option<Symbol> {
+        self.symbols_wanted();
         lookup(&self.syms[self.dynsym_start..], name, true).map(SymEntry::symbol)
     }
 
     /// Every defined symbol (`.symtab` then `.dynsym`), for listings and indexing.
     pub fn symbols(&self) -> impl Iterator<Item = SymbolInfo> + '_ {
+        self.symbols_wanted();
         self.syms.iter().map(SymEntry::info)
     }
 
@@ -454,6 +492,7 @@ impl<'a> ElfFile<'a> {
     /// sized symbol over a zero-size label at exactly `vaddr`, a function, the
     /// innermost (highest start), global over local, `.symtab` over `.dynsym`.
     pub fn symbol_containing(&self, vaddr: u64) -> Option<(Symbol, u64)> {
+        self.symbols_wanted();
         let end = self
             .by_addr
             .partition_point(|&i| self.syms[i].vaddr <= vaddr);

@@ -1085,3 +1085,25 @@ proptest! {
         stitch_elf::fuzz::elf_and_maps(&data, &text);
     }
 }
+
+/// The load-time hook plans with `parse_layout` (no symbol tables: libc's cost ~95 us under
+/// a hold). The hazard: a layout that differs from the full parse — another bias, build-id,
+/// code range or library/interpreter verdict would patch or refuse the wrong bytes.
+#[test]
+fn layout_parse_of_libc_and_of_a_pie_agrees_with_the_full_parse() {
+    let (_, libc) = system_libc();
+    let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    for bytes in [&libc, &exe] {
+        let full = ElfFile::parse(bytes).unwrap();
+        let layout = ElfFile::parse_layout(bytes).unwrap();
+        assert_eq!(layout.load_segments(), full.load_segments());
+        assert_eq!(layout.build_id(), full.build_id());
+        assert!(layout.build_id().is_some());
+        assert_eq!(layout.kind(), full.kind());
+        assert_eq!(layout.machine(), full.machine());
+        assert_eq!(layout.is_library(), full.is_library());
+        assert_eq!(layout.is_interpreter(), full.is_interpreter());
+        assert_eq!(layout.executable_ranges(), full.executable_ranges());
+        assert!(!full.executable_ranges().is_empty());
+    }
+}

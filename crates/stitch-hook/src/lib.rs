@@ -370,6 +370,9 @@ impl Hook {
         if bundles.is_empty() {
             return Err(HookError::NoBundles);
         }
+        // Built now, not inside the first hold (which linked trampolines with them: the first
+        // load of a target after a start took ~1.3 ms instead of ~0.4).
+        stitch_x86::warm_up();
         let group = stitch_sys::PermissionGroup::new()?;
         let exec_holds = match config.exec_holds {
             ExecHolds::Never => false,

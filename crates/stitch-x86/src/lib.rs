@@ -178,3 +178,20 @@ pub fn site_bytes(at: u64, len: usize, trampoline: u64) -> Option<Vec<u8>> {
     b.resize(len.max(JMP_REL32_LEN), SITE_PAD);
     Some(b)
 }
+
+/// Runs the decoder and the block encoder once on a few representative instructions, so that
+/// iced-x86's tables, built on first use, are built now rather than inside the first
+/// [`link_patchlet`] — for a caller that links under a deadline (the load-time hook links while
+/// a thread is held: the first hold after a start paid ~0.8 ms for them). Idempotent, cheap
+/// after the first call.
+pub fn warm_up() {
+    // mov rax,[rip+0x10]; call rel32; lea rcx,[rip-0x20]; jne rel8; endbr64; push rbp
+    const CODE: [u8; 25] = [
+        0x48, 0x8b, 0x05, 0x10, 0, 0, 0, 0xe8, 0, 1, 0, 0, 0x48, 0x8d, 0x0d, 0xe0, 0xff, 0xff,
+        0xff, 0x75, 0x02, 0xf3, 0x0f, 0x1e, 0xfa,
+    ];
+    let mut decoder = Decoder::with_ip(64, &CODE, 0x40_1000, DecoderOptions::NONE);
+    let insns: Vec<Instruction> = decoder.iter().collect();
+    let block = iced_x86::InstructionBlock::new(&insns, 0x7f00_0000_0000);
+    let _ = iced_x86::BlockEncoder::encode(64, block, iced_x86::BlockEncoderOptions::NONE);
+}

@@ -4,7 +4,11 @@
 //! cargo bench -p stitch-hook --bench load_time            # idle machine
 //! cargo bench -p stitch-hook --bench load_time -- --busy  # plus one busy loop per core
 //! cargo bench -p stitch-hook --bench load_time -- --realtime-holds  # holds at SCHED_FIFO
+//! cargo bench -p stitch-hook --bench load_time -- --programs-on-one-cpu  # see below
 //! ```
+//! `--programs-on-one-cpu` runs the measured programs (not the hook) on the first CPU: no
+//! program moves between CPUs, so the difference to a normal run is what the hook's answers
+//! cost by moving a woken program to another (idle, slow to wake in a VM) CPU.
 //! Measures, in the same run and interleaved (no hook, hook, no hook, hook, ... `--rounds=8`):
 //! exec of a target and a non-target executable, a program linked at start-up against a
 //! target and a non-target library, and dlopen of a target and a non-target library (timed
@@ -221,6 +225,9 @@ fn main() {
         return;
     }
     let busy = args.iter().any(|a| a == "--busy");
+    // The programs (not the hook) on the first CPU: no program migrates between CPUs, so
+    // what remains is what the hook costs where the thread runs.
+    let programs_on_one_cpu = args.iter().any(|a| a == "--programs-on-one-cpu");
     // Passed on to stitch-hookd (e.g. --realtime-holds).
     let hookd_args: Vec<&str> = args
         .iter()
@@ -282,6 +289,11 @@ fn main() {
     for round in 0..rounds {
         let hook_on = round % 2 == 1;
         let hook = hook_on.then(|| start_hook(&fx, &keys, &bundles, &hookd_args));
+        // After the hook started (it keeps every CPU); the programs inherit this thread's.
+        let _pin = programs_on_one_cpu
+            .then(|| stitch_sys::allowed_cpus().ok()?.first().copied())
+            .flatten()
+            .and_then(|c| stitch_sys::CpuPin::to(c).ok());
         // Non-target cases first, in their own loop: a hold that just ended still has work
         // on the hook's side (reporting) that would land on the next run.
         for targets in [false, true] {

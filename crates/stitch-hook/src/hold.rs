@@ -1086,10 +1086,16 @@ fn follow_exec(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: Inst
         };
         let resumed = match stop {
             HoldStop::Exec => {
-                // The worker stays on its lane's CPU, where the exec began; the exec may have
-                // ended on another. Moving the worker there (a migration, ~30 us here) cost
-                // more than its stops across CPUs save: exec hold p50 382-410 us moved,
-                // 357-377 us not (load_time bench, alternating runs).
+                // The commit's stops on one CPU: the exec may have ended on another CPU than
+                // the one it began on (the kernel balances at exec; our answer to its second
+                // event can move it). Staying put saved the move (a migration, ~30 us here)
+                // on an idle host, but with every CPU busy each stop across CPUs waited for a
+                // time slice: exec hold p50 16 ms staying, 3.8-4.3 ms moved (`--busy`); idle,
+                // moving only when the CPUs differ costs no measurable time (342-360 against
+                // 356-367 us). The worker returns to its lane after.
+                let _move = stitch_sys::last_cpu_of(hold.tid())
+                    .filter(|&c| stitch_sys::current_cpu() != Some(c) && shared.cpus.contains(&c))
+                    .and_then(|c| stitch_sys::CpuPin::to_set(&[c]).ok());
                 // The executable's text, from where the kernel put its program headers and
                 // the file the exec opened: the plan then reads no maps (checked under the
                 // stop by `commit_known`). Only when every bundle's sites fit one segment and

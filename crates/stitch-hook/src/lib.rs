@@ -323,6 +323,9 @@ impl std::fmt::Debug for Hook {
 /// State shared by the threads.
 pub(crate) struct Shared {
     pub(crate) config: HookConfig,
+    /// The CPUs the hook's process may run on (empty when unknown): an exec hold's worker
+    /// may move to any of them.
+    pub(crate) cpus: Vec<usize>,
     /// [`HOLD_PAUSE_ENV`], if set.
     pub(crate) test_pause: Option<(PausePoint, Duration)>,
     pub(crate) group: stitch_sys::PermissionGroup,
@@ -386,6 +389,7 @@ impl Hook {
         // MAX_LANES (below).
         let cpus = stitch_sys::allowed_cpus().unwrap_or_default();
         let shared = Arc::new(Shared {
+            cpus: cpus.clone(),
             test_pause: std::env::var(HOLD_PAUSE_ENV)
                 .ok()
                 .and_then(|v| parse_hold_pause(&v)),

@@ -1627,9 +1627,10 @@ fn two_threads_loading_two_targets_at_once_do_not_wait_for_each_other() {
     assert_eq!(missed["reason"], "OtherThreadHeld", "{missed}");
 }
 
-/// A lane's reader and workers live on the lane's CPU, for library and exec holds alike. The
-/// hazard: a worker moved off its lane by a hold (its lane's library holds would then wake
-/// another CPU at every stop), or any other thread of the hook confined to one CPU.
+/// A lane's reader and workers live on the lane's CPU; an exec hold moves its worker to the
+/// CPU the exec ended on for its commit, when that is another. The hazard: a worker left off
+/// its lane after the hold (its lane's library holds would then wake another CPU at every
+/// stop), or any other thread of the hook confined to one CPU.
 #[test]
 fn hold_workers_get_their_cpu_affinity_back_after_a_hold() {
     let Some((_s, fx)) = setup(&[]) else {

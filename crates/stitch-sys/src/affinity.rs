@@ -16,6 +16,13 @@ pub fn last_cpu_of(tid: Tid) -> Option<usize> {
     rest.split_whitespace().nth(36)?.parse().ok()
 }
 
+/// The CPU the calling thread runs on right now (`None` if the kernel cannot say).
+#[must_use]
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes no arguments and touches no memory of ours.
+    usize::try_from(unsafe { libc::sched_getcpu() }).ok()
+}
+
 fn cpu_isset(cpu: usize, set: &libc::cpu_set_t) -> bool {
     if cpu >= libc::CPU_SETSIZE as usize {
         return false;
@@ -82,11 +89,33 @@ impl CpuPin {
         if !cpu_isset(cpu, &previous) {
             return Err(SysError::InvalidArgument(format!("cpu {cpu} not allowed")));
         }
+        Self::set(&[cpu], previous)
+    }
+
+    /// Lets the calling thread run on exactly `cpus` while this lives — for a thread pinned
+    /// for life that must be free to run anywhere for a while (`cpus`: what the process may
+    /// use, from [`allowed_cpus`] before any pin). The previous affinity is restored on drop.
+    ///
+    /// # Errors
+    /// [`SysError::InvalidArgument`] for an empty set or a CPU past `CPU_SETSIZE`;
+    /// [`SysError::Os`] when the kernel refuses the set (none of it allowed by the cpuset).
+    pub fn to_set(cpus: &[usize]) -> Result<Self> {
+        if cpus.is_empty() || cpus.iter().any(|&c| c >= libc::CPU_SETSIZE as usize) {
+            return Err(SysError::InvalidArgument(format!("cpu set {cpus:?}")));
+        }
+        Self::set(cpus, get_affinity()?)
+    }
+
+    /// Every CPU in `cpus` must be below `CPU_SETSIZE` (both callers check).
+    fn set(cpus: &[usize], previous: libc::cpu_set_t) -> Result<Self> {
         // SAFETY: all-zero is an empty cpu_set_t.
-        let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `cpu` is below CPU_SETSIZE (checked above), so the bit lies inside `one`.
-        unsafe { libc::CPU_SET(cpu, &mut one) };
-        set_affinity(&one)?;
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &cpu in cpus {
+            // SAFETY: `cpu` is below CPU_SETSIZE (the callers check it), so the bit lies
+            // inside `set`.
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+        set_affinity(&set)?;
         Ok(Self {
             previous,
             _bound_to_thread: std::marker::PhantomData,
@@ -127,5 +156,32 @@ mod tests {
         let cpus = allowed_cpus().unwrap();
         assert!(cpus.contains(&cpu));
         assert!(cpus.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    /// A worker pinned for life to its lane moves to the CPU of the thread it holds for a
+    /// while. The hazard: `to` refuses any CPU outside the current (one-CPU) set, or the
+    /// worker does not come back to its lane.
+    #[test]
+    fn thread_pinned_for_life_moves_to_another_cpu_and_comes_back() {
+        let cpus = allowed_cpus().unwrap();
+        let (home, other) = (cpus[0], *cpus.last().unwrap());
+        let _home = CpuPin::to(home).unwrap();
+        if other != home {
+            assert!(CpuPin::to(other).is_err(), "outside the pinned set");
+        }
+        {
+            let _moved = CpuPin::to_set(&[other]).unwrap();
+            assert_eq!(current_cpu(), Some(other));
+            assert_eq!(allowed_cpus().unwrap(), vec![other]);
+        }
+        assert_eq!(current_cpu(), Some(home));
+        assert_eq!(allowed_cpus().unwrap(), vec![home]);
+        {
+            let _free = CpuPin::to_set(&cpus).unwrap();
+            assert_eq!(allowed_cpus().unwrap(), cpus);
+        }
+        assert!(CpuPin::to_set(&[]).is_err());
+        assert!(CpuPin::to_set(&[libc::CPU_SETSIZE as usize]).is_err());
+        assert_eq!(allowed_cpus().unwrap(), vec![home]);
     }
 }

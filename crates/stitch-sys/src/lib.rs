@@ -100,7 +100,7 @@ mod tracer;
 mod types;
 mod util;
 
-pub use affinity::{CpuPin, allowed_cpus, last_cpu_of};
+pub use affinity::{CpuPin, allowed_cpus, current_cpu, last_cpu_of};
 pub use error::{Result, SysError};
 pub use fake::{
     Call, FAKE_TRACER_TID, FakeProcess, FakeRegion, FakeThread, FakeThreadState, FakeTracer,

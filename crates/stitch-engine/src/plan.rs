@@ -183,8 +183,10 @@ impl Engine {
     /// site mapped executable" are decided from the ELF and that executable mapping. The
     /// region is only a proposal (just below the module): existing regions, their records and
     /// free ranges are looked at under the stop by [`Engine::commit_known`], which also checks
-    /// the mapping, the inode and the bias against the maps read there. A patch with imports,
-    /// or a key whose digest or bytes are not at hand, takes the full [`Engine::plan`].
+    /// the mapping, the inode and the bias against the maps read there. A patch with imports
+    /// reads `/proc/PID/maps` once to find the modules it imports from (as [`Engine::plan`]
+    /// does; the target itself is still the known mapping). A key whose digest or bytes are
+    /// not at hand takes the full [`Engine::plan`].
     pub fn plan_mapped(
         &self,
         pid: Pid,
@@ -192,9 +194,6 @@ impl Engine {
         known: &KnownMapping,
     ) -> Result<Plan, EngineError> {
         let patch = bundle.patch();
-        if !patch.imports.is_empty() {
-            return self.plan(pid, bundle);
-        }
         let Some(sha256) = self.digests.digest_for_key(&known.key) else {
             return self.plan(pid, bundle);
         };
@@ -239,6 +238,11 @@ impl Engine {
         let module = known_module(known);
         let bias = module.load_bias(elf).map_err(|e| layout(e.to_string()))?;
         check_sites_mapped(pid, &module, elf, patch)?;
+        let imports = if patch.imports.is_empty() {
+            Vec::new()
+        } else {
+            self.resolve_imports(pid, &read_maps(pid)?, patch)?
+        };
         let (start, end) = elf_span(elf, bias).ok_or_else(|| layout("no PT_LOAD".into()))?;
         if patch.id.len() > region::MAX_ID {
             return Err(EngineError::IdTooLong {
@@ -266,7 +270,7 @@ impl Engine {
             &span,
             RegionPlan::New { addr },
             &RegionHeader::new(sha256, bias),
-            Vec::new(),
+            imports,
         )
     }
 
@@ -397,11 +401,14 @@ impl Engine {
                 .iter()
                 .find(|m| file_name(&m.path) == imp.module)
                 .ok_or_else(not_found)?;
-            let bytes = self.digests.module_bytes(pid, m)?;
-            let elf = ElfFile::parse(&bytes[..]).map_err(|_| not_found())?;
-            let sym = elf.exported_symbol(&imp.symbol).ok_or_else(not_found)?;
+            let (key, bytes) = self.digests.module_bytes_keyed(pid, m)?;
+            let vaddr = self
+                .digests
+                .exported_symbol(key, &bytes, &imp.symbol)
+                .ok_or_else(not_found)?;
+            let elf = ElfFile::parse_layout(&bytes[..]).map_err(|_| not_found())?;
             let bias = m.load_bias(&elf).map_err(|_| not_found())?;
-            out.push(bias.wrapping_add(sym.vaddr));
+            out.push(bias.wrapping_add(vaddr));
         }
         Ok(out)
     }

@@ -200,6 +200,19 @@ pub(crate) fn patch_module(
     displaced: &str,
     code: &str,
 ) -> VerifiedBundle {
+    patch_module_with(bytes, module, id, func, displaced, code, "")
+}
+
+/// [`patch_module`] with more TOML before the patchlet (`[[import]]` tables).
+pub(crate) fn patch_module_with(
+    bytes: &[u8],
+    module: &str,
+    id: &str,
+    func: &str,
+    displaced: &str,
+    code: &str,
+    extra: &str,
+) -> VerifiedBundle {
     let elf = stitch_elf::ElfFile::parse(bytes).unwrap();
     let (_, original) = entry_site(bytes, func);
     let toml = format!(
@@ -215,6 +228,7 @@ sha256 = "{}"
 build_id = "{}"
 arch = "x86_64"
 package = {{ ecosystem = "deb", name = "t", version = "1" }}
+{extra}
 [[patchlet]]
 name = "p"
 at = "{func}"

@@ -82,6 +82,51 @@ fn plan_from_a_known_mapping_is_checked_under_the_stop_and_applies() {
     assert_eq!(r.ask(5), "1000 10");
 }
 
+/// A patch that calls another module's function (an `[[import]]`) planned from the known
+/// mapping: the hazard is a thunk to the wrong address (the import resolved against another
+/// module or bias than the full plan finds), which the patched code would jump through.
+#[test]
+fn plan_from_a_known_mapping_resolves_imports_as_the_full_plan_does() {
+    if !can_trace() {
+        return;
+    }
+    let t = compile(TARGET_C, &[]);
+    let mut r = Running::start(&t.exe);
+    let engine = Engine::new();
+    // compute(x) = getpid(), then x + 1000 (rsp is 16-aligned at the call after the push).
+    let b = patch_module_with(
+        &t.bytes,
+        "target",
+        "ST-2026-0506",
+        "compute",
+        "drop",
+        "stitch_hit\npush rdi\ncall libc_getpid\npop rdi\nlea eax, [rdi + 1000]\nret",
+        "[[import]]\nname = \"libc_getpid\"\nmodule = \"libc.so.6\"\nsymbol = \"getpid\"",
+    );
+    let known = known_of(&t, r.pid(), &engine);
+    let plan = engine.plan_mapped(r.pid(), &b, &known).unwrap();
+    let full = engine.plan(r.pid(), &b).unwrap();
+    assert_eq!(plan.imports.len(), 1);
+    assert_eq!(
+        plan.imports, full.imports,
+        "same import address as the full plan"
+    );
+    // Planned again: the symbol comes from the engine's cache by the file's key.
+    assert_eq!(
+        engine.plan_mapped(r.pid(), &b, &known).unwrap().imports,
+        plan.imports
+    );
+    let mut sp = stitch_sys::stop_all(r.pid(), Instant::now() + Duration::from_secs(2)).unwrap();
+    let report = engine.commit_known(&mut sp, &plan, b.patch(), &known);
+    sp.resume().unwrap();
+    report.unwrap();
+    assert_eq!(
+        r.ask(5),
+        "1005 10",
+        "the patched code called getpid and went on"
+    );
+}
+
 #[test]
 fn known_mapping_that_is_not_the_planned_file_is_refused_under_the_stop() {
     if !can_trace() {

@@ -9,6 +9,14 @@
 //! `--programs-on-one-cpu` runs the measured programs (not the hook) on the first CPU: no
 //! program moves between CPUs, so the difference to a normal run is what the hook's answers
 //! cost by moving a woken program to another (idle, slow to wake in a VM) CPU.
+//!
+//! `--python-imports` adds real targets: the exact wheels two patches of `patches/` were
+//! made for (ujson 5.12.0, Pillow 10.2.0), `pip install`ed into the fixture directory, their
+//! bundles built from `patches/CVE-*/patch.toml` against them; each run is a fresh CPython
+//! 3.11 timing `import ujson` / `from PIL import _imagingcms` around the import, and
+//! `import _decimal` (a standard extension module, not a target). Needs CPython 3.11 with pip
+//! and the PyPI index (`STITCH_PYTHON` names the interpreter); without them it says why and
+//! measures the rest.
 //! Measures, in the same run and interleaved (no hook, hook, no hook, hook, ... `--rounds=8`):
 //! exec of a target and a non-target executable, a program linked at start-up against a
 //! target and a non-target library, and dlopen of a target and a non-target library (timed
@@ -149,6 +157,106 @@ fn time_run(cmd: &Path, args: &[&Path]) -> (Duration, String, i64) {
     )
 }
 
+/// A CPython 3.11 with pip (the wheels the patches target are cp311).
+fn find_python() -> Option<String> {
+    [
+        std::env::var("STITCH_PYTHON").unwrap_or_default(),
+        "python3.11".into(),
+        "python3".into(),
+    ]
+    .into_iter()
+    .filter(|c| !c.is_empty())
+    .find(|c| {
+        Command::new(c)
+            .args([
+                "-c",
+                "import sys, pip; assert sys.version_info[:2] == (3, 11)",
+            ])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// One real target: a module of a pip-installed wheel and the library patch made for it.
+struct PythonTarget {
+    case: &'static str,
+    /// What the timed statement imports.
+    import: &'static str,
+    /// `pip install` spec and the module's path below site-packages.
+    spec: &'static str,
+    module: &'static str,
+    /// The patch's directory under `patches/`.
+    cve: &'static str,
+}
+
+const PYTHON_TARGETS: [PythonTarget; 2] = [
+    PythonTarget {
+        case: "python import ujson (target)",
+        import: "import ujson",
+        spec: "ujson==5.12.0",
+        module: "ujson.cpython-311-x86_64-linux-gnu.so",
+        cve: "CVE-2026-44660",
+    },
+    PythonTarget {
+        case: "python import PIL._imagingcms (target)",
+        import: "from PIL import _imagingcms",
+        spec: "pillow==10.2.0",
+        module: "PIL/_imagingcms.cpython-311-x86_64-linux-gnu.so",
+        cve: "CVE-2024-28219",
+    },
+];
+const PYTHON_NON_TARGET: (&str, &str) = ("python import _decimal (non-target)", "import _decimal");
+
+/// Installs the wheels into `site` and builds (signed with the bench key) the bundles of
+/// their patches. `Err`: why this part is skipped.
+fn python_targets(python: &str, site: &Path, out: &Path) -> Result<Vec<PathBuf>, String> {
+    let patches = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../patches");
+    let mut bundles = Vec::new();
+    for t in &PYTHON_TARGETS {
+        let st = Command::new(python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+            ])
+            .args(["--disable-pip-version-check", "--target"])
+            .arg(site)
+            .arg(t.spec)
+            .status()
+            .map_err(|e| format!("pip: {e}"))?;
+        if !st.success() {
+            return Err(format!("pip install {} failed (no PyPI index?)", t.spec));
+        }
+        let target = site.join(t.module);
+        let mut b = stitch_build::build_files(
+            &patches.join(t.cve).join("patch.toml"),
+            &target,
+            &Default::default(),
+        )
+        .map_err(|e| format!("building {}: {e}", t.cve))?;
+        b.sign(&SecretKey::from_seed([9; 32])).unwrap();
+        let path = out.join(format!("{}.bundle", t.cve));
+        std::fs::write(&path, b.encode()).unwrap();
+        bundles.push(path);
+    }
+    Ok(bundles)
+}
+
+/// Runs a fresh interpreter that times `stmt` (ns, printed) with `site` on its path.
+fn time_python_import(python: &str, site: &Path, stmt: &str) -> (Option<f64>, i64) {
+    let code = format!(
+        "import sys, time; sys.path.insert(0, {:?}); t = time.perf_counter_ns(); {stmt}; \
+         print(time.perf_counter_ns() - t)",
+        site.display().to_string()
+    );
+    let (_, out, pid) = time_run(Path::new(python), &[Path::new("-c"), Path::new(&code)]);
+    (out.trim().parse::<f64>().ok().map(|ns| ns / 1e3), pid)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -225,6 +333,7 @@ fn main() {
         return;
     }
     let busy = args.iter().any(|a| a == "--busy");
+    let python_imports = args.iter().any(|a| a == "--python-imports");
     // The programs (not the hook) on the first CPU: no program migrates between CPUs, so
     // what remains is what the hook costs where the thread runs.
     let programs_on_one_cpu = args.iter().any(|a| a == "--programs-on-one-cpu");
@@ -267,10 +376,26 @@ fn main() {
     let dyn_t = fx.gcc(MAIN_DYN_C, "dyn_target", &["-ltarget"]);
     let dyn_o = fx.gcc(MAIN_DYN_C, "dyn_other", &["-lother"]);
     let dl = fx.gcc(DLOPEN_C, "dlopener", &["-ldl"]);
-    let bundles = vec![
+    let mut bundles = vec![
         fx.bundle(&lib_t, "ST-2026-9101"),
         fx.bundle(&exe_t, "ST-2026-9102"),
     ];
+    // Real targets (`--python-imports`): skipped with the reason when not possible here.
+    let python = python_imports.then(|| {
+        let py = find_python().ok_or("CPython 3.11 with pip not found (STITCH_PYTHON)")?;
+        let site = fx.path("site");
+        let more = python_targets(&py, &site, &fx.dir)?;
+        bundles.extend(more);
+        Ok::<_, String>((py, site))
+    });
+    let python = match python {
+        Some(Ok(p)) => Some(p),
+        Some(Err(why)) => {
+            println!("SKIP --python-imports: {why}");
+            None
+        }
+        None => None,
+    };
     let mut hogs = Vec::new();
     if busy {
         for _ in 0..2 {
@@ -322,6 +447,20 @@ fn main() {
                 if let Ok(ns) = out.trim().parse::<f64>() {
                     s.add(case, hook_on, ns / 1e3);
                 }
+                if let Some((py, site)) = &python {
+                    let imports: Vec<(&'static str, &str)> = if targets {
+                        PYTHON_TARGETS.iter().map(|t| (t.case, t.import)).collect()
+                    } else {
+                        vec![PYTHON_NON_TARGET]
+                    };
+                    for (case, stmt) in imports {
+                        let (us, pid) = time_python_import(py, site, stmt);
+                        case_of.insert(pid, case);
+                        if let Some(us) = us {
+                            s.add(case, hook_on, us);
+                        }
+                    }
+                }
             }
         }
         if let Some(mut h) = hook {
@@ -353,6 +492,9 @@ fn main() {
         "start-up link target",
         "dlopen non-target",
         "dlopen target",
+        PYTHON_NON_TARGET.0,
+        PYTHON_TARGETS[0].case,
+        PYTHON_TARGETS[1].case,
     ];
     for c in cases {
         let mut off = s.data.get(&(c, false)).cloned().unwrap_or_default();
@@ -379,6 +521,8 @@ fn main() {
         ("exec", "exec target"),
         ("start-up link", "start-up link target"),
         ("dlopen", "dlopen target"),
+        ("python import ujson", PYTHON_TARGETS[0].case),
+        ("python import PIL._imagingcms", PYTHON_TARGETS[1].case),
     ] {
         let mut v: Vec<f64> = holds
             .iter()
@@ -386,6 +530,9 @@ fn main() {
             .map(|(_, l)| *l)
             .collect();
         let count = v.len();
+        if count == 0 && case.starts_with("python") {
+            continue;
+        }
         println!(
             "| {label} | {count} | {:.0} | {:.0} | {:.0} |",
             pct(&mut v, 0.5),

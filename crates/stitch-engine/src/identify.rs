@@ -231,6 +231,17 @@ impl DigestCache {
     }
 }
 
+/// [`stat_mapped_range`] for callers outside this module.
+pub(crate) fn key_of_mapping(
+    pid: Pid,
+    start: u64,
+    end: u64,
+    path: &Path,
+    inode: u64,
+) -> Result<FileKey, EngineError> {
+    stat_mapped_range(pid, start, end, path, inode)
+}
+
 fn first_mapping(pid: Pid, m: &Module) -> Result<&maps::MapEntry, EngineError> {
     m.mappings.first().ok_or_else(|| EngineError::ModuleLayout {
         pid: pid.0,

@@ -9,7 +9,8 @@ use stitch_x86::{LinkContext, link_patchlet};
 use stitch_elf::maps::{MapEntry, MapPath, Module};
 
 use crate::identify::{
-    FileKey, KnownMapping, MappedModule, dev_split, file_name, maybe_region, read_maps,
+    FileKey, KnownMapping, MappedModule, dev_split, file_name, key_of_mapping, maybe_region,
+    read_maps,
 };
 use crate::region::{self, PatchRecord, RegionHeader};
 use crate::{Engine, EngineError};
@@ -240,6 +241,8 @@ impl Engine {
         check_sites_mapped(pid, &module, elf, patch)?;
         let imports = if patch.imports.is_empty() {
             Vec::new()
+        } else if let Some(found) = self.resolve_imports_asking(pid, patch)? {
+            found
         } else {
             self.resolve_imports(pid, &read_maps(pid)?, patch)?
         };
@@ -378,6 +381,82 @@ impl Engine {
                 pid: pid.0,
                 sha256: hex::encode(patch.target.sha256),
             })
+    }
+
+    /// [`Engine::resolve_imports`] without reading `/proc/PID/maps` whole: the executable
+    /// mappings are asked for one by one (`PROCMAP_QUERY`, Linux 6.11+), with their names,
+    /// until each import's module is found — in a CPython process ~25 queries instead of
+    /// ~105 lines (~120-215 us read whole). `Ok(None)`: this kernel cannot answer single
+    /// queries (the caller reads the maps).
+    fn resolve_imports_asking(
+        &self,
+        pid: Pid,
+        patch: &Patch,
+    ) -> Result<Option<Vec<u64>>, EngineError> {
+        use stitch_sys::{MapAnswer, MapQuery, Perms, Tracer as _};
+        let mut tracer = stitch_sys::PtraceTracer::new();
+        let query = MapQuery {
+            or_next: true,
+            require: Perms {
+                exec: true,
+                ..Perms::default()
+            },
+            name: true,
+        };
+        // Executable file mappings seen so far, in address order, and where to ask next.
+        let mut seen: Vec<stitch_sys::Mapping> = Vec::new();
+        let mut next = 0u64;
+        let mut out = Vec::with_capacity(patch.imports.len());
+        for imp in &patch.imports {
+            let not_found = || EngineError::ImportNotFound {
+                pid: pid.0,
+                module: imp.module.clone(),
+                symbol: imp.symbol.clone(),
+            };
+            let named = |m: &stitch_sys::Mapping| {
+                m.inode != 0 && file_name(std::path::Path::new(&m.name)) == imp.module
+            };
+            let mut found = seen.iter().find(|m| named(m)).cloned();
+            while found.is_none() {
+                match tracer.query_mapping(pid, next, &query)? {
+                    MapAnswer::Found(m) => {
+                        next = m.end;
+                        let hit = named(&m);
+                        seen.push(m);
+                        if hit {
+                            found = seen.last().cloned();
+                        }
+                    }
+                    MapAnswer::NoneThere => return Err(not_found()),
+                    MapAnswer::Unsupported => return Ok(None),
+                }
+            }
+            let m = found.ok_or_else(not_found)?;
+            let path = std::path::PathBuf::from(&m.name);
+            let key = key_of_mapping(pid, m.start, m.end, &path, m.inode)?;
+            let Some(bytes) = self
+                .digests
+                .bytes_for_key(pid, &key, (m.start, m.end), &path)?
+            else {
+                // Changed between the stat and the open: the full way decides.
+                return Ok(None);
+            };
+            let vaddr = self
+                .digests
+                .exported_symbol(key, &bytes, &imp.symbol)
+                .ok_or_else(not_found)?;
+            let elf = ElfFile::parse_layout(&bytes[..]).map_err(|_| not_found())?;
+            let module = known_module(&KnownMapping {
+                path,
+                key,
+                exec_start: m.start,
+                exec_end: m.end,
+                exec_offset: m.offset,
+            });
+            let bias = module.load_bias(&elf).map_err(|_| not_found())?;
+            out.push(bias.wrapping_add(vaddr));
+        }
+        Ok(Some(out))
     }
 
     fn resolve_imports(

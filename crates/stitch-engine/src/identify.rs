@@ -231,17 +231,6 @@ impl DigestCache {
     }
 }
 
-/// [`stat_mapped_range`] for callers outside this module.
-pub(crate) fn key_of_mapping(
-    pid: Pid,
-    start: u64,
-    end: u64,
-    path: &Path,
-    inode: u64,
-) -> Result<FileKey, EngineError> {
-    stat_mapped_range(pid, start, end, path, inode)
-}
-
 fn first_mapping(pid: Pid, m: &Module) -> Result<&maps::MapEntry, EngineError> {
     m.mappings.first().ok_or_else(|| EngineError::ModuleLayout {
         pid: pid.0,
@@ -254,7 +243,7 @@ fn first_mapping(pid: Pid, m: &Module) -> Result<&maps::MapEntry, EngineError> {
 /// (the mapped inode, like an open, but no open: nothing to close, and no fanotify
 /// permission event on a marked file). Without the privilege map_files needs, through an
 /// open as [`open_mapped`] does it.
-fn stat_mapped_range(
+pub(crate) fn stat_mapped_range(
     pid: Pid,
     start: u64,
     end: u64,

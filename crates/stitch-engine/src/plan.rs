@@ -9,8 +9,8 @@ use stitch_x86::{LinkContext, link_patchlet};
 use stitch_elf::maps::{MapEntry, MapPath, Module};
 
 use crate::identify::{
-    FileKey, KnownMapping, MappedModule, dev_split, file_name, key_of_mapping, maybe_region,
-    read_maps,
+    FileKey, KnownMapping, MappedModule, dev_split, file_name, maybe_region, read_maps,
+    stat_mapped_range,
 };
 use crate::region::{self, PatchRecord, RegionHeader};
 use crate::{Engine, EngineError};
@@ -433,7 +433,7 @@ impl Engine {
             }
             let m = found.ok_or_else(not_found)?;
             let path = std::path::PathBuf::from(&m.name);
-            let key = key_of_mapping(pid, m.start, m.end, &path, m.inode)?;
+            let key = stat_mapped_range(pid, m.start, m.end, &path, m.inode)?;
             let Some(bytes) = self
                 .digests
                 .bytes_for_key(pid, &key, (m.start, m.end), &path)?

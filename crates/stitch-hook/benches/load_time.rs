@@ -157,27 +157,6 @@ fn time_run(cmd: &Path, args: &[&Path]) -> (Duration, String, i64) {
     )
 }
 
-/// A CPython 3.11 with pip (the wheels the patches target are cp311).
-fn find_python() -> Option<String> {
-    [
-        std::env::var("STITCH_PYTHON").unwrap_or_default(),
-        "python3.11".into(),
-        "python3".into(),
-    ]
-    .into_iter()
-    .filter(|c| !c.is_empty())
-    .find(|c| {
-        Command::new(c)
-            .args([
-                "-c",
-                "import sys, pip; assert sys.version_info[:2] == (3, 11)",
-            ])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
-}
-
 /// One real target: a module of a pip-installed wheel and the library patch made for it.
 struct PythonTarget {
     case: &'static str,
@@ -382,7 +361,8 @@ fn main() {
     ];
     // Real targets (`--python-imports`): skipped with the reason when not possible here.
     let python = python_imports.then(|| {
-        let py = find_python().ok_or("CPython 3.11 with pip not found (STITCH_PYTHON)")?;
+        let py = stitch_testkit::cpython_311_with_pip()
+            .ok_or("CPython 3.11 with pip not found (STITCH_PYTHON)")?;
         let site = fx.path("site");
         let more = python_targets(&py, &site, &fx.dir)?;
         bundles.extend(more);

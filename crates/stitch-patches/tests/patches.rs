@@ -65,32 +65,13 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// The wheels are cp311: find a CPython 3.11 with pip.
-fn find_python() -> Option<String> {
-    let candidates = [
-        std::env::var("STITCH_PYTHON").unwrap_or_default(),
-        "python3.11".into(),
-        "python3".into(),
-    ];
-    candidates.into_iter().filter(|c| !c.is_empty()).find(|c| {
-        Command::new(c)
-            .args([
-                "-c",
-                "import sys, pip; assert sys.version_info[:2] == (3, 11)",
-            ])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
-}
-
 fn prerequisites() -> Option<Env> {
     if !is_root() {
         return skip(
             "the agent patches other processes (ptrace) and holds loads (fanotify); run as root",
         );
     }
-    let Some(python) = find_python() else {
+    let Some(python) = stitch_testkit::cpython_311_with_pip() else {
         return skip("CPython 3.11 with pip not found (apt-get install python3.11 python3-pip)");
     };
     let root = repo_root();

@@ -91,3 +91,27 @@ pub fn private_ca(dir: &Path, name: &str) -> PrivateCa {
         key: dir.join(key),
     }
 }
+
+/// A CPython 3.11 with pip, for the suites that run the exact cp311 wheels the patch library
+/// targets: `$STITCH_PYTHON` if set, else `python3.11`, else `python3` — the first that is
+/// 3.11 and imports pip. `None` when there is none (callers say why they skip).
+#[must_use]
+pub fn cpython_311_with_pip() -> Option<String> {
+    [
+        std::env::var("STITCH_PYTHON").unwrap_or_default(),
+        "python3.11".into(),
+        "python3".into(),
+    ]
+    .into_iter()
+    .filter(|c| !c.is_empty())
+    .find(|c| {
+        Command::new(c)
+            .args([
+                "-c",
+                "import sys, pip; assert sys.version_info[:2] == (3, 11)",
+            ])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}

@@ -83,6 +83,15 @@ impl DigestCache {
         self.put_bytes(key, bytes);
     }
 
+    /// Keeps `bytes` (a file read whole, keyed by `fstat` before reading) among the few
+    /// files whose bytes are cached, without a digest: for a file a plan reads but need not
+    /// identify — the library a patch imports from, which the load-time hook reads once at
+    /// start from its own mapping of it (the same inode most processes map), so that no hold
+    /// reads it.
+    pub fn remember_bytes(&self, key: FileKey, bytes: Arc<Vec<u8>>) {
+        self.put_bytes(key, bytes);
+    }
+
     fn cached_bytes(&self, k: &FileKey) -> Option<Arc<Vec<u8>>> {
         let q = self.bytes.lock().ok()?;
         q.iter()
@@ -134,7 +143,7 @@ impl DigestCache {
 
     /// The module-relative address of `name` as `bytes` (the file with `key`) exports it,
     /// looked up once per file and symbol. `None`: not exported there, or not an ELF file.
-    pub(crate) fn exported_symbol(&self, key: FileKey, bytes: &[u8], name: &str) -> Option<u64> {
+    pub fn exported_symbol(&self, key: FileKey, bytes: &[u8], name: &str) -> Option<u64> {
         let k = (key, name.to_string());
         if let Some(found) = self.symbols.lock().ok().and_then(|m| m.get(&k).copied()) {
             return found;

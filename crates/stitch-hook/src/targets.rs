@@ -233,6 +233,26 @@ impl Targets {
 
     /// Those of `bundles` that are still hooked (the same bundle, not only the same id): a
     /// job queued before a bundle change must not apply a bundle removed since.
+    /// What the current bundles import: (module file name, symbol), each once.
+    pub(crate) fn imports(&self) -> Vec<(String, String)> {
+        let Ok(t) = self.table.lock() else {
+            return Vec::new();
+        };
+        let mut all: Vec<(String, String)> = t
+            .bundles
+            .iter()
+            .flat_map(|b| {
+                b.patch()
+                    .imports
+                    .iter()
+                    .map(|i| (i.module.clone(), i.symbol.clone()))
+            })
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     pub(crate) fn current(&self, bundles: &[Arc<VerifiedBundle>]) -> Vec<Arc<VerifiedBundle>> {
         let Ok(t) = self.table.lock() else {
             return Vec::new();

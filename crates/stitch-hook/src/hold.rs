@@ -1157,3 +1157,29 @@ fn follow_exec(shared: &Shared, mut hold: Tracked<'_>, job: &Job, deadline: Inst
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker blocked on an empty lane queue gets the next push, and every push is popped
+    /// once. The hazard: work (a held thread's event, or the order to stop) pushed while the
+    /// worker sleeps and never handed to it — the hook would hang at shutdown, or a thread
+    /// would wait for its bound.
+    #[test]
+    fn lane_queue_wakes_a_sleeping_worker_and_leaves_nothing_behind() {
+        let q = Arc::new(JobQueue::default());
+        let q2 = q.clone();
+        let sleeper = std::thread::spawn(move || matches!(q2.pop(), Work::Stop));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(q.push(Work::Stop).is_ok());
+        assert!(sleeper.join().unwrap(), "the sleeping worker got it");
+        for _ in 0..3 {
+            assert!(q.push(Work::Stop).is_ok());
+        }
+        for _ in 0..3 {
+            assert!(matches!(q.pop(), Work::Stop));
+        }
+        assert!(q.work.lock().unwrap().is_empty(), "nothing left behind");
+    }
+}

@@ -193,23 +193,7 @@ fn python_targets(python: &str, site: &Path, out: &Path) -> Result<Vec<PathBuf>,
     let patches = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../patches");
     let mut bundles = Vec::new();
     for t in &PYTHON_TARGETS {
-        let st = Command::new(python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--no-deps",
-                "--only-binary=:all:",
-            ])
-            .args(["--disable-pip-version-check", "--target"])
-            .arg(site)
-            .arg(t.spec)
-            .status()
-            .map_err(|e| format!("pip: {e}"))?;
-        if !st.success() {
-            return Err(format!("pip install {} failed (no PyPI index?)", t.spec));
-        }
+        stitch_testkit::pip_install_exact(python, t.spec, site)?;
         let target = site.join(t.module);
         let mut b = stitch_build::build_files(
             &patches.join(t.cve).join("patch.toml"),

@@ -84,28 +84,10 @@ fn prerequisites() -> Option<Env> {
 
 /// `pip install --target` of one exact version, binary wheels only (byte-identical).
 fn pip_install(env: &Env, spec: &str, dir: &Path) -> Option<()> {
-    let out = Command::new(&env.python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-        ])
-        .arg("--target")
-        .arg(dir)
-        .arg(spec)
-        .output()
-        .expect("run pip");
-    if !out.status.success() {
-        return skip(&format!(
-            "pip install {spec} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
+    match stitch_testkit::pip_install_exact(&env.python, spec, dir) {
+        Ok(()) => Some(()),
+        Err(why) => skip(&why),
     }
-    Some(())
 }
 
 // ---------------------------------------------------------------------------------------

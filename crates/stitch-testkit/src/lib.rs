@@ -115,3 +115,34 @@ pub fn cpython_311_with_pip() -> Option<String> {
             .is_ok_and(|s| s.success())
     })
 }
+
+/// `pip install --target dir` of one exact version (`spec`, e.g. `ujson==5.12.0`), binary
+/// wheels only, no dependencies: the byte-identical files a patch was built for.
+///
+/// # Errors
+/// pip's message when the install fails (no index reachable, no such wheel).
+pub fn pip_install_exact(python: &str, spec: &str, dir: &Path) -> Result<(), String> {
+    let out = Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--target",
+        ])
+        .arg(dir)
+        .arg(spec)
+        .output()
+        .map_err(|e| format!("running {python} -m pip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "pip install {spec} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}

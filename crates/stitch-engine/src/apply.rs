@@ -913,8 +913,10 @@ fn free_by_asking<T: Tracer>(
 
 /// Where to map a new region, found by asking for single mappings: the plan's proposal if
 /// [`region_candidates`] would take it (just below the module: usually free when the kernel
-/// placed the module top-down), else the first free range right above the module or, walking
-/// down, right below what is in the way — each checked with the guards
+/// placed the module top-down); if a mapping is in its way, the range right below that
+/// mapping (no `/proc` read: a dlopen'ed module often has the loader's allocations just
+/// below it); else the first free range right above the module or, walking down, right
+/// below what is in the way — each checked with the guards
 /// `stitch_sys::free_gaps_near` keeps. `None`: nothing found that way in a few tries (the
 /// caller reads the maps whole and takes the nearest free range).
 fn region_by_asking<T: Tracer>(
@@ -937,14 +939,28 @@ fn region_by_asking<T: Tracer>(
     let mut proposal_open = false;
     if in_reach(proposed) {
         let end = proposed + size;
-        let taken = sp
+        let in_the_way = sp
             .query_mapping(proposed, MapQuery::COVERING_OR_NEXT)?
-            .is_some_and(|m| m.start < end);
-        if !taken {
-            match free_by_asking(sp, proposed, Guards::Proposal, None, 8)? {
+            .filter(|m| m.start < end);
+        match in_the_way {
+            None => match free_by_asking(sp, proposed, Guards::Proposal, None, 8)? {
                 Asked::Free => return Ok(Some(proposed)),
                 Asked::Taken(..) => {}
                 Asked::TooMany => proposal_open = true,
+            },
+            // Taken by something mapped right below the module (a dlopen: the loader's own
+            // allocations often sit there): the range right below that, guards included,
+            // before reading where `[heap]` and `[stack]` are (~30 us saved when it is free).
+            Some(m) => {
+                let below = m.start.saturating_sub(size + PAGE) & !(PAGE - 1);
+                if in_reach(below)
+                    && matches!(
+                        free_by_asking(sp, below, Guards::Gap, None, 8)?,
+                        Asked::Free
+                    )
+                {
+                    return Ok(Some(below));
+                }
             }
         }
     }

@@ -188,6 +188,53 @@ fn region_proposal_already_taken_falls_back_to_a_free_range() {
     );
 }
 
+/// Something mapped right below the module (as the loader's own allocations often are under
+/// a dlopen'ed library) takes the proposal: the region goes right below that mapping with a
+/// free page between, found without reading where `[heap]` and `[stack]` are. The hazard:
+/// a region that touches or overlaps the mapping in the way.
+#[test]
+fn region_proposal_taken_by_a_mapping_below_the_module_goes_below_that_mapping() {
+    if !can_trace() {
+        return;
+    }
+    let t = compile(TARGET_C, &[]);
+    let mut r = Running::start(&t.exe);
+    let engine = Engine::new();
+    let b = patch(&t, "ST-2026-0507", "compute", "drop", RETURN_1000);
+    let known = known_of(&t, r.pid(), &engine);
+    let plan = engine.plan_mapped(r.pid(), &b, &known).unwrap();
+    let RegionPlan::New { addr: proposed } = plan.region else {
+        panic!("a new region is proposed");
+    };
+    let mut sp = stitch_sys::stop_all(r.pid(), Instant::now() + Duration::from_secs(2)).unwrap();
+    // Two pages in the middle of the proposed range, in the target.
+    let obstacle = sp
+        .remote_mmap(
+            stitch_sys::Placement::Exact(proposed + 0x8000),
+            0x2000,
+            3, // PROT_READ | PROT_WRITE
+        )
+        .unwrap();
+    assert_eq!(obstacle, proposed + 0x8000);
+    let report = engine.commit_known(&mut sp, &plan, b.patch(), &known);
+    sp.resume().unwrap();
+    let report = report.unwrap();
+    assert!(report.region_created);
+    let region = report.plan.region.addr();
+    assert_eq!(
+        region,
+        obstacle - 0x1000 - stitch_engine::region::REGION_SIZE,
+        "right below the obstacle, one free page between"
+    );
+    assert_eq!(r.ask(5), "1000 10");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", r.pid())).unwrap();
+    let page_between = format!("{:x}-", region + stitch_engine::region::REGION_SIZE);
+    assert!(
+        !maps.lines().any(|l| l.starts_with(&page_between)),
+        "the page between is free:\n{maps}"
+    );
+}
+
 fn at_phdr(pid: Pid) -> u64 {
     let auxv = std::fs::read(format!("/proc/{pid}/auxv")).unwrap();
     auxv.chunks_exact(16)

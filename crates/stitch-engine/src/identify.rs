@@ -30,6 +30,20 @@ pub struct FileKey {
     pub ctime_nsec: i64,
 }
 
+impl FileKey {
+    /// The key of the file `md` describes (`stat`/`fstat` of it).
+    #[must_use]
+    pub fn of(md: &std::fs::Metadata) -> Self {
+        Self {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.size(),
+            ctime: md.ctime(),
+            ctime_nsec: md.ctime_nsec(),
+        }
+    }
+}
+
 /// SHA-256 of files, by [`FileKey`]; plus the bytes of the few files read last (so a plan
 /// does not read a module it just hashed, or an import library, again).
 #[derive(Debug, Default)]
@@ -83,13 +97,26 @@ impl DigestCache {
         self.put_bytes(key, bytes);
     }
 
-    /// Keeps `bytes` (a file read whole, keyed by `fstat` before reading) among the few
-    /// files whose bytes are cached, without a digest: for a file a plan reads but need not
-    /// identify — the library a patch imports from, which the load-time hook reads once at
-    /// start from its own mapping of it (the same inode most processes map), so that no hold
-    /// reads it.
-    pub fn remember_bytes(&self, key: FileKey, bytes: Arc<Vec<u8>>) {
-        self.put_bytes(key, bytes);
+    /// The bytes of the file at `path` and its key (`fstat` before reading), from the cache
+    /// when that key is there, else read and kept among the few files whose bytes are cached
+    /// — without a digest: for a file a plan reads but need not identify, the library a
+    /// patch imports from, which the load-time hook loads at start from its own mapping of
+    /// it (the same inode most processes map) so that no hold reads it.
+    ///
+    /// # Errors
+    /// [`EngineError::Io`] when the file cannot be opened or read.
+    pub fn load_file(&self, path: &Path) -> Result<(FileKey, Arc<Vec<u8>>), EngineError> {
+        let shown = path.display().to_string();
+        let mut f = File::open(path).map_err(io_err(&shown))?;
+        let key = key_of(&f, &shown)?;
+        if let Some(b) = self.cached_bytes(&key) {
+            return Ok((key, b));
+        }
+        let mut v = Vec::with_capacity(usize::try_from(key.size).unwrap_or(0));
+        f.read_to_end(&mut v).map_err(io_err(&shown))?;
+        let b = Arc::new(v);
+        self.put_bytes(key, Arc::clone(&b));
+        Ok((key, b))
     }
 
     fn cached_bytes(&self, k: &FileKey) -> Option<Arc<Vec<u8>>> {
@@ -261,13 +288,7 @@ pub(crate) fn stat_mapped_range(
 ) -> Result<FileKey, EngineError> {
     let via_map_files = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
     match std::fs::metadata(&via_map_files) {
-        Ok(md) => Ok(FileKey {
-            dev: md.dev(),
-            ino: md.ino(),
-            size: md.size(),
-            ctime: md.ctime(),
-            ctime_nsec: md.ctime_nsec(),
-        }),
+        Ok(md) => Ok(FileKey::of(&md)),
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             let f = open_mapped_range(pid, start, end, path, inode)?;
             key_of(&f, &path.display().to_string())
@@ -379,13 +400,7 @@ fn open_mapped_range(
 
 fn key_of(f: &File, path: &str) -> Result<FileKey, EngineError> {
     let md = f.metadata().map_err(io_err(path))?;
-    Ok(FileKey {
-        dev: md.dev(),
-        ino: md.ino(),
-        size: md.size(),
-        ctime: md.ctime(),
-        ctime_nsec: md.ctime_nsec(),
-    })
+    Ok(FileKey::of(&md))
 }
 
 impl DigestCache {

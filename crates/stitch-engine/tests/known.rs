@@ -1,7 +1,6 @@
 //! `Engine::plan_mapped` / `Engine::commit_known`: the load-time hook's plan from what it saw
 //! being mapped (no maps read, no map_files stat before the stop), checked under the stop.
 
-use std::os::unix::fs::MetadataExt as _;
 use std::time::{Duration, Instant};
 
 use stitch_engine::{Engine, FileKey, KnownMapping, RegionPlan};
@@ -29,14 +28,7 @@ fn exec_mapping(pid: Pid, path: &std::path::Path) -> (u64, u64, u64) {
 }
 
 fn file_key(path: &std::path::Path) -> FileKey {
-    let md = std::fs::metadata(path).unwrap();
-    FileKey {
-        dev: md.dev(),
-        ino: md.ino(),
-        size: md.size(),
-        ctime: md.ctime(),
-        ctime_nsec: md.ctime_nsec(),
-    }
+    FileKey::of(&std::fs::metadata(path).unwrap())
 }
 
 /// An engine that knows the target's digest (as the hook does for every file it marks) and

@@ -559,29 +559,12 @@ fn preload_import_modules(shared: &Shared) {
         });
         let Some(e) = found else { continue };
         let via = format!("/proc/self/map_files/{:x}-{:x}", e.start, e.end);
-        let read = || -> std::io::Result<(stitch_engine::FileKey, Vec<u8>)> {
-            use std::io::Read as _;
-            use std::os::unix::fs::MetadataExt as _;
-            let mut f = std::fs::File::open(&via)?;
-            let md = f.metadata()?;
-            let key = stitch_engine::FileKey {
-                dev: md.dev(),
-                ino: md.ino(),
-                size: md.len(),
-                ctime: md.ctime(),
-                ctime_nsec: md.ctime_nsec(),
-            };
-            let mut bytes = Vec::with_capacity(usize::try_from(md.len()).unwrap_or(0));
-            f.read_to_end(&mut bytes)?;
-            Ok((key, bytes))
-        };
-        match read() {
+        match shared.engine.digests.load_file(std::path::Path::new(&via)) {
+            // Its exported symbols are looked up here too (libc ~95 us), not in a hold.
             Ok((key, bytes)) => {
-                // Its exported symbols are collected here too (libc ~95 us), not in a hold.
                 for (_, symbol) in imports.iter().filter(|(m, _)| m == name) {
                     let _ = shared.engine.digests.exported_symbol(key, &bytes, symbol);
                 }
-                shared.engine.digests.remember_bytes(key, Arc::new(bytes));
             }
             Err(e) => tracing::debug!(module = %name, error = %e, "not preloaded"),
         }

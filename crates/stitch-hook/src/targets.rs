@@ -231,8 +231,6 @@ impl Targets {
             .collect()
     }
 
-    /// Those of `bundles` that are still hooked (the same bundle, not only the same id): a
-    /// job queued before a bundle change must not apply a bundle removed since.
     /// What the current bundles import: (module file name, symbol), each once.
     pub(crate) fn imports(&self) -> Vec<(String, String)> {
         let Ok(t) = self.table.lock() else {
@@ -253,6 +251,8 @@ impl Targets {
         all
     }
 
+    /// Those of `bundles` that are still hooked (the same bundle, not only the same id): a
+    /// job queued before a bundle change must not apply a bundle removed since.
     pub(crate) fn current(&self, bundles: &[Arc<VerifiedBundle>]) -> Vec<Arc<VerifiedBundle>> {
         let Ok(t) = self.table.lock() else {
             return Vec::new();
@@ -525,13 +525,7 @@ impl Targets {
         let mut f = File::open(path).ok()?;
         let fmd = f.metadata().ok()?;
         // Keyed as of before hashing: a file changed while hashed has another key.
-        let key = stitch_engine::FileKey {
-            dev: fmd.dev(),
-            ino: fmd.ino(),
-            size: fmd.len(),
-            ctime: fmd.ctime(),
-            ctime_nsec: fmd.ctime_nsec(),
-        };
+        let key = stitch_engine::FileKey::of(&fmd);
         let mut data = Vec::with_capacity(usize::try_from(fmd.len()).unwrap_or(0));
         f.read_to_end(&mut data).ok()?;
         let digest: [u8; 32] = Sha256::digest(&data).into();

@@ -185,9 +185,10 @@ impl Engine {
     /// region is only a proposal (just below the module): existing regions, their records and
     /// free ranges are looked at under the stop by [`Engine::commit_known`], which also checks
     /// the mapping, the inode and the bias against the maps read there. A patch with imports
-    /// reads `/proc/PID/maps` once to find the modules it imports from (as [`Engine::plan`]
-    /// does; the target itself is still the known mapping). A key whose digest or bytes are
-    /// not at hand takes the full [`Engine::plan`].
+    /// finds the modules it imports from by asking for the executable mappings one by one
+    /// (the maps read whole on a kernel without `PROCMAP_QUERY`); the target itself is still
+    /// the known mapping. A key whose digest or bytes are not at hand takes the full
+    /// [`Engine::plan`].
     pub fn plan_mapped(
         &self,
         pid: Pid,
@@ -416,22 +417,22 @@ impl Engine {
             let named = |m: &stitch_sys::Mapping| {
                 m.inode != 0 && file_name(std::path::Path::new(&m.name)) == imp.module
             };
-            let mut found = seen.iter().find(|m| named(m)).cloned();
-            while found.is_none() {
-                match tracer.query_mapping(pid, next, &query)? {
-                    MapAnswer::Found(m) => {
-                        next = m.end;
-                        let hit = named(&m);
-                        seen.push(m);
-                        if hit {
-                            found = seen.last().cloned();
+            let m = match seen.iter().find(|m| named(m)) {
+                Some(m) => m.clone(),
+                None => loop {
+                    match tracer.query_mapping(pid, next, &query)? {
+                        MapAnswer::Found(m) => {
+                            next = m.end;
+                            seen.push(m.clone());
+                            if named(&m) {
+                                break m;
+                            }
                         }
+                        MapAnswer::NoneThere => return Err(not_found()),
+                        MapAnswer::Unsupported => return Ok(None),
                     }
-                    MapAnswer::NoneThere => return Err(not_found()),
-                    MapAnswer::Unsupported => return Ok(None),
-                }
-            }
-            let m = found.ok_or_else(not_found)?;
+                },
+            };
             let path = std::path::PathBuf::from(&m.name);
             let key = stat_mapped_range(pid, m.start, m.end, &path, m.inode)?;
             let Some(bytes) = self
@@ -441,11 +442,6 @@ impl Engine {
                 // Changed between the stat and the open: the full way decides.
                 return Ok(None);
             };
-            let vaddr = self
-                .digests
-                .exported_symbol(key, &bytes, &imp.symbol)
-                .ok_or_else(not_found)?;
-            let elf = ElfFile::parse_layout(&bytes[..]).map_err(|_| not_found())?;
             let module = known_module(&KnownMapping {
                 path,
                 key,
@@ -453,10 +449,33 @@ impl Engine {
                 exec_end: m.end,
                 exec_offset: m.offset,
             });
-            let bias = module.load_bias(&elf).map_err(|_| not_found())?;
-            out.push(bias.wrapping_add(vaddr));
+            out.push(self.import_address(pid, imp, key, &bytes, &module)?);
         }
         Ok(Some(out))
+    }
+
+    /// Where `imp` lives in `pid`: its symbol as `bytes` (the file with `key`) exports it,
+    /// moved by the load bias of `module` (that file as `pid` maps it).
+    fn import_address(
+        &self,
+        pid: Pid,
+        imp: &stitch_format::Import,
+        key: FileKey,
+        bytes: &[u8],
+        module: &Module,
+    ) -> Result<u64, EngineError> {
+        let not_found = || EngineError::ImportNotFound {
+            pid: pid.0,
+            module: imp.module.clone(),
+            symbol: imp.symbol.clone(),
+        };
+        let vaddr = self
+            .digests
+            .exported_symbol(key, bytes, &imp.symbol)
+            .ok_or_else(not_found)?;
+        let elf = ElfFile::parse_layout(bytes).map_err(|_| not_found())?;
+        let bias = module.load_bias(&elf).map_err(|_| not_found())?;
+        Ok(bias.wrapping_add(vaddr))
     }
 
     fn resolve_imports(
@@ -481,13 +500,7 @@ impl Engine {
                 .find(|m| file_name(&m.path) == imp.module)
                 .ok_or_else(not_found)?;
             let (key, bytes) = self.digests.module_bytes_keyed(pid, m)?;
-            let vaddr = self
-                .digests
-                .exported_symbol(key, &bytes, &imp.symbol)
-                .ok_or_else(not_found)?;
-            let elf = ElfFile::parse_layout(&bytes[..]).map_err(|_| not_found())?;
-            let bias = m.load_bias(&elf).map_err(|_| not_found())?;
-            out.push(bias.wrapping_add(vaddr));
+            out.push(self.import_address(pid, imp, key, &bytes, m)?);
         }
         Ok(out)
     }

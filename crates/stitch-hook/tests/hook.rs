@@ -672,18 +672,22 @@ fn needs_mapping_events(file: &Path) -> bool {
     false
 }
 
+/// [`setup`] for a test of mapping holds: also the fixture's target library, and `None`
+/// (skipped, or failed in CI) where the kernel or its filesystem reports no mappings.
+fn setup_mapping(tools: &[&str]) -> Option<(MutexGuard<'static, ()>, Fixture, PathBuf)> {
+    let (s, fx) = setup(tools)?;
+    let lib = fx.lib(1);
+    needs_mapping_events(&lib).then_some((s, fx, lib))
+}
+
 /// Where the kernel reports mappings, opening a target holds nothing — a program keeping it
 /// open is not traced meanwhile — and a load is held once, right after the `mmap` of its code:
 /// no syscall followed, patched before its constructor.
 #[test]
 fn library_is_held_at_its_code_mapping_not_at_its_open() {
-    let Some((_s, fx)) = setup(&[]) else {
+    let Some((_s, fx, lib)) = setup_mapping(&[]) else {
         return;
     };
-    let lib = fx.lib(1);
-    if !needs_mapping_events(&lib) {
-        return;
-    }
     let prog = fx.gcc(SLOW_OPEN_C, "slow_open", &["-ldl"]);
     let b = fx.bundle(&lib, "ST-2026-9030");
     let mut h = Hookd::start(&fx, &[&b], &[]);
@@ -722,13 +726,9 @@ fn library_is_held_at_its_code_mapping_not_at_its_open() {
 /// (a read, not a mapping): the reader gets the file's bytes, nothing is patched.
 #[test]
 fn read_of_the_code_offset_is_let_go_untouched_and_other_reads_are_not_held() {
-    let Some((_s, fx)) = setup(&["cat", "sha256sum"]) else {
+    let Some((_s, fx, lib)) = setup_mapping(&["cat", "sha256sum"]) else {
         return;
     };
-    let lib = fx.lib(1);
-    if !needs_mapping_events(&lib) {
-        return;
-    }
     let bytes = std::fs::read(&lib).unwrap();
     let code = stitch_elf::ElfFile::parse(&bytes)
         .unwrap()
@@ -822,13 +822,9 @@ fn library_with_its_code_at_offset_zero_is_held_once_at_its_first_mapping() {
 /// at all: its constructor and its caller see the same value.
 #[test]
 fn hook_killed_at_each_step_of_a_mapping_hold_leaves_the_program_whole() {
-    let Some((_s, fx)) = setup(&[]) else {
+    let Some((_s, fx, lib)) = setup_mapping(&[]) else {
         return;
     };
-    let lib = fx.lib(1);
-    if !needs_mapping_events(&lib) {
-        return;
-    }
     let prog = fx.gcc(DLOPEN_MT_C, "dlopen_mt", &["-pthread", "-ldl"]);
     let b = fx.bundle(&lib, "ST-2026-9035");
     let mut killed = Vec::new();
@@ -1944,13 +1940,9 @@ fn state_of(pid: i32) -> char {
 /// hold given up (library unpatched) because a signal came in between.
 #[test]
 fn ctrl_z_during_a_mapping_hold_stops_the_job_once_and_the_library_is_patched() {
-    let Some((_s, fx)) = setup(&["tmux", "bash"]) else {
+    let Some((_s, fx, lib)) = setup_mapping(&["tmux", "bash"]) else {
         return;
     };
-    let lib = fx.lib(1);
-    if !needs_mapping_events(&lib) {
-        return;
-    }
     let prog = fx.gcc(SLOW_OPEN_C, "slow_open", &["-ldl"]);
     let b = fx.bundle(&lib, "ST-2026-9040");
     for (n, point) in ["before_seize", "stopped"].into_iter().enumerate() {

@@ -93,8 +93,10 @@ impl CpuPin {
     }
 
     /// Lets the calling thread run on exactly `cpus` while this lives — for a thread pinned
-    /// for life that must be free to run anywhere for a while (`cpus`: what the process may
-    /// use, from [`allowed_cpus`] before any pin). The previous affinity is restored on drop.
+    /// for life that must run elsewhere for a while (a hold worker moving to the CPU of the
+    /// thread it holds; `cpus` from what the process may use, [`allowed_cpus`] before any
+    /// pin: [`CpuPin::to`] only accepts CPUs of the current, pinned set). The previous
+    /// affinity is restored on drop.
     ///
     /// # Errors
     /// [`SysError::InvalidArgument`] for an empty set or a CPU past `CPU_SETSIZE`;

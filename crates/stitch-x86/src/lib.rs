@@ -185,7 +185,7 @@ pub fn site_bytes(at: u64, len: usize, trampoline: u64) -> Option<Vec<u8>> {
 /// a thread is held: the first hold after a start paid ~0.8 ms for them). Idempotent, cheap
 /// after the first call.
 pub fn warm_up() {
-    // mov rax,[rip+0x10]; call rel32; lea rcx,[rip-0x20]; jne rel8; endbr64; push rbp
+    // mov rax,[rip+0x10]; call rel32; lea rcx,[rip-0x20]; jne rel8; endbr64
     const CODE: [u8; 25] = [
         0x48, 0x8b, 0x05, 0x10, 0, 0, 0, 0xe8, 0, 1, 0, 0, 0x48, 0x8d, 0x0d, 0xe0, 0xff, 0xff,
         0xff, 0x75, 0x02, 0xf3, 0x0f, 0x1e, 0xfa,

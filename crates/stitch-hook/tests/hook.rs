@@ -672,6 +672,18 @@ fn needs_mapping_events(file: &Path) -> bool {
     false
 }
 
+/// The first executable `PT_LOAD` of an ELF file.
+fn code_segment(path: &Path) -> stitch_elf::LoadSegment {
+    let bytes = std::fs::read(path).unwrap();
+    stitch_elf::ElfFile::parse_layout(&bytes)
+        .unwrap()
+        .load_segments()
+        .iter()
+        .find(|s| s.executable)
+        .copied()
+        .unwrap()
+}
+
 /// [`setup`] for a test of mapping holds: also the fixture's target library, and `None`
 /// (skipped, or failed in CI) where the kernel or its filesystem reports no mappings.
 fn setup_mapping(tools: &[&str]) -> Option<(MutexGuard<'static, ()>, Fixture, PathBuf)> {
@@ -730,14 +742,7 @@ fn read_of_the_code_offset_is_let_go_untouched_and_other_reads_are_not_held() {
         return;
     };
     let bytes = std::fs::read(&lib).unwrap();
-    let code = stitch_elf::ElfFile::parse(&bytes)
-        .unwrap()
-        .load_segments()
-        .iter()
-        .find(|s| s.executable)
-        .unwrap()
-        .offset
-        & !0xfff;
+    let code = code_segment(&lib).offset & !0xfff;
     let prog = fx.gcc(PREAD_C, "pread_at", &[]);
     let b = fx.bundle(&lib, "ST-2026-9031");
     let mut h = Hookd::start(&fx, &[&b], &[]);
@@ -787,14 +792,7 @@ fn library_with_its_code_at_offset_zero_is_held_once_at_its_first_mapping() {
         "libtarget.so",
         &["-shared", "-fPIC", "-DVALUE=1", "-Wl,-z,noseparate-code"],
     );
-    let bytes = std::fs::read(&lib).unwrap();
-    let code = stitch_elf::ElfFile::parse(&bytes)
-        .unwrap()
-        .load_segments()
-        .iter()
-        .find(|s| s.executable)
-        .copied()
-        .unwrap();
+    let code = code_segment(&lib);
     assert_eq!(code.offset, 0, "code at offset 0: {code:?}");
     assert!(
         code.filesz > 8192,
